@@ -1,0 +1,68 @@
+"""The importable API. The CLI only parses arguments and calls these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .analysis import layer_stats, totals, validate
+from .caffe_io import caffemodel_chunks, load_net, net_to_prototxt, PROTOBUF_LIMIT
+from .errors import UserError
+from .fileutil import OutputSet
+
+
+def inspect_net(prototxt, weights=None, phase="TEST") -> dict:
+    """Per-layer table (name, type, bottoms, tops, output shapes, params, MACs) and totals."""
+    net = load_net(prototxt, weights, phase=phase)
+    shapes = validate(net)
+    rows = layer_stats(net, shapes)
+    return {
+        "net": net.name,
+        "inputs": {k: list(v) if v else None for k, v in net.input_shapes().items()},
+        "outputs": net.outputs(),
+        "layers": [
+            {"name": r.name, "type": r.type, "bottoms": r.bottoms, "tops": r.tops,
+             "output_shapes": r.output_shapes, "params": r.params, "macs": r.macs}
+            for r in rows
+        ],
+        "totals": totals(rows),
+        "notes": list(net.notes),
+    }
+
+
+def write_net(net, outdir, name="model", with_weights=True, extra=None) -> dict:
+    """Write OUTDIR/name.prototxt (+ .caffemodel) and any ``extra`` {filename: bytes|str},
+    all or nothing. Returns {kind: path}."""
+    validate(net, weights=with_weights)
+    text = net_to_prototxt(net)
+    written = {}
+    chunks = None
+    if with_weights:
+        chunks, total = caffemodel_chunks(net)
+        if total > PROTOBUF_LIMIT:
+            raise UserError(f"{outdir}: the caffemodel would be {total:,} bytes, over Caffe's 2 GB limit")
+    with OutputSet(outdir) as out:
+        out.write_text(f"{name}.prototxt", text)
+        written["prototxt"] = str(out.final(f"{name}.prototxt"))
+        if chunks is not None:
+            with open(out.path(f"{name}.caffemodel"), "wb") as fh:
+                for c in chunks:
+                    fh.write(c)
+            written["caffemodel"] = str(out.final(f"{name}.caffemodel"))
+        for fname, content in (extra or {}).items():
+            if isinstance(content, str):
+                out.write_text(fname, content)
+            else:
+                out.write_bytes(fname, content)
+            written[fname] = str(out.final(fname))
+    return written
+
+
+def convert(prototxt, weights=None, outdir="out", phase="TEST") -> dict:
+    """Upgrade a net (V1, input headers, phase filter) to the current format, as Caffe's
+    upgrade_net_proto_text / upgrade_net_proto_binary do, without Caffe."""
+    net = load_net(prototxt, weights, phase=phase)
+    written = write_net(net, outdir, with_weights=weights is not None)
+    return {"written": written, "notes": list(net.notes)}
+
+
+__all__ = ["inspect_net", "convert", "write_net", "load_net", "Path"]

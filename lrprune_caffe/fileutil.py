@@ -1,0 +1,102 @@
+"""Atomic output: write to a temporary file beside the target, then rename.
+
+No command ever leaves a half-written file: if anything raises before the
+rename, the temporary file is removed and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+
+def check_output_dir(path) -> Path:
+    """The folder an output file goes to must exist (we do not guess)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{path}: output folder '{parent}' does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Open a temporary file next to ``path``; rename it over ``path`` on success."""
+    path = check_output_dir(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+class OutputSet:
+    """Several output files that appear together or not at all.
+
+    Files are staged as temporaries and renamed only by :meth:`commit`;
+    a failure before that removes every staged file (and a created folder).
+    """
+
+    def __init__(self, outdir):
+        self.outdir = Path(outdir)
+        self._staged: list[tuple[str, Path]] = []
+        self._created_dir = False
+
+    def __enter__(self):
+        if not self.outdir.exists():
+            parent = self.outdir.parent if str(self.outdir.parent) else Path(".")
+            if not parent.is_dir():
+                raise UserError(f"{self.outdir}: parent folder '{parent}' does not exist")
+            self.outdir.mkdir()
+            self._created_dir = True
+        elif not self.outdir.is_dir():
+            raise UserError(f"{self.outdir}: exists and is not a folder")
+        return self
+
+    def path(self, name: str) -> str:
+        """A temporary path to write ``name`` to; it becomes OUTDIR/name on commit."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.outdir)
+        os.close(fd)
+        self._staged.append((name, Path(tmp)))
+        return tmp
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        Path(self.path(name)).write_bytes(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        Path(self.path(name)).write_text(text)
+
+    def final(self, name: str) -> Path:
+        return self.outdir / name
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            for name, tmp in self._staged:
+                os.replace(tmp, self.outdir / name)
+        else:
+            for _, tmp in self._staged:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            if self._created_dir:
+                with contextlib.suppress(OSError):
+                    self.outdir.rmdir()
+        return False

@@ -1,0 +1,172 @@
+"""Layers that move data around: Input, Concat, Slice, Split, Flatten, Reshape, Crop, Softmax, ArgMax."""
+
+from __future__ import annotations
+
+from .base import LayerSpec, ShapeError, canon_axis, prod, register
+
+
+@register("Input")
+class InputSpec(LayerSpec):
+    min_bottoms = 0
+
+    def infer(self, layer, in_shapes):
+        ip = layer.p("input_param")
+        n = len(ip.shape)
+        if n not in (1, len(layer.tops)):
+            raise ShapeError(f"{n} input shapes for {len(layer.tops)} tops")
+        out = []
+        for i in range(len(layer.tops)):
+            dims = tuple(int(d) for d in ip.shape[i if n > 1 else 0].dim)
+            if not dims or any(d <= 0 for d in dims):
+                raise ShapeError(f"input shape {dims} must have positive dimensions")
+            out.append(dims)
+        return out
+
+
+@register("Split")
+class SplitSpec(LayerSpec):
+    def infer(self, layer, in_shapes):
+        return [in_shapes[0]] * len(layer.tops)
+
+
+@register("Softmax", "LogSoftmax")
+class SoftmaxSpec(LayerSpec):
+    def infer(self, layer, in_shapes):
+        canon_axis(int(layer.p("softmax_param").axis), len(in_shapes[0]))
+        return [in_shapes[0]]
+
+
+def _concat_axis(layer):
+    cp = layer.p("concat_param")
+    return int(cp.concat_dim) if cp.HasField("concat_dim") else int(cp.axis)
+
+
+@register("Concat")
+class ConcatSpec(LayerSpec):
+    def infer(self, layer, in_shapes):
+        s0 = in_shapes[0]
+        axis = canon_axis(_concat_axis(layer), len(s0))
+        total = 0
+        for s in in_shapes:
+            if len(s) != len(s0) or any(a != b for i, (a, b) in enumerate(zip(s, s0)) if i != axis):
+                raise ShapeError(f"bottom shapes {[tuple(x) for x in in_shapes]} differ off axis {axis}")
+            total += s[axis]
+        out = list(s0)
+        out[axis] = total
+        return [tuple(out)]
+
+
+def slice_sizes(layer, in_shape):
+    sp = layer.p("slice_param")
+    axis = canon_axis(int(sp.slice_dim) if sp.HasField("slice_dim") else int(sp.axis), len(in_shape))
+    n, k = in_shape[axis], len(layer.tops)
+    points = [int(p) for p in sp.slice_point]
+    if points:
+        if len(points) != k - 1:
+            raise ShapeError(f"{len(points)} slice points for {k} tops (need {k - 1})")
+        edges = [0, *points, n]
+        sizes = [b - a for a, b in zip(edges, edges[1:])]
+        if any(s <= 0 for s in sizes):
+            raise ShapeError(f"slice points {points} do not split axis {axis} of size {n}")
+    else:
+        if n % k:
+            raise ShapeError(f"axis {axis} of size {n} does not split evenly into {k} tops")
+        sizes = [n // k] * k
+    return axis, sizes
+
+
+@register("Slice")
+class SliceSpec(LayerSpec):
+    def infer(self, layer, in_shapes):
+        s = in_shapes[0]
+        axis, sizes = slice_sizes(layer, s)
+        return [tuple(s[:axis]) + (n,) + tuple(s[axis + 1:]) for n in sizes]
+
+
+@register("Flatten")
+class FlattenSpec(LayerSpec):
+    def infer(self, layer, in_shapes):
+        s = in_shapes[0]
+        fp = layer.p("flatten_param")
+        a = canon_axis(int(fp.axis), len(s))
+        e = canon_axis(int(fp.end_axis), len(s))
+        return [tuple(s[:a]) + (prod(s[a:e + 1]),) + tuple(s[e + 1:])]
+
+
+def reshape_target(layer, in_shape):
+    """Caffe's Reshape: ``0`` copies the bottom's dim, ``-1`` is inferred."""
+    rp = layer.p("reshape_param")
+    dims = [int(d) for d in rp.shape.dim]
+    nd = len(in_shape)
+    axis = int(rp.axis)
+    start = axis + nd + 1 if axis < 0 else axis
+    if not 0 <= start <= nd:
+        raise ShapeError(f"reshape axis {axis} is out of range for a {nd}-D input")
+    num_axes = int(rp.num_axes)
+    end = nd if num_axes == -1 else start + num_axes
+    if num_axes < -1 or end > nd:
+        raise ShapeError(f"reshape num_axes {num_axes} does not fit a {nd}-D input")
+    new = []
+    for i, d in enumerate(dims):
+        if d == 0:
+            if start + i >= nd:
+                raise ShapeError(f"dim 0 at position {i} copies a missing input axis")
+            new.append(int(in_shape[start + i]))
+        else:
+            new.append(d)
+    if sum(1 for d in new if d == -1) > 1:
+        raise ShapeError("at most one -1 is allowed in reshape_param.shape")
+    if any(d < -1 for d in new):
+        raise ShapeError(f"reshape dims {dims} must be >= -1")
+    out = list(in_shape[:start]) + new + list(in_shape[end:])
+    total = prod(in_shape)
+    if -1 in out:
+        known = prod(d for d in out if d != -1)
+        if known == 0 or total % known:
+            raise ShapeError(f"cannot reshape {tuple(in_shape)} to {dims}")
+        out[out.index(-1)] = total // known
+    if prod(out) != total:
+        raise ShapeError(f"cannot reshape {tuple(in_shape)} ({total} values) to {tuple(out)}")
+    return tuple(out)
+
+
+@register("Reshape")
+class ReshapeSpec(LayerSpec):
+    def infer(self, layer, in_shapes):
+        return [reshape_target(layer, in_shapes[0])]
+
+
+@register("Crop")
+class CropSpec(LayerSpec):
+    min_bottoms = 2
+
+    def infer(self, layer, in_shapes):
+        if len(in_shapes) != 2:
+            raise ShapeError(f"needs 2 bottoms, got {len(in_shapes)}")
+        a, b = in_shapes
+        cp = layer.p("crop_param")
+        axis = canon_axis(int(cp.axis), len(a))
+        offs = [int(o) for o in cp.offset]
+        if offs and len(offs) not in (1, len(a) - axis):
+            raise ShapeError(f"{len(offs)} offsets for {len(a) - axis} cropped axes")
+        out = list(a)
+        for i in range(axis, len(a)):
+            o = offs[0] if len(offs) == 1 else (offs[i - axis] if offs else 0)
+            if b[i] + o > a[i]:
+                raise ShapeError(f"crop of axis {i} to {b[i]} at offset {o} exceeds the input size {a[i]}")
+            out[i] = b[i]
+        return [tuple(out)]
+
+
+@register("ArgMax")
+class ArgMaxSpec(LayerSpec):
+    def infer(self, layer, in_shapes):
+        s = in_shapes[0]
+        ap = layer.p("argmax_param")
+        k = int(ap.top_k)
+        if ap.HasField("axis"):
+            axis = canon_axis(int(ap.axis), len(s))
+            out = list(s)
+            out[axis] = k
+            return [tuple(out)]
+        return [(s[0], 2 if ap.out_max_val else 1, k)]

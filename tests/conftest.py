@@ -1,0 +1,37 @@
+"""Shared fixtures: where ../shared/golden is, and which cases it has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GOLDEN = SHARED / "golden"
+GOLDEN_CASES = ["lenet_mnist", "lenet_mnist_v1", "cifar10_quick", "alexnet_mini", "resnet_mini",
+                "inception_mini", "mobilenet_mini", "layer_zoo"]
+
+
+def golden_case(name: str) -> Path:
+    d = GOLDEN / name
+    if not (d / "model.prototxt").exists():
+        pytest.skip(f"golden case {name} not present at {d}")
+    return d
+
+
+def load_npz(path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(params=GOLDEN_CASES)
+def golden(request):
+    """(case name, folder) for every golden case."""
+    return request.param, golden_case(request.param)
+
+
+def first_inputs(inputs: dict, n: int = 1) -> dict:
+    """The first n samples of each input (LeNet's inputs hold 1,000 digits)."""
+    return {k: v[:n] for k, v in inputs.items()}
