@@ -1,0 +1,86 @@
+"""Run a net on real engines: onnxruntime (via our ONNX exporter) or OpenCV's Caffe reader.
+
+Both are independent consumers of what we write: OpenCV reads the Caffe
+files, onnxruntime the ONNX file. Nothing here computes a layer itself.
+
+``run_net(net, inputs, outputs=None, engine="onnxruntime")`` returns
+{blob name: np.ndarray}. ``outputs`` defaults to the net's output blobs and
+may name any intermediate blob.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from .errors import UserError
+
+ENGINES = ("onnxruntime", "opencv")
+
+
+def default_inputs(net, seed: int = 0, batch: int = None) -> dict:
+    """Seeded standard-normal inputs of the net's input shapes."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in net.input_shapes().items():
+        if shape is None:
+            raise UserError(f"input '{name}' has no shape; give --inputs")
+        shape = tuple(shape)
+        if batch is not None:
+            shape = (batch, *shape[1:])
+        out[name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def run_opencv(net, inputs: dict, outputs=None, threads: int = None) -> dict:
+    """Forward with OpenCV's Caffe reader (opencv-python-headless<5) on written files."""
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("the opencv engine needs opencv-python-headless<5 "
+                        "(pip install 'opencv-python-headless<5')") from None
+    from .caffe_io import save_net
+    outputs = list(outputs or net.outputs())
+    with tempfile.TemporaryDirectory() as d:
+        proto, model = os.path.join(d, "m.prototxt"), os.path.join(d, "m.caffemodel")
+        save_net(net, proto, model)
+        cvnet = cv2.dnn.readNetFromCaffe(proto, model)
+    if threads:
+        cv2.setNumThreads(int(threads))
+    for k, v in inputs.items():
+        cvnet.setInput(np.ascontiguousarray(v, dtype=np.float32), k)
+    res = cvnet.forward(outputs)
+    return {name: np.asarray(r) for name, r in zip(outputs, res)}
+
+
+def ort_session(model_bytes: bytes, threads: int = None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def run_onnxruntime(net, inputs: dict, outputs=None, threads: int = None) -> dict:
+    """Export with our exporter, then forward with onnxruntime."""
+    from .onnx_export import export_model
+    outputs = list(outputs or net.outputs())
+    batch = {k: int(v.shape[0]) for k, v in inputs.items()}
+    model = export_model(net, extra_outputs=[o for o in outputs if o not in net.outputs()],
+                         dynamic_batch=any(b != 1 for b in batch.values()))
+    sess = ort_session(model.SerializeToString(), threads)
+    feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
+    res = sess.run(outputs, feed)
+    return dict(zip(outputs, res))
+
+
+def run_net(net, inputs: dict, outputs=None, engine: str = "onnxruntime", threads: int = None) -> dict:
+    if engine == "onnxruntime":
+        return run_onnxruntime(net, inputs, outputs, threads)
+    if engine == "opencv":
+        return run_opencv(net, inputs, outputs, threads)
+    raise UserError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
