@@ -40,20 +40,23 @@ def write_net(net, outdir, name="model", with_weights=True, extra=None) -> dict:
         chunks, total = caffemodel_chunks(net)
         if total > PROTOBUF_LIMIT:
             raise UserError(f"{outdir}: the caffemodel would be {total:,} bytes, over Caffe's 2 GB limit")
-    with OutputSet(outdir) as out:
-        out.write_text(f"{name}.prototxt", text)
-        written["prototxt"] = str(out.final(f"{name}.prototxt"))
-        if chunks is not None:
-            with open(out.path(f"{name}.caffemodel"), "wb") as fh:
-                for c in chunks:
-                    fh.write(c)
-            written["caffemodel"] = str(out.final(f"{name}.caffemodel"))
-        for fname, content in (extra or {}).items():
-            if isinstance(content, str):
-                out.write_text(fname, content)
-            else:
-                out.write_bytes(fname, content)
-            written[fname] = str(out.final(fname))
+    try:
+        with OutputSet(outdir) as out:
+            out.write_text(f"{name}.prototxt", text)
+            written["prototxt"] = str(out.final(f"{name}.prototxt"))
+            if chunks is not None:
+                with open(out.path(f"{name}.caffemodel"), "wb") as fh:
+                    for c in chunks:
+                        fh.write(c)
+                written["caffemodel"] = str(out.final(f"{name}.caffemodel"))
+            for fname, content in (extra or {}).items():
+                if isinstance(content, str):
+                    out.write_text(fname, content)
+                else:
+                    out.write_bytes(fname, content)
+                written[fname] = str(out.final(fname))
+    except OSError as e:  # disk full, no permission...: nothing is left behind (OutputSet)
+        raise UserError(f"{outdir}: cannot write the output: {e.strerror or e}") from e
     return written
 
 

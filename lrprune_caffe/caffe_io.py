@@ -115,6 +115,14 @@ def parse_prototxt(path):
         # protobuf prefixes "line:col : " itself; keep the reason only
         if line is not None and reason.startswith(f"{line}:"):
             reason = reason.split(" : ", 1)[-1]
+        # the tokenizer also echoes the whole source line ("'<line>': reason"); a
+        # one-line prototxt would make that the whole file, so drop it
+        lines = text.splitlines()
+        if line is not None and 0 < line <= len(lines) and reason.startswith("'"):
+            for echo in (lines[line - 1], lines[line - 1] + "\n"):
+                if reason.startswith(f"'{echo}': "):
+                    reason = reason[len(echo) + 4:]
+                    break
         where = f"{path}:{line}:{col}" if line is not None else str(path)
         raise BadFileError(f"prototxt syntax error: {reason}", path=where) from None
     return msg
@@ -391,6 +399,19 @@ def _parse_blob(buf, span):
     return data.reshape(dims), is_legacy
 
 
+def _legacy_without_input_shape(layer, i, arr):
+    """A legacy 4-D blob of a layer whose input shape is unknown (a train net whose
+    Data layers we do not model): the shapes Caffe gives conv / IP blobs regardless
+    of the input, so that the blob is written in the shape Caffe will expect."""
+    if arr.ndim != 4 or arr.shape[:2] != (1, 1):
+        return arr
+    if layer.type in ("Convolution", "Deconvolution", "InnerProduct") and i == 1 and arr.shape[2] == 1:
+        return arr.reshape(arr.shape[3])  # bias (1,1,1,N) -> (N,)
+    if layer.type == "InnerProduct" and i == 0:
+        return arr.reshape(arr.shape[2], arr.shape[3])  # weights (1,1,N,K) -> (N,K)
+    return arr
+
+
 def merge_weights(net: Net, weight_layers, path=None, strict=True):
     """Give each layer the blobs of the same-named layer in the caffemodel (Caffe's rule)."""
     by_name = {}
@@ -414,6 +435,8 @@ def merge_weights(net: Net, weight_layers, path=None, strict=True):
                 e = tuple(expected[i])
                 if len(e) <= 4 and (1,) * (4 - len(e)) + e == tuple(arr.shape):
                     arr = arr.reshape(e)  # Caffe's LegacyShape comparison
+            elif expected is None and is_legacy:
+                arr = _legacy_without_input_shape(layer, i, arr)
             blobs.append(arr)
         layer.blobs = blobs
     needing = [layer for layer in net.layers if (expected_weight_shapes(net, layer, shapes) or [])]
@@ -429,7 +452,14 @@ def merge_weights(net: Net, weight_layers, path=None, strict=True):
     if missing:
         net.notes.append(f"{path}: no weights for {len(missing)} layer(s): " + ", ".join(missing))
     net.weights_source = str(path) if path else None
-    check_weights(net, shapes)
+    try:
+        check_weights(net, shapes)
+    except BadFileError as e:
+        if path is None:
+            raise
+        err = BadFileError(f"{e} (weights from {path})")
+        err.path, err.layer, err.layer_type = e.path, e.layer, e.layer_type
+        raise err from None
     return net
 
 

@@ -58,7 +58,7 @@ def cmd_inspect(args):
              _shape_str(r["output_shapes"]), _fmt_int(r["params"]), _fmt_int(r["macs"]))
             for r in info["layers"]]
     print(f"net: {info['net'] or '(unnamed)'}   inputs: "
-          + ", ".join(f"{k} {_shape_str([v])}" for k, v in info["inputs"].items()))
+          + (", ".join(f"{k} {_shape_str([v])}" for k, v in info["inputs"].items()) or "(none)"))
     print_table(["name", "type", "bottoms -> tops", "output shape", "params", "MACs"], rows)
     t = info["totals"]
     print(f"total: {t['params']:,} params, {t['macs']:,} MACs")
@@ -131,7 +131,8 @@ def _load_extra_commands():
             if e.name == mod:
                 continue
             raise
-        _EXTRA_COMMANDS.append(m.register)
+        if m.register not in _EXTRA_COMMANDS:  # main() may run many times in one process
+            _EXTRA_COMMANDS.append(m.register)
 
 
 def main(argv=None) -> int:
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
     except LrpruneError as e:
         if debug:
             raise
-        print(f"lrprune-caffe: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # ONE line, whatever the message holds
+        print(f"lrprune-caffe: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("lrprune-caffe: interrupted", file=sys.stderr)

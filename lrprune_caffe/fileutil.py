@@ -23,11 +23,19 @@ def check_output_dir(path) -> Path:
     return path
 
 
+def _default_mode(path) -> None:
+    """mkstemp makes files owner-only (0600); give them the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
     """Open a temporary file next to ``path``; rename it over ``path`` on success."""
     path = check_output_dir(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _default_mode(tmp)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -76,6 +84,7 @@ class OutputSet:
         """A temporary path to write ``name`` to; it becomes OUTDIR/name on commit."""
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.outdir)
         os.close(fd)
+        _default_mode(tmp)
         self._staged.append((name, Path(tmp)))
         return tmp
 

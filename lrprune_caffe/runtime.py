@@ -51,8 +51,13 @@ def run_opencv(net, inputs: dict, outputs=None, threads: int = None) -> dict:
         cv2.setNumThreads(int(threads))
     for k, v in inputs.items():
         cvnet.setInput(np.ascontiguousarray(v, dtype=np.float32), k)
-    res = cvnet.forward(outputs)
-    return {name: np.asarray(r) for name, r in zip(outputs, res)}
+    if set(outputs) <= set(net.outputs()):
+        res = cvnet.forward(outputs)
+        return {name: np.array(r, copy=True) for name, r in zip(outputs, res)}
+    # Intermediate blobs: OpenCV's layer fusion rewrites them, and one forward
+    # asking for many may hand back reused buffers; ask for each alone, unfused.
+    cvnet.enableFusion(False)
+    return {name: np.array(cvnet.forward(name), copy=True) for name in outputs}
 
 
 def ort_session(model_bytes: bytes, threads: int = None):
@@ -74,8 +79,9 @@ def run_onnxruntime(net, inputs: dict, outputs=None, threads: int = None) -> dic
                          dynamic_batch=any(b != 1 for b in batch.values()))
     sess = ort_session(model.SerializeToString(), threads)
     feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
-    res = sess.run(outputs, feed)
-    return dict(zip(outputs, res))
+    produced = [o for o in outputs if o not in feed]  # an input blob is not a graph output
+    res = dict(zip(produced, sess.run(produced, feed)))
+    return {o: res[o] if o in res else feed[o] for o in outputs}
 
 
 def run_net(net, inputs: dict, outputs=None, engine: str = "onnxruntime", threads: int = None) -> dict:
