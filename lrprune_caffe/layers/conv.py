@@ -127,6 +127,28 @@ class ConvolutionSpec(LayerSpec):
         g = self.geometry(layer, in_shapes[0])
         return prod(out_shapes[0]) * (in_shapes[0][1] // g.group) * prod(g.kernel) * max(1, len(layer.bottoms))
 
+    #: the ONNX op this type lowers to
+    onnx_op = "Conv"
+
+    def to_onnx(self, layer, ctx):
+        """Conv / ConvTranspose: Caffe's weight layout is ONNX's ((N, C/g, k...) for Conv,
+        (C, N/g, k...) for ConvTranspose); symmetric pads, group, dilation. Caffe applies
+        the same weights to every bottom, giving one top each."""
+        from .base import NoLowering
+        g = self.geometry(layer, ctx.in_shapes[0])
+        if g.axis != 1:
+            raise NoLowering(f"convolution over axis {g.axis} (ONNX convolves axis 1)")
+        if len(layer.blobs) != (2 if g.bias else 1):
+            raise NoLowering(f"needs its {'weights and bias' if g.bias else 'weights'} "
+                             f"(got {len(layer.blobs)} blobs; give the caffemodel)")
+        params = [ctx.const("weight", layer.blobs[0])]
+        if g.bias:
+            params.append(ctx.const("bias", layer.blobs[1]))
+        for i in range(len(layer.bottoms)):
+            ctx.node(self.onnx_op, [ctx.bottom(i), *params], ctx.top(i), suffix=None if i == 0 else f"bottom{i}",
+                     kernel_shape=list(g.kernel), strides=list(g.stride), pads=list(g.pad) * 2,
+                     dilations=list(g.dilation), group=g.group)
+
 
 @register("Deconvolution")
 class DeconvolutionSpec(ConvolutionSpec):
@@ -149,3 +171,5 @@ class DeconvolutionSpec(ConvolutionSpec):
     def macs(self, layer, in_shapes, out_shapes):
         g = self.geometry(layer, in_shapes[0])
         return prod(in_shapes[0]) * (g.num_output // g.group) * prod(g.kernel)
+
+    onnx_op = "ConvTranspose"

@@ -66,3 +66,48 @@ class PoolingSpec(LayerSpec):
         g = pool_geometry(layer, s)
         shape = (s[0], s[1], *g.out)
         return [shape] * len(layer.tops)  # a second top (MAX mask) has the same shape
+
+    def to_onnx(self, layer, ctx):
+        """MaxPool / AveragePool with Caffe's window rule, written as explicit pads.
+
+        Caffe's output size is ceil((H + 2p - k) / s) + 1, less one when the last
+        window would start in the right padding. With ``ceil_mode=0`` that is an
+        end pad of ``p + e``, e = max(0, (o-1)*s + k - (H + 2p)) (< k).
+        MAX ignores pads. Caffe's AVE divides by the window clipped to the
+        *padded* input [-p, H + p): with e == 0 that is count_include_pad=1; with
+        p == 0 it is count_include_pad=0 (the valid part); with both, the p zeros
+        are made real by a Pad node and the pool (pads 0, e) counts only them.
+        """
+        from .base import NoLowering
+        s = ctx.in_shapes[0]
+        g = pool_geometry(layer, s)
+        if len(layer.tops) > 1:
+            raise NoLowering("the second top (MAX pooling's argmax mask) has no ONNX lowering")
+        if g.method == "STOCHASTIC":
+            raise NoLowering("STOCHASTIC pooling has no ONNX lowering")
+        x, y = ctx.bottom(0), ctx.top(0)
+        if g.global_pooling:
+            ctx.node("GlobalMaxPool" if g.method == "MAX" else "GlobalAveragePool", [x], y)
+            return
+        extra = []
+        for n, k, st, p, o in zip(s[2:], g.kernel, g.stride, g.pad, g.out):
+            e = max(0, (o - 1) * st + k - (n + 2 * p))
+            if p + e >= k:  # only when stride > kernel and pad == 0
+                raise NoLowering(f"Caffe's last window (input {n}, kernel {k}, stride {st}, no pad) "
+                                 f"lies wholly past the input; ONNX has no empty window")
+            if (n + 2 * p + e - k) // st + 1 != o:
+                raise NoLowering(f"cannot express Caffe's pooled size {o} (input {n}, kernel {k}, "
+                                 f"stride {st}, pad {p}) with explicit pads")
+            extra.append(e)
+        attrs = dict(kernel_shape=list(g.kernel), strides=list(g.stride))
+        pad, ends = list(g.pad), [p + e for p, e in zip(g.pad, extra)]
+        if g.method == "MAX":
+            ctx.node("MaxPool", [x], y, pads=pad + ends, **attrs)
+        elif not any(extra):
+            ctx.node("AveragePool", [x], y, pads=pad + pad, count_include_pad=1, **attrs)
+        elif not any(pad):
+            ctx.node("AveragePool", [x], y, pads=pad + extra, count_include_pad=0, **attrs)
+        else:
+            zeros = ctx.ints("pad_pads", [0, 0, *pad, 0, 0, *pad])
+            xp = ctx.node("Pad", [x, zeros], suffix="pad", mode="constant")
+            ctx.node("AveragePool", [xp], y, pads=[0, 0] + extra, count_include_pad=0, **attrs)

@@ -19,6 +19,12 @@ class PermuteSpec(LayerSpec):
             raise ShapeError(f"permute order {order} is not a permutation of {len(s)} axes")
         return [tuple(s[i] for i in full)]
 
+    def to_onnx(self, layer, ctx):
+        """Transpose, the axes not named following in their order."""
+        order = [int(o) for o in layer.p("permute_param").order]
+        full = list(order) + [i for i in range(len(ctx.in_shapes[0])) if i not in order]
+        ctx.node("Transpose", [ctx.bottom(0)], ctx.top(0), perm=full)
+
 
 @register("Normalize")
 class NormalizeSpec(LayerSpec):

@@ -12,6 +12,8 @@ class InputSpec(LayerSpec):
     def infer(self, layer, in_shapes):
         ip = layer.p("input_param")
         n = len(ip.shape)
+        if n == 0:
+            return [None] * len(layer.tops)  # Caffe allows it: shaped later by the caller
         if n not in (1, len(layer.tops)):
             raise ShapeError(f"{n} input shapes for {len(layer.tops)} tops")
         out = []
@@ -28,12 +30,34 @@ class SplitSpec(LayerSpec):
     def infer(self, layer, in_shapes):
         return [in_shapes[0]] * len(layer.tops)
 
+    def to_onnx(self, layer, ctx):
+        """One Identity per top."""
+        for i in range(len(layer.tops)):
+            ctx.node("Identity", [ctx.bottom(0)], ctx.top(i), suffix=None if i == 0 else f"top{i}")
+
 
 @register("Softmax", "LogSoftmax")
 class SoftmaxSpec(LayerSpec):
     def infer(self, layer, in_shapes):
         canon_axis(int(layer.p("softmax_param").axis), len(in_shapes[0]))
         return [in_shapes[0]]
+
+    def to_onnx(self, layer, ctx):
+        """Caffe normalizes over one axis. Opset >= 13 Softmax does too; before 13 it
+        normalizes over all axes from ``axis`` on, so unless those after it are all 1
+        the axis is moved last by a Transpose and back."""
+        s = ctx.in_shapes[0]
+        axis = canon_axis(int(layer.p("softmax_param").axis), len(s))
+        op = layer.type
+        x, y = ctx.bottom(0), ctx.top(0)
+        if ctx.opset >= 13 or prod(s[axis + 1:]) == 1:
+            ctx.node(op, [x], y, axis=axis)
+            return
+        perm = [i for i in range(len(s)) if i != axis] + [axis]
+        inverse = [perm.index(i) for i in range(len(s))]
+        t = ctx.node("Transpose", [x], suffix="to_last", perm=perm)
+        t = ctx.node(op, [t], axis=len(s) - 1)
+        ctx.node("Transpose", [t], y, suffix="from_last", perm=inverse)
 
 
 def _concat_axis(layer):
@@ -54,6 +78,13 @@ class ConcatSpec(LayerSpec):
         out = list(s0)
         out[axis] = total
         return [tuple(out)]
+
+    def to_onnx(self, layer, ctx):
+        xs = [ctx.bottom(i) for i in range(ctx.n_bottoms)]
+        if len(xs) == 1:
+            ctx.node("Identity", xs, ctx.top(0))
+            return
+        ctx.node("Concat", xs, ctx.top(0), axis=canon_axis(_concat_axis(layer), len(ctx.in_shapes[0])))
 
 
 def slice_sizes(layer, in_shape):
@@ -82,6 +113,20 @@ class SliceSpec(LayerSpec):
         axis, sizes = slice_sizes(layer, s)
         return [tuple(s[:axis]) + (n,) + tuple(s[axis + 1:]) for n in sizes]
 
+    def to_onnx(self, layer, ctx):
+        """Split with explicit sizes (an input from opset 13, an attribute before)."""
+        axis, sizes = slice_sizes(layer, ctx.in_shapes[0])
+        if ctx.in_shapes[0][axis] != ctx.in_shapes2[0][axis]:
+            raise ShapeError(f"slicing axis {axis}, which follows the batch, cannot be exported "
+                             f"with a dynamic batch")
+        outs = [ctx.top(i) for i in range(len(layer.tops))]
+        if len(outs) == 1:
+            ctx.node("Identity", [ctx.bottom(0)], outs[0])
+        elif ctx.opset >= 13:
+            ctx.node("Split", [ctx.bottom(0), ctx.ints("split", sizes)], outs, axis=axis)
+        else:
+            ctx.node("Split", [ctx.bottom(0)], outs, axis=axis, split=list(sizes))
+
 
 @register("Flatten")
 class FlattenSpec(LayerSpec):
@@ -91,6 +136,16 @@ class FlattenSpec(LayerSpec):
         a = canon_axis(int(fp.axis), len(s))
         e = canon_axis(int(fp.end_axis), len(s))
         return [tuple(s[:a]) + (prod(s[a:e + 1]),) + tuple(s[e + 1:])]
+
+    def to_onnx(self, layer, ctx):
+        """ONNX Flatten when Caffe's is (N, rest) (axis 1 to the end), else a Reshape."""
+        s = ctx.in_shapes[0]
+        fp = layer.p("flatten_param")
+        a, e = canon_axis(int(fp.axis), len(s)), canon_axis(int(fp.end_axis), len(s))
+        if a == 1 and e == len(s) - 1:
+            ctx.node("Flatten", [ctx.bottom(0)], ctx.top(0), axis=1)
+        else:
+            ctx.reshape(ctx.bottom(0), ctx.out_shapes[0], ctx.out_shapes2[0], out=ctx.top(0))
 
 
 def reshape_target(layer, in_shape):
@@ -135,6 +190,10 @@ class ReshapeSpec(LayerSpec):
     def infer(self, layer, in_shapes):
         return [reshape_target(layer, in_shapes[0])]
 
+    def to_onnx(self, layer, ctx):
+        """Reshape to the inferred shape (Caffe's 0 / -1 / axis / num_axes resolved)."""
+        ctx.reshape(ctx.bottom(0), ctx.out_shapes[0], ctx.out_shapes2[0], out=ctx.top(0))
+
 
 @register("Crop")
 class CropSpec(LayerSpec):
@@ -156,6 +215,30 @@ class CropSpec(LayerSpec):
                 raise ShapeError(f"crop of axis {i} to {b[i]} at offset {o} exceeds the input size {a[i]}")
             out[i] = b[i]
         return [tuple(out)]
+
+    def to_onnx(self, layer, ctx):
+        """Slice bottom 0 to bottom 1's size on the axes from ``axis``, at the offsets."""
+        a, b = ctx.in_shapes
+        a2, b2 = ctx.in_shapes2
+        cp = layer.p("crop_param")
+        axis = canon_axis(int(cp.axis), len(a))
+        offs = [int(o) for o in cp.offset]
+        axes, starts, ends = [], [], []
+        for i in range(axis, len(a)):
+            o = offs[0] if len(offs) == 1 else (offs[i - axis] if offs else 0)
+            if o == 0 and a[i] == b[i] and a2[i] == b2[i]:
+                continue  # nothing to crop on this axis
+            if a[i] != a2[i] or b[i] != b2[i]:
+                raise ShapeError(f"cropping axis {i}, which follows the batch, cannot be exported "
+                                 f"with a dynamic batch")
+            axes.append(i)
+            starts.append(o)
+            ends.append(o + b[i])
+        if not axes:
+            ctx.node("Identity", [ctx.bottom(0)], ctx.top(0))
+            return
+        ctx.node("Slice", [ctx.bottom(0), ctx.ints("starts", starts), ctx.ints("ends", ends),
+                           ctx.ints("axes", axes)], ctx.top(0))
 
 
 @register("ArgMax")
