@@ -1,0 +1,297 @@
+"""Fine-tune a net with PyTorch: ``finetune(net, train_data, ...) -> (net, history)``.
+
+Before training, the torch model's forward is checked against an independent
+engine (OpenCV's Caffe reader, else onnxruntime via our exporter) on a few
+training samples; a mismatch is an internal error and nothing is trained.
+
+Loss: softmax cross-entropy on the class scores. When the score blob is a
+Softmax output, the loss is taken on the Softmax's bottom (the logits) with
+log_softmax, as Caffe's SoftmaxWithLoss does; otherwise on the blob itself.
+The mean over the batch (Caffe's VALID normalization without ignore_label).
+
+Masks (``{"<layer>/<blob idx>": bool array, True = keep}``, as written by
+pruning in masks.npz) hold pruned weights at exactly zero: they are zeroed
+first, their gradients are zeroed after each backward, and the mask is
+applied again after each update (momentum and weight decay would otherwise
+bring them back).
+
+Solver: :class:`~lrprune_caffe.train.solver.SolverSettings` (Caffe's update
+rule, lr policy, per-blob ``lr_mult`` / ``decay_mult`` from the layers'
+ParamSpecs). ``max_iter`` in the settings overrides ``epochs`` (iterations =
+batches; data is reshuffled each pass). BatchNorm statistics stay frozen.
+
+Runs are reproducible for a given seed, torch version and thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+from . import require_torch
+from ..analysis import validate
+from ..data import as_dataset, check_against_net
+from ..errors import BadFileError, UserError
+from .solver import CaffeOptimizer, SolverSettings
+
+
+# ---- masks -------------------------------------------------------------------
+
+def load_masks(path) -> dict:
+    """masks.npz -> {"<layer>/<blob idx>": bool array}."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            masks = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise BadFileError("mask file not found", path=path) from None
+    except Exception as e:
+        raise BadFileError(f"not a readable masks .npz file: {e}", path=path) from None
+    for k, m in masks.items():
+        if m.dtype != np.bool_:
+            if m.dtype.kind in "iuf" and np.isin(m, (0, 1)).all():
+                masks[k] = m.astype(bool)
+            else:
+                raise BadFileError(f"mask '{k}' is {m.dtype}; masks are bool arrays (True = keep)", path=path)
+    return masks
+
+
+def check_masks(net, masks: dict, source="masks") -> dict:
+    """Every mask names an existing blob of the same shape; else BadFileError.
+
+    Keys are ``"<layer>/<blob idx>"`` strings or ``(layer, blob idx)`` tuples (as
+    :func:`lrprune_caffe.prune.load_masks` returns them); the result uses strings.
+    """
+    if not masks:
+        return {}
+    by_name = {layer.name: layer for layer in net.layers}
+    out = {}
+    for key, m in masks.items():
+        if isinstance(key, tuple):
+            key = f"{key[0]}/{int(key[1])}"
+        lname, _, idx = key.rpartition("/")
+        layer = by_name.get(lname)
+        if layer is None or not idx.isdigit() or int(idx) >= len(layer.blobs):
+            known = [f"{x.name}/{i}" for x in net.layers for i in range(len(x.blobs))][:6]
+            raise BadFileError(f"mask '{key}' names no blob of this net (expected keys like "
+                               f"{', '.join(known)}...): is the mask file for another net?", path=source)
+        blob = layer.blobs[int(idx)]
+        m = np.asarray(m)
+        if m.shape != blob.shape:
+            raise BadFileError(f"mask '{key}' has shape {m.shape} but the blob of layer '{lname}' "
+                               f"({layer.type}) has shape {blob.shape}: is the mask file for another net?",
+                               path=source)
+        out[key] = m.astype(bool)
+    return out
+
+
+def apply_masks(net, masks: dict):
+    """Zero the masked-out entries of the net's blobs (in place)."""
+    for key, m in masks.items():
+        lname, _, idx = key.rpartition("/")
+        layer = net.layer(lname)
+        b = np.array(layer.blobs[int(idx)], dtype=np.float32, copy=True)
+        b[~m] = 0.0
+        layer.blobs[int(idx)] = b
+
+
+# ---- pre-flight: torch vs an independent engine --------------------------------
+
+def preflight(net, model, x, blob, tol=1e-4):
+    """Compare the torch forward of ``blob`` with OpenCV's (else onnxruntime's) on ``x``."""
+    torch = require_torch()
+    model.eval()
+    with torch.no_grad():
+        ours = model(torch.from_numpy(x), outputs=[blob])[blob].numpy()
+    ref, engine, why = None, None, []
+    for eng in ("opencv", "onnxruntime"):
+        try:
+            from ..runtime import run_net
+            ref = run_net(net, {net.inputs()[0]: x}, outputs=[blob], engine=eng)[blob]
+            engine = eng
+            break
+        except Exception as e:  # engine missing or unable to run this net: try the next one
+            why.append(f"{eng}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if ref is None:
+        return {"engine": None, "skipped": "; ".join(why)}
+    ref = np.asarray(ref).reshape(ours.shape)
+    scale = max(float(np.abs(ref).max()), 1e-12)
+    err = float(np.abs(ours - ref).max()) / scale
+    if not err <= tol:
+        raise RuntimeError(f"internal error: the PyTorch model of {net.source or net.name} differs from "
+                           f"{engine} on blob '{blob}' by {err:.2e} (relative to max |{engine}|); "
+                           f"not training")
+    return {"engine": engine, "blob": blob, "samples": int(x.shape[0]), "max_rel_err": err}
+
+
+# ---- training ------------------------------------------------------------------
+
+def _progress(total, desc, progress):
+    from tqdm import tqdm
+    disable = (not progress) if progress is not None else not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="it", disable=disable, leave=False, file=sys.stderr)
+
+
+def _accuracy(model, logits_blob, ds, axis, batch_size=256):
+    """Top-1 / top-5 of the torch model in eval mode (for the training log)."""
+    torch = require_torch()
+    from ..evaluate import class_scores, topk_correct
+    model.eval()
+    c1 = c5 = 0
+    with torch.no_grad():
+        for s in range(0, len(ds), batch_size):
+            xb = torch.from_numpy(ds.x[s:s + batch_size])
+            sc = class_scores(model(xb, outputs=[logits_blob])[logits_blob].numpy(), axis)
+            yb = ds.y[s:s + batch_size]
+            c1 += int(topk_correct(sc, yb, 1).sum())
+            c5 += int(topk_correct(sc, yb, 5).sum())
+    n = len(ds)
+    return c1 / n, c5 / n
+
+
+def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings = None, epochs: int = 1,
+             batch_size: int = 64, seed: int = 0, output: str = None, threads: int = None,
+             progress=None, log=None, check: bool = True):
+    """Train ``net`` (a copy; the argument is untouched) and return ``(trained_net, history)``.
+
+    * ``train_data`` / ``val_data``: Dataset, (x, y) or {'x', 'y'}; x N x C x H x W float32.
+    * ``masks``: {"<layer>/<blob idx>": bool (keep=True)} or None.
+    * ``solver``: SolverSettings (default: SGD lr 0.001, momentum 0.9, weight decay 5e-4, fixed);
+      its ``max_iter`` overrides ``epochs``; its ``random_seed`` is used when ``seed`` is None.
+    * ``output``: the class-score blob (default: the net's single output).
+    * ``log``: callable(str) for one line per epoch (default: none).
+    * ``check``: compare the torch forward with OpenCV/onnxruntime first (see :func:`preflight`).
+
+    history: {"epochs": [{"epoch", "iterations", "lr", "loss", "train_top1", "val_top1"?, ...}],
+    "initial": {...}, "iterations", "solver", "batch_size", "seed", "torch", "threads", ...}.
+    """
+    torch = require_torch()
+    from ..evaluate import resolve_scores
+    from .torch_model import build_torch_model
+
+    solver = solver or SolverSettings()
+    if seed is None:
+        seed = solver.random_seed if solver.random_seed is not None else 0
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    if solver.max_iter is None and epochs < 1:
+        raise UserError(f"epochs must be >= 1, got {epochs}")
+    train = as_dataset(train_data, "training data")
+    val = as_dataset(val_data, "validation data") if val_data is not None else None
+    sb = resolve_scores(net, output)
+    check_against_net(train, sb.input_shape, sb.classes, sb.input)
+    if val is not None:
+        check_against_net(val, sb.input_shape, sb.classes, sb.input)
+    masks = check_masks(net, masks or {}, "masks")
+
+    net = net.copy()
+    apply_masks(net, masks)
+    validate(net)
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        model = build_torch_model(net)
+        history = {"net": net.name, "score_blob": sb.blob, "loss_blob": sb.logits,
+                   "loss": f"softmax cross-entropy on '{sb.logits}'", "classes": sb.classes,
+                   "train": train.source, "n_train": len(train),
+                   "val": val.source if val is not None else None, "n_val": len(val) if val is not None else 0,
+                   "batch_size": int(batch_size), "seed": int(seed), "solver": solver.as_dict(),
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "masks": {"blobs": len(masks), "masked": int(sum(int((~m).sum()) for m in masks.values()))},
+                   "epochs": []}
+        if check:
+            history["preflight"] = preflight(net, model, train.x[:8], sb.logits)
+            if log and history["preflight"].get("engine") is None:
+                log(f"pre-flight check skipped: {history['preflight']['skipped']}")
+
+        # parameters, their ParamSpecs, and masks on the Parameters
+        params = [(p, *model.specs[i]) for i, p in enumerate(model.params)]
+        pmask = {}
+        for key, m in masks.items():
+            pi = model.blob_param.get(key)
+            if pi is not None:
+                pmask[pi] = torch.from_numpy(m)
+        per_epoch = math.ceil(len(train) / batch_size)
+        total = solver.max_iter or per_epoch * int(epochs)
+        opt = CaffeOptimizer(params, solver, total_iters=total)
+
+        if val is not None:
+            v1, v5 = _accuracy(model, sb.logits, val, sb.axis)
+            history["initial"] = {"val_top1": v1, **({"val_top5": v5} if sb.classes > 5 else {})}
+            if log:
+                log(f"epoch 0: val top-1 {v1:.4f}")
+        x_all = torch.from_numpy(train.x)
+        y_all = torch.from_numpy(train.y)
+        it, epoch = 0, 0
+        t0 = time.perf_counter()
+        F = torch.nn.functional
+        while it < total:
+            epoch += 1
+            perm = torch.from_numpy(rng.permutation(len(train)))
+            n_it = min(per_epoch, total - it)
+            bar = _progress(n_it, f"epoch {epoch}", progress)
+            model.train()
+            loss_sum, correct, seen = 0.0, 0, 0
+            lr = solver.lr_at(it, total)
+            for b in range(n_it):
+                idx = perm[b * batch_size:(b + 1) * batch_size]
+                xb, yb = x_all[idx], y_all[idx]
+                out = model(xb, outputs=[sb.logits])[sb.logits]
+                logits = torch.movedim(out, sb.axis, 1).reshape(out.shape[0], -1)
+                loss = F.cross_entropy(logits, yb)
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise UserError(f"training diverged at iteration {it} (loss {lv}); "
+                                    f"lower the learning rate (now {lr:g})")
+                opt.zero_grad()
+                loss.backward()
+                with torch.no_grad():
+                    for pi, m in pmask.items():
+                        g = model.params[pi].grad
+                        if g is not None:
+                            g.masked_fill_(~m, 0.0)
+                lr = opt.step(it)
+                with torch.no_grad():
+                    for pi, m in pmask.items():
+                        model.params[pi].masked_fill_(~m, 0.0)
+                it += 1
+                loss_sum += lv * len(idx)
+                correct += int((logits.detach().argmax(1) == yb).sum())
+                seen += len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{lv:.4f}", lr=f"{lr:.3g}")
+            bar.close()
+            rec = {"epoch": epoch, "iterations": it, "lr": lr, "loss": loss_sum / seen,
+                   "train_top1": correct / seen, "time_s": round(time.perf_counter() - t0, 3)}
+            if val is not None:
+                v1, v5 = _accuracy(model, sb.logits, val, sb.axis)
+                rec["val_top1"] = v1
+                if sb.classes > 5:
+                    rec["val_top5"] = v5
+            history["epochs"].append(rec)
+            if log:
+                log(f"epoch {epoch}: {it} iterations, lr {lr:.3g}, loss {rec['loss']:.4f}, "
+                    f"train top-1 {rec['train_top1']:.4f}"
+                    + (f", val top-1 {rec['val_top1']:.4f}" if "val_top1" in rec else ""))
+        history["iterations"] = it
+        history["time_s"] = round(time.perf_counter() - t0, 3)
+        model.write_back(net)
+    finally:
+        torch.set_num_threads(old_threads)
+    for key, m in masks.items():  # the promise: masked entries are exactly zero
+        lname, _, idx = key.rpartition("/")
+        assert not np.any(net.layer(lname).blobs[int(idx)][~m]), key
+    validate(net)
+    if history["epochs"]:
+        history["final"] = {k: v for k, v in history["epochs"][-1].items()
+                            if k in ("loss", "train_top1", "val_top1", "val_top5")}
+    return net, history
+
+
+__all__ = ["finetune", "load_masks", "check_masks", "apply_masks", "preflight"]
