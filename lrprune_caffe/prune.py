@@ -1,0 +1,543 @@
+"""Weight pruning: which weights to zero (masks), zeroing them, and the numbers.
+
+Only the *weights* (blob 0) of ``Convolution``, ``Deconvolution`` and
+``InnerProduct`` layers are ever pruned. Biases, BatchNorm, Scale, Bias and
+PReLU blobs are never touched.
+
+A mask is a bool array shaped like the blob, ``True`` = keep. Masks are keyed
+``(layer name, blob index)``; on disk (``masks.npz``) the key is the string
+``"<layer>/<blob index>"`` (e.g. ``conv1/0``; the index is after the *last*
+slash, so layer names with slashes work).
+
+Rules (:class:`PruneSpec`):
+
+* ``method="magnitude"`` (default), ``scope="layer"``: in each selected layer
+  the ``round(f * size)`` weights of smallest ``|w|`` are zeroed (exactly that
+  many; ties broken by position in C order);
+* ``method="magnitude"``, ``scope="global"``: one threshold over all layers
+  that use the default fraction: the ``round(f * total)`` smallest ``|w|`` of
+  their concatenation (layer order, then C order, for ties). Layers with a
+  per-layer override are pruned on their own at their own fraction;
+* ``method="std"`` (Han, Pool, Tran & Dally 2015, "Learning both Weights and
+  Connections for Efficient Neural Networks", NIPS, sec. 3: "the pruning
+  threshold is chosen as a quality parameter multiplied by the standard
+  deviation of a layer's weights"): weights with ``|w| < Q * std(W)`` are
+  zeroed (``std`` over the layer, or over the pooled layers for
+  ``scope="global"``). The fraction only selects layers here (0 = leave out,
+  ``None`` = every prunable layer); ``per_layer_quality`` overrides Q per layer.
+
+Structured pruning (whole output filters / rank components) is the graph pass
+:func:`lrprune_caffe.passes.structured_prune.prune_structured`; :func:`prune_net`
+dispatches to it when ``spec.structured``.
+
+``compress`` integration: :func:`compress_prune_step` (after ``factorize``) and
+:func:`compress_sizes_step` (after ``report``), registered by
+:func:`install_compress_steps`; options come from ``compress(..., prune=...,
+prune_scope=..., prune_method=..., quality=..., prune_structured=...,
+prune_exclude=..., sparse=...)``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .errors import BadFileError, UserError
+
+#: layer types whose blob 0 (the weights) may be pruned
+PRUNABLE_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
+SCOPES = ("layer", "global")
+METHODS = ("magnitude", "std")
+
+
+@dataclass
+class PruneSpec:
+    """What to prune.
+
+    ``fraction``: default fraction of each prunable layer's weights to zero
+    (``None``: only the layers named in ``per_layer``; with ``method="std"``,
+    ``None`` means every prunable layer). ``per_layer``: {layer: fraction}
+    overrides (0 leaves the layer out). ``exclude``: layers never pruned.
+    ``scope``: "layer" | "global". ``method``: "magnitude" | "std" (needs
+    ``quality``). ``structured``: remove whole output filters / rank
+    components instead of single weights (per layer, magnitude only).
+    """
+
+    fraction: Optional[float] = None
+    per_layer: dict = field(default_factory=dict)
+    exclude: tuple = ()
+    scope: str = "layer"
+    method: str = "magnitude"
+    quality: Optional[float] = None
+    per_layer_quality: dict = field(default_factory=dict)
+    structured: bool = False
+
+
+def _fraction(value, what) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what}: '{value}' is not a number (expected a fraction in [0, 1))") from None
+    if not (0.0 <= f < 1.0):  # also rejects NaN
+        raise UserError(f"{what}: fraction {value} is outside [0, 1)")
+    return f
+
+
+def parse_prune_arg(text: str):
+    """``"0.5"`` -> (0.5, {}); ``"conv1=0.3,ip1=0.9"`` -> (None, {"conv1": 0.3, "ip1": 0.9});
+    ``"0.5,ip2=0"`` -> (0.5, {"ip2": 0.0}). A layer given ``0`` (or ``skip``) is left out.
+    Fractions must lie in [0, 1) (UserError otherwise). Layer names are checked
+    against the net later (:func:`resolve_targets`)."""
+    default, overrides = None, {}
+    if text is None or not str(text).strip():
+        raise UserError("--prune: empty value (expected FRACTION or LAYER=FRACTION,...)")
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" in part:
+            name, value = part.rsplit("=", 1)
+            name = name.strip()
+            if not name:
+                raise UserError(f"--prune: '{part}' has no layer name before '='")
+            if name in overrides:
+                raise UserError(f"--prune: layer '{name}' is given twice")
+            value = value.strip()
+            overrides[name] = 0.0 if value.lower() in ("skip", "none", "off") else \
+                _fraction(value, f"--prune {name}")
+        else:
+            if default is not None:
+                raise UserError(f"--prune: two default fractions ('{default}' and '{part}')")
+            default = _fraction(part, "--prune")
+    return default, overrides
+
+
+def parse_layer_list(text) -> tuple:
+    """``"conv1,ip2"`` -> ("conv1", "ip2")."""
+    if not text:
+        return ()
+    return tuple(p.strip() for p in str(text).split(",") if p.strip())
+
+
+def prunable_layers(net) -> list:
+    """Layers whose weights can be pruned (right type, weights loaded)."""
+    return [layer for layer in net.layers if layer.type in PRUNABLE_TYPES and layer.blobs]
+
+
+def _check_names(net, names, what):
+    prunable = {layer.name for layer in prunable_layers(net)}
+    for name in names:
+        if name not in net:
+            listing = ", ".join(sorted(prunable)) or "none"
+            raise UserError(f"{what}: no layer named '{name}' in the net (prunable layers: {listing})")
+        if name not in prunable:
+            layer = net.layer(name)
+            why = "has no weights loaded" if layer.type in PRUNABLE_TYPES else "has no weights to prune"
+            raise UserError(f"{what}: layer '{name}' ({layer.type}) {why} "
+                            f"(prunable types: {', '.join(PRUNABLE_TYPES)})")
+
+
+def check_spec(net, spec: PruneSpec) -> None:
+    """Raise UserError for an impossible request (before anything is changed)."""
+    if spec.scope not in SCOPES:
+        raise UserError(f"--prune-scope: '{spec.scope}' is not one of {', '.join(SCOPES)}")
+    if spec.method not in METHODS:
+        raise UserError(f"--prune-method: '{spec.method}' is not one of {', '.join(METHODS)}")
+    if spec.fraction is not None:
+        _fraction(spec.fraction, "--prune")
+    for name, f in spec.per_layer.items():
+        _fraction(f, f"--prune {name}")
+    _check_names(net, list(spec.per_layer), "--prune")
+    _check_names(net, list(spec.exclude), "--prune-exclude")
+    both = [n for n in spec.per_layer if n in spec.exclude and spec.per_layer[n]]
+    if both:
+        raise UserError(f"--prune: layer '{both[0]}' is both given a fraction and excluded")
+    if spec.method == "std":
+        if spec.quality is None:
+            raise UserError("--prune-method std needs --quality Q (threshold = Q x the layer's weight std)")
+        for name, q in [("--quality", spec.quality), *spec.per_layer_quality.items()]:
+            try:
+                ok = float(q) >= 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise UserError(f"{name}: quality {q} must be a number >= 0")
+        _check_names(net, list(spec.per_layer_quality), "--quality")
+    if spec.structured:
+        if spec.method != "magnitude":
+            raise UserError("--prune-structured removes whole filters by their norm; "
+                            "it cannot be combined with --prune-method std")
+        if spec.scope != "layer":
+            raise UserError("--prune-structured works per layer; it cannot be combined with "
+                            "--prune-scope global")
+
+
+def resolve_targets(net, spec: PruneSpec) -> dict:
+    """{layer name: fraction} of the layers to prune (fraction > 0), in net order.
+    Under ``method="std"`` the value is the layer's selecting fraction (1.0 when all)."""
+    check_spec(net, spec)
+    if spec.method == "std" and spec.fraction is None:
+        default = 0.0 if spec.per_layer else 1.0  # std: no fraction = every prunable layer
+    else:
+        default = float(spec.fraction or 0.0)
+    out = {}
+    for layer in prunable_layers(net):
+        if layer.name in spec.exclude:
+            continue
+        f = float(spec.per_layer.get(layer.name, default))
+        if f > 0:
+            out[layer.name] = f
+    return out
+
+
+# ---------------------------------------------------------------------------
+# masks
+
+def smallest_k_masks(arrays, k: int) -> list:
+    """Keep-masks for ``arrays`` such that exactly the ``k`` entries of smallest
+    ``|value|`` over all of them are pruned (False). Ties at the threshold are
+    pruned in order (array order, then C order), so the count is exact."""
+    arrays = [np.asarray(a) for a in arrays]
+    total = sum(a.size for a in arrays)
+    k = int(max(0, min(k, total)))
+    if k == 0:
+        return [np.ones(a.shape, dtype=bool) for a in arrays]
+    flat = np.concatenate([np.abs(a.ravel()).astype(np.float32, copy=False) for a in arrays])
+    flat.partition(k - 1)
+    t = flat[k - 1]
+    del flat
+    masks = []
+    n_less = sum(int(np.count_nonzero(np.abs(a) < t)) for a in arrays)
+    need_eq = k - n_less  # how many entries equal to t are pruned, first ones first
+    for a in arrays:
+        absa = np.abs(a)
+        keep = absa > t
+        eq = np.flatnonzero(absa.ravel() == t)
+        if eq.size:
+            take = min(need_eq, eq.size)
+            keep.reshape(-1)[eq[take:]] = True  # ties beyond the k-th stay
+            need_eq -= take
+        masks.append(keep)
+    return masks
+
+
+def _std_mask(w, threshold):
+    return np.abs(w) >= threshold
+
+
+def compute_masks(net, spec: PruneSpec) -> dict:
+    """{(layer, 0): keep bool array} for every layer the spec prunes (unstructured).
+    Nothing in ``net`` is changed. See the module docstring for the rules."""
+    targets = resolve_targets(net, spec)
+    masks, info = _compute(net, spec, targets)
+    return masks
+
+
+def _compute(net, spec, targets):
+    """(masks, {layer: {"threshold": t, "target": f}})."""
+    masks, info = {}, {}
+    if not targets:
+        return masks, info
+    weights = {name: net.layer(name).blobs[0] for name in targets}
+    pooled = [n for n in targets if spec.scope == "global" and n not in spec.per_layer]
+    single = [n for n in targets if n not in pooled]
+    if spec.method == "magnitude":
+        if pooled:
+            f = float(spec.fraction)
+            total = sum(weights[n].size for n in pooled)
+            k = int(round(f * total))
+            for n, m in zip(pooled, smallest_k_masks([weights[n] for n in pooled], k)):
+                masks[(n, 0)] = m
+            t = _threshold_of(weights, masks, pooled)
+            for n in pooled:
+                info[n] = {"target": f, "threshold": t, "scope": "global"}
+        for n in single:
+            f = targets[n]
+            k = int(round(f * weights[n].size))
+            masks[(n, 0)] = smallest_k_masks([weights[n]], k)[0]
+            info[n] = {"target": f, "threshold": _threshold_of(weights, masks, [n]), "scope": "layer"}
+    else:  # std (Han et al. 2015)
+        q = float(spec.quality)
+        pooled_std = [n for n in pooled if n not in spec.per_layer_quality]
+        if pooled_std:
+            allw = np.concatenate([weights[n].ravel().astype(np.float64) for n in pooled_std])
+            t = q * float(np.std(allw))
+            del allw
+            for n in pooled_std:
+                masks[(n, 0)] = _std_mask(weights[n], t)
+                info[n] = {"quality": q, "threshold": t, "scope": "global"}
+        for n in targets:
+            if n in pooled_std:
+                continue
+            qn = float(spec.per_layer_quality.get(n, q))
+            t = qn * float(np.std(weights[n], dtype=np.float64))
+            masks[(n, 0)] = _std_mask(weights[n], t)
+            info[n] = {"quality": qn, "threshold": t, "scope": "layer"}
+    return masks, info
+
+
+def _threshold_of(weights, masks, names):
+    """Largest pruned |w| (the effective threshold), or None when nothing was pruned."""
+    t = None
+    for n in names:
+        pruned = np.abs(weights[n][~masks[(n, 0)]])
+        if pruned.size:
+            v = float(pruned.max())
+            t = v if t is None else max(t, v)
+    return t
+
+
+def apply_masks(net, masks: dict) -> None:
+    """Zero (exactly, +0.0) every weight whose mask is False, in place.
+    Raises ValueError when a mask does not fit its blob."""
+    for (name, idx), mask in masks.items():
+        layer = net.layer(name)
+        blob = layer.blobs[idx]
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != blob.shape:
+            raise ValueError(f"mask for layer '{name}' blob {idx} has shape {mask.shape}, "
+                             f"the blob {blob.shape}")
+        layer.blobs[idx] = np.where(mask, blob, np.float32(0)).astype(np.float32, copy=False)
+
+
+def mask_key(name: str, idx: int) -> str:
+    return f"{name}/{int(idx)}"
+
+
+def save_masks(masks: dict) -> bytes:
+    """An ``.npz`` (bytes) of bool arrays keyed ``"<layer>/<blob index>"``."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{mask_key(n, i): np.asarray(m, dtype=bool) for (n, i), m in masks.items()})
+    return buf.getvalue()
+
+
+def load_masks(path, net=None) -> dict:
+    """{(layer, blob index): bool array} from a masks.npz; with ``net``, checks that each
+    mask fits (layer exists, blob exists, same shape) and raises BadFileError otherwise."""
+    import zipfile
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            items = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise BadFileError("does not exist, expected a masks .npz", path=path) from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise BadFileError(f"is not a masks .npz file ({e})", path=path) from None
+    if not isinstance(items, dict):
+        raise BadFileError("is not a masks .npz file (a single array, not an archive)", path=path)
+    masks = {}
+    for key, arr in items.items():
+        name, sep, idx = key.rpartition("/")
+        if not sep or not idx.isdigit() or not name:
+            raise BadFileError(f"mask key '{key}' is not '<layer>/<blob index>'", path=path)
+        if arr.dtype != np.bool_:
+            if arr.dtype.kind in "iuf" and np.isin(arr, (0, 1)).all():
+                arr = arr.astype(bool)
+            else:
+                raise BadFileError(f"mask '{key}' holds {arr.dtype} values, expected bool", path=path)
+        masks[(name, int(idx))] = arr
+    if net is not None:
+        for (name, idx), arr in masks.items():
+            if name not in net:
+                raise BadFileError(f"mask file is for another net: no layer '{name}' in the net", path=path)
+            layer = net.layer(name)
+            if idx >= len(layer.blobs):
+                raise BadFileError(f"mask file is for another net: layer {name} ({layer.type}) has "
+                                   f"{len(layer.blobs)} blobs, the mask is for blob {idx}", path=path)
+            shape = tuple(layer.blobs[idx].shape)
+            if tuple(arr.shape) != shape:
+                raise BadFileError(f"mask file is for another net: layer {name} blob {idx} shape "
+                                   f"{tuple(arr.shape)} vs {shape}", path=path)
+    return masks
+
+
+# ---------------------------------------------------------------------------
+# numbers
+
+def sparsity_rows(net, info: dict = None) -> list:
+    """Per layer with blobs: name, type, params, nonzero_params, sparsity (zeros / params,
+    counted over all of its blobs, as they are in the caffemodel), plus ``info[name]``."""
+    rows = []
+    for layer in net.layers:
+        if not layer.blobs:
+            continue
+        params = sum(int(b.size) for b in layer.blobs)
+        nonzero = sum(int(np.count_nonzero(b)) for b in layer.blobs)
+        row = {"name": layer.name, "type": layer.type, "params": params, "nonzero_params": nonzero,
+               "sparsity": (1.0 - nonzero / params) if params else 0.0}
+        if info and layer.name in info:
+            row.update(info[layer.name])
+        rows.append(row)
+    return rows
+
+
+def sparsity_totals(rows) -> dict:
+    params = sum(r["params"] for r in rows)
+    nonzero = sum(r["nonzero_params"] for r in rows)
+    return {"params": params, "nonzero_params": nonzero,
+            "sparsity": (1.0 - nonzero / params) if params else 0.0}
+
+
+def prune_net(net, spec: PruneSpec):
+    """Prune ``net`` in place as ``spec`` says; returns (masks, rows).
+
+    Unstructured: masks = {(layer, 0): keep array} (also what to save as
+    masks.npz), the weights are zeroed. Structured: runs the
+    ``structured_prune`` pass (the net gets smaller); masks = {} (nothing
+    is zero that fine-tuning must hold). ``rows``: :func:`sparsity_rows` with,
+    per pruned layer, ``target``/``quality``, ``threshold`` (unstructured) or
+    ``outputs_before``/``outputs_after``/``removed`` (structured).
+    Raises UserError (net untouched) for an impossible request.
+    """
+    check_spec(net, spec)
+    if spec.structured:
+        from .passes import run_pass
+        from .passes.structured_prune import prune_structured
+        result = run_pass(prune_structured, net, spec=spec)
+        if not result.changed:  # the user asked for it: say why nothing happened
+            raise UserError(f"--prune-structured: nothing can be removed: {result.reason}")
+        info = {d["layer"]: {k: v for k, v in d.items() if k != "layer"} for d in result.details}
+        return {}, sparsity_rows(net, info)
+    targets = resolve_targets(net, spec)
+    masks, info = _compute(net, spec, targets)
+    apply_masks(net, masks)
+    for n in info:
+        info[n]["pruned"] = True
+    return masks, sparsity_rows(net, info)
+
+
+# ---------------------------------------------------------------------------
+# compress integration: two pipeline steps (see lrprune_caffe.compress.add_step)
+
+#: job.extra_options keys read by the steps (the compress CLI flags, dashes -> underscores)
+COMPRESS_OPTIONS = ("prune", "prune_scope", "prune_method", "quality", "prune_structured", "prune_exclude",
+                    "sparse")
+
+
+def spec_from_options(opts: dict):
+    """A PruneSpec from compress's keyword options, or None when no pruning is asked for.
+
+    ``prune``: "0.5" / "conv1=0.3,ip1=0.9" / a float; ``prune_scope``; ``prune_method``;
+    ``quality``; ``prune_structured``; ``prune_exclude``: "a,b" or a list."""
+    prune = opts.get("prune")
+    method = opts.get("prune_method") or "magnitude"
+    if prune is None and method != "std":
+        for k in ("prune_scope", "prune_structured", "prune_exclude", "quality"):
+            if opts.get(k) not in (None, False, "", ()):
+                raise UserError(f"--{k.replace('_', '-')} needs --prune FRACTION (or --prune-method std)")
+        return None
+    if prune is None:
+        default, per = None, {}
+    elif isinstance(prune, (int, float)) and not isinstance(prune, bool):
+        default, per = _fraction(prune, "--prune"), {}
+    else:
+        default, per = parse_prune_arg(prune)
+    exclude = opts.get("prune_exclude") or ()
+    exclude = parse_layer_list(exclude) if isinstance(exclude, str) else tuple(exclude)
+    quality = opts.get("quality")
+    return PruneSpec(fraction=default, per_layer=per, exclude=exclude, scope=opts.get("prune_scope") or "layer",
+                     method=method, quality=None if quality is None else float(quality),
+                     structured=bool(opts.get("prune_structured")))
+
+
+def _map_factorized(spec, rows):
+    """Names of factorized layers -> their new layers (structured: all but the last,
+    whose outputs are the original layer's; i.e. the rank components)."""
+    def targets(name):
+        row = rows.get(name)
+        if row is None or row.get("action") != "factorized":
+            return [name]
+        new = list(row["new_layers"])
+        return new[:-1] if spec.structured else new
+    per = {}
+    for name, f in spec.per_layer.items():
+        for n in targets(name):
+            per[n] = f
+    spec.per_layer = per
+    spec.exclude = tuple(n for name in spec.exclude for n in targets(name))
+    spec.per_layer_quality = {n: q for name, q in spec.per_layer_quality.items() for n in targets(name)}
+    return spec
+
+
+def compress_prune_step(job) -> None:
+    """compress step ``prune`` (after ``factorize``): prune ``job.new`` as the options say.
+
+    Layers named by their original name after factorization mean their new
+    layers. The layers touched are copied first (``job.new`` shares unchanged
+    layers with ``job.net``, which verification uses as the reference).
+    Adds ``masks.npz`` to the outputs and a ``prune`` section to the report."""
+    from .ir import Layer, clone_msg
+    spec = spec_from_options(job.extra_options)
+    if spec is None:
+        return
+    spec = _map_factorized(spec, job.rows)
+    originals = {id(layer) for layer in job.net.layers}
+    job.new.layers = [Layer(l.name, l.type, list(l.bottoms), list(l.tops), clone_msg(l.msg), list(l.blobs))
+                      if id(l) in originals else l for l in job.new.layers]
+    masks, rows = prune_net(job.new, spec)
+    if masks:
+        job.extra["masks.npz"] = save_masks(masks)
+    job.sections["prune"] = {
+        "fraction": spec.fraction, "per_layer": dict(spec.per_layer), "exclude": list(spec.exclude),
+        "scope": spec.scope, "method": spec.method, "quality": spec.quality, "structured": spec.structured,
+        "masks": "masks.npz" if masks else None,
+        "layers": [r for r in rows if r.get("pruned") or "structured" in r],
+    }
+
+
+def compress_sizes_step(job) -> None:
+    """compress step ``sizes`` (after ``report``): per-layer ``sparsity`` / ``nonzero_params``
+    (a factorized layer: over its new layers) and totals ``nonzero_params``,
+    ``caffemodel_bytes`` (exact size of the written caffemodel), ``onnx_bytes`` (with
+    ``--onnx``: the model is exported here, as sparse initializers with ``sparse``,
+    and handed to the write step in ``job.extra["model.onnx"]``; else None)."""
+    from .sparse import caffemodel_layer_bytes, sparsify_model
+    if job.report is None or job.new is None:
+        return
+    counts = {layer.name: (sum(int(b.size) for b in layer.blobs), sum(int(np.count_nonzero(b)) for b in layer.blobs))
+              for layer in job.new.layers}
+    for name, row in job.rows.items():
+        names = row.get("new_layers") if row.get("action") == "factorized" else [name]
+        params = sum(counts.get(n, (0, 0))[0] for n in names)
+        nonzero = sum(counts.get(n, (0, 0))[1] for n in names)
+        row["nonzero_params"] = nonzero
+        row["sparsity"] = (1.0 - nonzero / params) if params else 0.0
+    total_params = sum(p for p, _ in counts.values())
+    total_nonzero = sum(n for _, n in counts.values())
+    onnx_bytes = None
+    sparse = bool(job.extra_options.get("sparse"))
+    if sparse and not job.opts.onnx:
+        raise UserError("--sparse writes sparse ONNX initializers: it needs --onnx")
+    if job.opts.onnx:
+        from .onnx_export import export_model
+        model = export_model(job.new)
+        if sparse:
+            model = sparsify_model(model)
+        data = model.SerializeToString()
+        job.extra["model.onnx"] = data
+        onnx_bytes = len(data)
+        if sparse:
+            job.report["sparse_onnx"] = {"sparse_initializers": len(model.graph.sparse_initializer),
+                                         "dense_initializers": len(model.graph.initializer)}
+    job.report["totals"].update({"nonzero_params": total_nonzero,
+                                 "sparsity": (1.0 - total_nonzero / total_params) if total_params else 0.0,
+                                 "caffemodel_bytes": sum(caffemodel_layer_bytes(job.new).values()),
+                                 "onnx_bytes": onnx_bytes})
+    if "masks.npz" in job.extra and "masks.npz" not in job.report.get("files", []):
+        job.report.setdefault("files", []).append("masks.npz")
+
+
+def install_compress_steps() -> None:
+    """Register the two steps in compress's pipeline (idempotent)."""
+    from .compress import add_step
+    add_step("prune", compress_prune_step, after="factorize")
+    add_step("sizes", compress_sizes_step, after="report")
+
+
+__all__ = ["PruneSpec", "PRUNABLE_TYPES", "parse_prune_arg", "parse_layer_list", "prunable_layers",
+           "check_spec", "resolve_targets", "compute_masks", "smallest_k_masks", "apply_masks",
+           "save_masks", "load_masks", "mask_key", "sparsity_rows", "sparsity_totals", "prune_net",
+           "spec_from_options", "compress_prune_step", "compress_sizes_step", "install_compress_steps",
+           "COMPRESS_OPTIONS"]

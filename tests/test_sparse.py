@@ -1,0 +1,166 @@
+"""Sparse storage: ONNX sparse initializers (onnx.checker + onnxruntime, outputs unchanged),
+the break-even rule, Han et al.'s relative-index CSR byte count, and the storage report
+(counts and sizes equal to the files actually written)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import golden_case, load_npz
+
+from lrprune_caffe.api import write_net
+from lrprune_caffe.caffe_io import load_net, read_caffemodel
+from lrprune_caffe.onnx_export import export_model
+from lrprune_caffe.prune import PruneSpec, prune_net
+from lrprune_caffe.runtime import ort_session
+from lrprune_caffe.sparse import (break_even_sparsity, csr_relative_bytes, sparsify_model,
+                                  storage_report)
+
+
+def run(model, feed):
+    sess = ort_session(model.SerializeToString(), threads=1)
+    return sess.run(None, feed)
+
+
+def gemm_model(w, b):
+    """A hand-built Gemm model (y = x W^T + b) with dense initializers."""
+    node = helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=1)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, w.shape[1]])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, w.shape[0]])],
+                          initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
+def sparse_array(rng, shape, sparsity):
+    w = rng.standard_normal(shape).astype(np.float32)
+    w.ravel()[rng.permutation(w.size)[:int(round(sparsity * w.size))]] = 0
+    return w
+
+
+# ---- sparsify_model ------------------------------------------------------------------------
+
+def test_sparsify_hand_model_checker_and_ort():
+    rng = np.random.default_rng(0)
+    w = sparse_array(rng, (64, 100), 0.9)
+    b = rng.standard_normal(64).astype(np.float32)
+    dense = gemm_model(w, b)
+    sp = sparsify_model(dense)
+    assert [t.name for t in sp.graph.initializer] == ["b"]  # the dense bias stays dense
+    (st,) = sp.graph.sparse_initializer
+    assert st.values.name == "W" and list(st.dims) == [64, 100]
+    assert st.indices.data_type == TensorProto.INT64 and list(st.indices.dims) == [np.count_nonzero(w)]
+    idx = numpy_helper.to_array(st.indices)
+    assert (np.diff(idx) > 0).all() and np.array_equal(idx, np.flatnonzero(w))
+    onnx.checker.check_model(sp)
+    assert len(dense.graph.sparse_initializer) == 0  # the input model is not modified
+    x = rng.standard_normal((3, 100)).astype(np.float32)
+    (y_dense,), (y_sparse,) = run(dense, {"x": x}), run(sp, {"x": x})
+    assert np.abs(y_dense - y_sparse).max() <= 1e-5
+    assert np.abs(y_dense - (x @ w.T + b)).max() < 1e-4
+
+
+def test_break_even_and_min_sparsity():
+    assert break_even_sparsity() == pytest.approx(2 / 3)
+    rng = np.random.default_rng(1)
+    b = np.zeros(8, np.float32) + 1
+    for sparsity, expect_sparse in ((0.5, False), (0.6, False), (0.72, True), (0.95, True)):
+        m = sparsify_model(gemm_model(sparse_array(rng, (8, 500), sparsity), b))
+        assert (len(m.graph.sparse_initializer) == 1) == expect_sparse, sparsity
+        if expect_sparse:
+            onnx.checker.check_model(m)
+    m = sparsify_model(gemm_model(sparse_array(rng, (8, 500), 0.9), b), min_sparsity=0.95)
+    assert len(m.graph.sparse_initializer) == 0
+    m = sparsify_model(gemm_model(sparse_array(rng, (8, 500), 0.9), b), min_sparsity=0.8)
+    assert len(m.graph.sparse_initializer) == 1
+
+
+def test_all_zero_tensor():
+    w = np.zeros((4, 50), np.float32)
+    m = sparsify_model(gemm_model(w, np.ones(4, np.float32)))
+    onnx.checker.check_model(m)
+    (y,) = run(m, {"x": np.ones((3, 50), np.float32)})
+    assert np.array_equal(y, np.ones((3, 4), np.float32))
+
+
+# ---- LeNet pruned to 90 % -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lenet90():
+    d = golden_case("lenet_mnist")
+    net = load_net(d / "model.prototxt", d / "model.caffemodel")
+    masks, rows = prune_net(net, PruneSpec(fraction=0.9))
+    return net, masks, rows, load_npz(d / "inputs.npz")
+
+
+def test_lenet_90_sparse_onnx_size_and_outputs(lenet90):
+    net, _, _, inputs = lenet90
+    dense = export_model(net, dynamic_batch=True)
+    sp = sparsify_model(dense)
+    onnx.checker.check_model(sp)
+    assert {st.values.name for st in sp.graph.sparse_initializer} == {"conv1/weight", "conv2/weight",
+                                                                      "ip1/weight", "ip2/weight"}
+    ratio = len(sp.SerializeToString()) / len(dense.SerializeToString())
+    assert ratio <= 0.35, ratio
+    assert ratio >= 0.29  # values + int64 indices: the format's floor (~0.30)
+    x = {"data": inputs["data"][:100]}
+    (a,), (b,) = run(dense, x), run(sp, x)
+    assert np.abs(a - b).max() <= 1e-5
+    # unpruned LeNet: nothing is worth storing sparse
+    d = golden_case("lenet_mnist")
+    full = export_model(load_net(d / "model.prototxt", d / "model.caffemodel"))
+    assert len(sparsify_model(full).graph.sparse_initializer) == 0
+
+
+def test_storage_report_matches_written_files(lenet90, tmp_path):
+    net, _, rows, _ = lenet90
+    sp = sparsify_model(export_model(net))
+    written = write_net(net, tmp_path / "out", extra={"model.onnx": sp.SerializeToString()})
+    rep = storage_report(net, sp)
+    t = rep["totals"]
+    assert t["caffemodel_bytes"] == (tmp_path / "out" / "model.caffemodel").stat().st_size
+    assert t["onnx_bytes"] == (tmp_path / "out" / "model.onnx").stat().st_size
+    back = {wl.name: wl.blobs for wl in read_caffemodel(written["caffemodel"])}
+    zeros = sum(int((b == 0).sum()) for blobs in back.values() for b in blobs)
+    assert t["params"] - t["nonzero_params"] == zeros
+    assert t["nonzero_params"] == sum(r["nonzero_params"] for r in rows)
+    by = {r["name"]: r for r in rep["layers"]}
+    assert set(by) == {name for name, blobs in back.items() if blobs}
+    for name, r in by.items():
+        blobs = back[name]
+        assert r["nonzero_params"] == sum(int(np.count_nonzero(b)) for b in blobs)
+        assert r["dense_bytes"] == 4 * r["params"]
+        assert r["dense_bytes"] < r["caffemodel_bytes"] < r["dense_bytes"] + 200
+        assert r["onnx_bytes"] < 0.4 * r["dense_bytes"] or r["params"] < 1000
+        assert r["csr_bytes"] == sum(csr_relative_bytes(b) for b in blobs)
+        assert r["csr_bytes"] < 0.2 * r["dense_bytes"] or r["params"] < 1000  # ~5 B per nonzero
+    assert sum(r["caffemodel_bytes"] for r in rep["layers"]) <= t["caffemodel_bytes"]
+    assert 0 < t["onnx_bytes"] - sum(r["onnx_bytes"] for r in rep["layers"]) < 2000  # graph, names
+
+
+# ---- Han et al.'s relative-index CSR ------------------------------------------------------
+
+def test_csr_relative_bytes_formula():
+    # a dense row of 10: 10 entries x (32 + 8) bits = 50 bytes, + 2 int32 row pointers
+    assert csr_relative_bytes(np.ones(10, np.float32)) == 50 + 8
+    # gaps 1 and 600 (from position 0 to 600): 600 needs ceil(600/255) = 3 entries (2 fillers)
+    a = np.zeros(1000, np.float32)
+    a[[0, 600]] = 1
+    assert csr_relative_bytes(a) == 4 * 5 + 8
+    # a gap of exactly 255 fits one entry, 256 needs a filler
+    a = np.zeros(600, np.float32)
+    a[[254, 509]] = 1  # gaps 255 and 255
+    assert csr_relative_bytes(a) == 2 * 5 + 8
+    a[509], a[510] = 0, 1  # gap 256
+    assert csr_relative_bytes(a) == 3 * 5 + 8
+    # rows restart at their own start; 2-D: rows = shape[0]
+    m = np.zeros((3, 300), np.float32)
+    m[0, 0] = m[1, 299] = m[2, 10] = 1  # gaps 1, 300 (2 entries), 11
+    assert csr_relative_bytes(m) == 4 * 5 + 4 * 4
+    # 5-bit indices (Han et al.'s FC setting), 1-byte values (after quantization)
+    v = np.zeros(100, np.float32)
+    v[[0, 40, 99]] = 1  # gaps 1, 40 (2 entries at m=31), 59 (2 entries)
+    assert csr_relative_bytes(v, index_bits=5, value_bytes=1) == (5 * 13 + 7) // 8 + 8
+    assert csr_relative_bytes(np.zeros((4, 7), np.float32)) == 4 * 5
