@@ -51,13 +51,19 @@ def run_opencv(net, inputs: dict, outputs=None, threads: int = None) -> dict:
         cv2.setNumThreads(int(threads))
     for k, v in inputs.items():
         cvnet.setInput(np.ascontiguousarray(v, dtype=np.float32), k)
+    # OpenCV's forward() looks names up as LAYER names: ask for the last layer
+    # writing each blob (a factorized conv2's top is written by conv2_lr2)
+    writer = {}
+    for layer in net.layers:
+        if layer.type != "Input" and layer.tops:
+            writer[layer.tops[0]] = layer.name
     if set(outputs) <= set(net.outputs()):
-        res = cvnet.forward(outputs)
+        res = cvnet.forward([writer.get(o, o) for o in outputs])
         return {name: np.array(r, copy=True) for name, r in zip(outputs, res)}
     # Intermediate blobs: OpenCV's layer fusion rewrites them, and one forward
     # asking for many may hand back reused buffers; ask for each alone, unfused.
     cvnet.enableFusion(False)
-    return {name: np.array(cvnet.forward(name), copy=True) for name in outputs}
+    return {name: np.array(cvnet.forward(writer.get(name, name)), copy=True) for name in outputs}
 
 
 def ort_session(model_bytes: bytes, threads: int = None):
@@ -77,7 +83,10 @@ def run_onnxruntime(net, inputs: dict, outputs=None, threads: int = None) -> dic
     batch = {k: int(v.shape[0]) for k, v in inputs.items()}
     model = export_model(net, extra_outputs=[o for o in outputs if o not in net.outputs()],
                          dynamic_batch=any(b != 1 for b in batch.values()))
-    sess = ort_session(model.SerializeToString(), threads)
+    data = model.SerializeToString()
+    del model  # a VGG-sized ModelProto is ~0.5 GB: do not hold it while the session copies the bytes
+    sess = ort_session(data, threads)
+    del data
     feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
     produced = [o for o in outputs if o not in feed]  # an input blob is not a graph output
     res = dict(zip(produced, sess.run(produced, feed)))

@@ -1,0 +1,16 @@
+"""Low-rank factorization: pure numeric decompositions and rank selection.
+
+* :mod:`.decompose` - SVD (exact, Gram-side, randomized), the channel / spatial /
+  Tucker-2 / FC schemes on Caffe weight blobs, per group;
+* :mod:`.rank` - rank choice: fixed, energy, VBMF, whole-net MAC budget.
+
+Nothing here knows about the IR; :mod:`lrprune_caffe.passes.factorize` turns the
+factors into Caffe layers.
+"""
+
+from .decompose import (SCHEMES, SVD, channel_decompose, fc_decompose, low_rank_factors,  # noqa: F401
+                        scheme_spectra, singular_values, spatial_decompose, svd,  # noqa: F401
+                        tucker2_decompose)  # noqa: F401
+
+__all__ = ["SCHEMES", "SVD", "channel_decompose", "fc_decompose", "low_rank_factors", "scheme_spectra",
+           "singular_values", "spatial_decompose", "svd", "tucker2_decompose"]

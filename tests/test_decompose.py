@@ -1,0 +1,236 @@
+"""Pure numerics of lrprune_caffe.lowrank: decompositions (Eckart-Young, exactness at full
+rank, Tucker-2 / HOOI), SVD back ends, and rank selection (energy, VBMF, MAC budget)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+
+from lrprune_caffe.lowrank import decompose as dec
+from lrprune_caffe.lowrank import rank as rk
+
+METHODS = ["gram", "exact"]
+
+
+def weights(shape, seed=0, decay=0.85):
+    """Random weights with a decaying spectrum (like trained ones), float32."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal(shape)
+    n = shape[0]
+    W *= (decay ** np.arange(n))[:, None, None, None] if W.ndim == 4 else (decay ** np.arange(n))[:, None]
+    return W.astype(np.float32)
+
+
+def discarded(mats, r):
+    return sum(float(np.sum(sla.svdvals(np.asarray(M, np.float64))[r:] ** 2)) for M in mats)
+
+
+def sq_err(W, W_hat):
+    return float(np.sum((np.asarray(W, np.float64) - W_hat) ** 2))
+
+
+# --- Eckart-Young: ||W - W_r||^2 == sum of discarded sigma^2 -------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_eckart_young_conv(scheme, group, method):
+    W = weights((16, 6, 3, 5), seed=group)
+    fn = dec.channel_decompose if scheme == "channel" else dec.spatial_decompose
+    mat = dec.channel_matrix if scheme == "channel" else dec.spatial_matrix
+    mats = [mat(g) for g in np.split(W, group)]
+    r = min(mats[0].shape) // 2
+    W1, W2, info = fn(W, r, group=group, method=method)
+    W_hat = dec.reconstruct(scheme, (W1, W2), group)
+    expected = discarded(mats, r)
+    assert expected > 0.01 * float(np.sum(W.astype(np.float64) ** 2))  # a real truncation
+    assert sq_err(W, W_hat) == pytest.approx(expected, rel=1e-5)
+    total = float(np.sum(W.astype(np.float64) ** 2))
+    assert 1 - info["energy_kept"] == pytest.approx(expected / total, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40)])
+def test_eckart_young_fc(shape, method):
+    W = weights(shape, seed=3, decay=0.95)
+    r = 12
+    W1, W2, info = dec.fc_decompose(W, r, method=method)
+    assert W1.shape == (r, shape[1]) and W2.shape == (shape[0], r)
+    assert sq_err(W, W2.astype(np.float64) @ W1) == pytest.approx(discarded([W], r), rel=1e-5)
+
+
+def test_eckart_young_float32_gram_route(monkeypatch):
+    """The float32 Gram route (used above GRAM64_MAX_SIDE) still gives the optimum closely."""
+    monkeypatch.setattr(dec, "GRAM64_MAX_SIDE", 8)
+    W = weights((30, 200), seed=5, decay=0.9)
+    r = 10
+    W1, W2, _ = dec.fc_decompose(W, r)
+    assert W1.dtype == np.float32
+    assert sq_err(W, W2.astype(np.float64) @ W1) == pytest.approx(discarded([W], r), rel=1e-4)
+
+
+def test_singular_values_agree():
+    W = weights((50, 120), seed=1)
+    ref = sla.svdvals(W.astype(np.float64))
+    np.testing.assert_allclose(dec.singular_values(W, "gram"), ref, rtol=1e-9, atol=1e-9 * ref[0])
+    np.testing.assert_allclose(dec.singular_values(W.T, "exact"), ref, rtol=1e-12)
+
+
+def test_randomized_svd_is_seeded_and_near_optimal():
+    W = weights((60, 150), seed=2, decay=0.9)
+    a = dec.randomized_svd(W, 8, seed=7)
+    b = dec.randomized_svd(W, 8, seed=7)
+    np.testing.assert_array_equal(a.U, b.U)
+    A, B = dec.low_rank_factors(W, 8, a)
+    assert sq_err(W, A @ B) == pytest.approx(discarded([W], 8), rel=1e-6)
+
+
+# --- exactness at full rank, all schemes -------------------------------------------
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_full_rank_is_exact(group):
+    W = weights((12, 4, 3, 3), seed=4)  # C = 4 * group inputs in the layer
+    n, c = 12 // group, 4
+    W = W[: n * group]
+    for scheme, fn, r in (("channel", dec.channel_decompose, min(n, c * 9)),
+                          ("spatial", dec.spatial_decompose, min(c * 3, 3 * n))):
+        W1, W2, _ = fn(W, r, group=group)
+        np.testing.assert_allclose(dec.reconstruct(scheme, (W1, W2), group), W, atol=1e-5)
+    W1, W2, W3, info = dec.tucker2_decompose(W, (c, n), group=group)
+    assert W1.shape == (group * c, c, 1, 1) and W2.shape == (group * n, c, 3, 3) and W3.shape == (12, n, 1, 1)
+    np.testing.assert_allclose(dec.reconstruct("tucker2", (W1, W2, W3), group), W, atol=1e-5)
+    assert info["energy_kept"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_spatial_layout_matches_the_two_convolutions():
+    """W[o, c, i, j] == sum_k V[o, k, 0, j] H[k, c, i, 0]: the kh x 1 then 1 x kw chain."""
+    W = weights((5, 3, 3, 2), seed=8)
+    H, V, _ = dec.spatial_decompose(W, 9)  # full rank: min(c kh, kw n) = 9
+    assert H.shape == (9, 3, 3, 1) and V.shape == (5, 9, 1, 2)
+    direct = np.einsum("okj,kci->ocij", V[:, :, 0, :].astype(np.float64), H[:, :, :, 0])
+    np.testing.assert_allclose(direct, W, atol=1e-5)
+
+
+# --- Tucker-2 ------------------------------------------------------------------------
+
+def test_tucker2_error_is_discarded_core_energy_and_hooi_helps():
+    W = weights((24, 16, 3, 3), seed=9, decay=0.9)
+    total = float(np.sum(W.astype(np.float64) ** 2))
+    errs = []
+    for iters in (0, 3):
+        W1, W2, W3, info = dec.tucker2_decompose(W, (6, 8), hooi_iters=iters)
+        e = sq_err(W, dec.reconstruct("tucker2", (W1, W2, W3)))
+        assert e == pytest.approx(total * (1 - info["energy_kept"]), rel=1e-5)
+        errs.append(e)
+    assert errs[1] <= errs[0] * (1 + 1e-9)
+    # HOSVD quasi-optimality bound: error <= sum of both modes' discarded energies
+    bound = discarded([dec.channel_matrix(W)], 8) + discarded([dec.mode1_matrix(W)], 6)
+    assert errs[0] <= bound * (1 + 1e-9)
+
+
+# --- rank selection ----------------------------------------------------------------
+
+def test_energy_rank():
+    e = np.array([50.0, 30, 10, 5, 5])
+    assert rk.energy_rank(e, 0.5) == 1
+    assert rk.energy_rank(e, 0.8) == 2
+    assert rk.energy_rank(e, 0.81) == 3
+    assert rk.energy_rank(e, 1.0) == 5
+
+
+@pytest.mark.parametrize("true_rank", [3, 8])
+def test_vbmf_recovers_the_rank_of_signal_plus_noise(true_rank):
+    rng = np.random.default_rng(true_rank)
+    L, M = 60, 150
+    signal = rng.standard_normal((L, true_rank)) @ rng.standard_normal((true_rank, M))
+    Y = signal + 0.1 * rng.standard_normal((L, M))
+    s = sla.svdvals(Y)
+    assert rk.evbmf_rank(s, L, M) == true_rank
+    assert rk.evbmf_rank(s, M, L) == true_rank  # orientation does not matter
+
+
+def test_vbmf_ranks_per_mode_and_group():
+    W = weights((16, 4, 3, 3), seed=1)  # group 2: n = 8 outputs, c = 4 inputs per group
+    spectra = dec.scheme_spectra(W, "tucker2", group=2)
+    assert [m.shape for m in spectra] == [(4, 72), (8, 36)]
+    r1, r2 = rk.vbmf_ranks(spectra)
+    assert 1 <= r1 <= 4 and 1 <= r2 <= 8
+
+
+def test_pareto_and_hull():
+    macs = np.array([10, 20, 30, 40, 25])
+    err = np.array([0.9, 0.5, 0.4, 0.1, 0.6])  # (25, 0.6) is dominated by (20, 0.5)
+    front = rk.pareto_front(macs, err, macs_before=50)
+    assert list(macs[front]) == [10, 20, 30, 40]
+    x = np.array([10, 20, 30, 40, 50.0])
+    y = np.array([0.9, 0.5, 0.4, 0.1, 0.0])
+    assert rk.lower_hull(x, y) == [0, 1, 3, 4]  # (30, 0.4) lies above the hull
+
+
+def _options(name, macs_before, per_rank, energies):
+    r = np.arange(1, len(energies) + 1)
+    return rk.Options(name, macs_before, (per_rank * r).astype(float), rk.tail_errors(energies), r[:, None])
+
+
+def test_budget_spends_cuts_where_they_cost_least():
+    # layer a is exactly rank 2: cutting it to 2 is free; layer b has a flat spectrum
+    a = _options("a", 1000, 50, [5.0, 5.0, 0, 0, 0, 0, 0, 0])
+    b = _options("b", 1000, 50, [1.0] * 8)
+    choice = rk.budget_allocation([a, b], target_macs=1500)
+    assert choice["a"] is not None and a.ranks[choice["a"], 0] == 2
+    assert choice["b"] is None  # 2000 -> 1100 from a alone meets 1500
+
+
+def test_budget_meets_the_target_and_matches_brute_force_on_small_problems():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        layers = []
+        for i in range(3):
+            k = int(rng.integers(2, 6))
+            e = np.sort(rng.random(k) ** 3)[::-1]
+            per = int(rng.integers(5, 40))
+            layers.append(_options(f"l{i}", int(per * k * rng.uniform(0.6, 1.2)) + 1, per, e))
+        before = sum(o.macs_before for o in layers)
+        target = before / rng.uniform(1.2, 2.5)
+        try:
+            choice = rk.budget_allocation(layers, target)
+        except ValueError:
+            best = sum(min(o.macs_before, o.macs.min()) for o in layers)
+            assert best > target
+            continue
+        total = sum(o.macs_before if choice[o.name] is None else o.macs[choice[o.name]] for o in layers)
+        err = sum(0 if choice[o.name] is None else o.err[choice[o.name]] for o in layers)
+        assert total <= target + 1e-9
+        # brute force over every combination (None = left alone)
+        best = np.inf
+        for combo in itertools.product(*[[None] + list(range(len(o.macs))) for o in layers]):
+            t = sum(o.macs_before if c is None else o.macs[c] for o, c in zip(layers, combo))
+            if t <= target:
+                best = min(best, sum(0 if c is None else o.err[c] for o, c in zip(layers, combo)))
+        # greedy on the convex hull is optimal up to the last segment's step
+        assert err <= best + max(float(np.max(o.err)) for o in layers) + 1e-12
+
+
+def test_budget_unreachable_reports_the_best_total():
+    a = _options("a", 100, 60, [1.0, 1.0])  # rank 1 costs 60
+    with pytest.raises(ValueError) as e:
+        rk.budget_allocation([a], target_macs=50, fixed_macs=10)
+    assert e.value.args[0] == pytest.approx(70)
+
+
+@pytest.mark.parametrize("rank", [4, 25])  # below m/3: leading eigenpairs only; above: all
+def test_lazy_vectors_after_spectra(monkeypatch, rank):
+    """Rank selection computes singular values only; the truncation computes the vectors it needs."""
+    monkeypatch.setattr(dec, "LAZY_VECTORS_SIDE", 8)
+    W = weights((40, 100), seed=6, decay=0.93)
+    cache = {}
+    (mode,) = dec.scheme_spectra(W, "fc", cache=cache)
+    (res,) = cache.values()
+    assert res.U is None and res.gram is not None
+    np.testing.assert_allclose(mode.s[0], sla.svdvals(W.astype(np.float64)), rtol=1e-9)
+    W1, W2, _ = dec.fc_decompose(W, rank, cache=cache)
+    assert res.U is not None
+    assert sq_err(W, W2.astype(np.float64) @ W1) == pytest.approx(discarded([W], rank), rel=1e-6)

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Sweep: LeNet (trained by real Caffe) at whole-net MAC reductions of 1.5x, 2x, 3x, 4x.
+
+For each method (the three low-rank schemes; pruning rows can be added to
+:data:`METHODS`) and each target, compress ``../shared/golden/lenet_mnist``
+(no fine-tuning), then measure
+
+* top-1 accuracy on its 1,000 held-out digits (``inputs.npz`` / ``labels.npz``;
+  real Caffe: 97.3%), batch 1000;
+* latency at batch 1 on one thread: onnxruntime (our ONNX export) if it can
+  run the net, else OpenCV's Caffe reader. The original and the compressed
+  net are timed side by side: ``--rounds`` rounds, each timing ``--iters``
+  back-to-back inferences of one then the other (order alternating between
+  rounds); the table shows the median per-inference time over the rounds.
+
+Usage::
+
+    python tools/sweep_lenet.py [--targets 1.5,2,3,4] [--methods channel,spatial,tucker2]
+                                [--rounds 15] [--iters 200] [--engine auto|onnxruntime|opencv] [--json]
+
+A method is ``fn(prototxt, weights, target) -> (net, info)``; ``info`` holds at
+least ``macs`` and ``params`` of the result. Add rows (e.g. pruning) by adding
+entries to ``METHODS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GOLDEN = ROOT.parent / "shared" / "golden" / "lenet_mnist"
+
+
+def _lowrank(scheme, criterion="log-energy"):
+    def run(prototxt, weights, target):
+        from lrprune_caffe.compress import compress
+        report, net = compress(prototxt, weights, None, scheme=scheme, speedup=target, verify=False,
+                               criterion=criterion)
+        ranks = {r["name"]: r["rank"] for r in report["layers"] if r["action"] == "factorized"}
+        return net, {"macs": report["totals"]["macs_after"], "params": report["totals"]["params_after"],
+                     "ranks": ranks}
+    return run
+
+
+#: method name -> fn(prototxt, weights, target MAC reduction) -> (net, info)
+METHODS = {"channel": _lowrank("channel"), "spatial": _lowrank("spatial"), "tucker2": _lowrank("tucker2"),
+           # the same schemes with the plain discarded-energy budget criterion, for comparison
+           "channel/e": _lowrank("channel", "energy"), "spatial/e": _lowrank("spatial", "energy"),
+           "tucker2/e": _lowrank("tucker2", "energy")}
+DEFAULT_METHODS = "channel,spatial,tucker2"
+
+
+def _load(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def accuracy(net, x, labels, engine):
+    from lrprune_caffe.runtime import run_net
+    out = run_net(net, {"data": x}, ["prob"], engine=engine, threads=1)["prob"]
+    return float(np.mean(np.argmax(out.reshape(len(x), -1), axis=1) == labels))
+
+
+class Runner:
+    """One net, batch 1, one thread, ready to call."""
+
+    def __init__(self, net, engine):
+        self.engine = engine
+        if engine == "onnxruntime":
+            from lrprune_caffe.onnx_export import export_model
+            from lrprune_caffe.runtime import ort_session
+            self.sess = ort_session(export_model(net).SerializeToString(), threads=1)
+            self.call = lambda x: self.sess.run(["prob"], {"data": x})
+        else:
+            import tempfile
+
+            import cv2
+            from lrprune_caffe.caffe_io import save_net
+            cv2.setNumThreads(1)
+            with tempfile.TemporaryDirectory() as d:
+                save_net(net, os.path.join(d, "m.prototxt"), os.path.join(d, "m.caffemodel"))
+                self.cv = cv2.dnn.readNetFromCaffe(os.path.join(d, "m.prototxt"), os.path.join(d, "m.caffemodel"))
+
+            def call(x):
+                self.cv.setInput(x, "data")
+                return self.cv.forward("prob")
+            self.call = call
+
+    def time(self, x, iters):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            self.call(x)
+        return (time.perf_counter() - t0) / iters
+
+
+def side_by_side(a: Runner, b: Runner, x, rounds, iters):
+    for r in (a, b):  # warm-up
+        r.time(x, max(10, iters // 10))
+    ta, tb = [], []
+    for i in range(rounds):
+        pair = [(a, ta), (b, tb)] if i % 2 == 0 else [(b, tb), (a, ta)]
+        for runner, out in pair:
+            out.append(runner.time(x, iters))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def pick_engine(net, requested):
+    if requested in ("onnxruntime", "auto"):
+        try:
+            Runner(net, "onnxruntime")
+            return "onnxruntime"
+        except Exception as e:  # no exporter / no lowering: fall back
+            if requested == "onnxruntime":
+                raise
+            print(f"note: onnxruntime cannot run the net ({type(e).__name__}: {e}); using OpenCV", file=sys.stderr)
+    return "opencv"
+
+
+def versions(engine):
+    import numpy
+    import scipy
+    v = {"python": platform.python_version(), "numpy": numpy.__version__, "scipy": scipy.__version__,
+         "cpus": os.cpu_count(), "platform": platform.platform()}
+    if engine == "onnxruntime":
+        import onnxruntime
+        v["onnxruntime"] = onnxruntime.__version__
+    else:
+        import cv2
+        v["opencv"] = cv2.__version__
+    return v
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--targets", default="1.5,2,3,4", help="MAC reduction factors (default 1.5,2,3,4)")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(METHODS)} "
+                    f"(default {DEFAULT_METHODS}; /e: plain discarded-energy budget criterion)")
+    ap.add_argument("--rounds", type=int, default=15, help="timing rounds (median reported)")
+    ap.add_argument("--iters", type=int, default=200, help="inferences per round")
+    ap.add_argument("--engine", choices=["auto", "onnxruntime", "opencv"], default="auto")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if not (GOLDEN / "model.prototxt").exists():
+        print(f"no golden LeNet at {GOLDEN}", file=sys.stderr)
+        return 2
+
+    from lrprune_caffe.analysis import layer_stats, totals
+    from lrprune_caffe.caffe_io import load_net
+    prototxt, weights = str(GOLDEN / "model.prototxt"), str(GOLDEN / "model.caffemodel")
+    x = _load(GOLDEN / "inputs.npz")["data"]
+    labels = _load(GOLDEN / "labels.npz")
+    labels = labels[next(iter(labels))].reshape(-1)
+    base = load_net(prototxt, weights)
+    t = totals(layer_stats(base))
+    engine = pick_engine(base, args.engine)
+    base_acc = accuracy(base, x, labels, engine)
+    base_runner = Runner(base, engine)
+    x1 = np.ascontiguousarray(x[:1])
+    rows = [{"method": "original", "target": 1.0, "macs": t["macs"], "params": t["params"],
+             "macs_reduction": 1.0, "top1": base_acc, "latency_ms": None, "orig_latency_ms": None}]
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        fn = METHODS[method]
+        for target in [float(s) for s in args.targets.split(",")]:
+            try:
+                net, info = fn(prototxt, weights, target)
+            except Exception as e:
+                rows.append({"method": method, "target": target, "error": " ".join(str(e).split())})
+                continue
+            acc = accuracy(net, x, labels, engine)
+            t_orig, t_new = side_by_side(base_runner, Runner(net, engine), x1, args.rounds, args.iters)
+            rows.append({"method": method, "target": target, "macs": info["macs"], "params": info["params"],
+                         "macs_reduction": t["macs"] / info["macs"], "top1": acc,
+                         "latency_ms": t_new * 1e3, "orig_latency_ms": t_orig * 1e3,
+                         "measured_speedup": t_orig / t_new, "ranks": info.get("ranks")})
+    result = {"versions": versions(engine), "engine": engine, "threads": 1, "batch_latency": 1,
+              "rounds": args.rounds, "iters": args.iters, "caffe_top1": 0.973, "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    v = result["versions"]
+    print("  ".join(f"{k} {v[k]}" for k in v if k != "platform") + f"  ({v['platform']})")
+    print(f"LeNet (real Caffe top-1 97.3% on the 1,000 held-out digits); no fine-tuning; latency: {engine}, "
+          f"1 thread, batch 1, median of {args.rounds} rounds x {args.iters} runs, original timed alongside")
+    hdr = f"{'method':<10} {'target':>6} {'MACs':>10} {'MACs red.':>9} {'params':>8} {'top-1':>7} " \
+          f"{'orig ms':>8} {'new ms':>8} {'speedup':>7}  ranks"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:<10} {r['target']:>6.1f}  error: {r['error']}")
+            continue
+        lat = "" if r["latency_ms"] is None else \
+            f"{r['orig_latency_ms']:8.4f} {r['latency_ms']:8.4f} {r['measured_speedup']:6.2f}x"
+        ranks = ",".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}"
+                         for k, v in (r.get("ranks") or {}).items())
+        print(f"{r['method']:<10} {r['target']:>6.1f} {r['macs']:>10,} {r['macs_reduction']:>8.2f}x "
+              f"{r['params']:>8,} {100 * r['top1']:>6.1f}% {lat:>25}  {ranks}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
