@@ -18,12 +18,29 @@ def _print_summary(report, file=None):
     print(f"total: params {t['params_before']:,} -> {t['params_after']:,}, "
           f"MACs {t['macs_before']:,} -> {t['macs_after']:,}"
           + (f" ({t['macs_before'] / t['macs_after']:.2f}x fewer)" if t["macs_after"] else ""), file=file)
+    if t.get("nonzero_params") is not None:
+        line = (f"nonzero params {t['nonzero_params']:,} ({100 * t.get('sparsity', 0):.1f}% zeros), "
+                f"caffemodel {t['caffemodel_bytes']:,} bytes")
+        if t.get("onnx_bytes"):
+            line += f", onnx {t['onnx_bytes']:,} bytes"
+        print(line, file=file)
     ver = report.get("verification") or {}
     if ver and not ver.get("skipped"):
         print(f"\nverification ({ver['engine']}, {ver['inputs']}, batch {ver['batch']}):", file=file)
         print_table(*verification_rows(ver), file=file)
+        for name, v in ver.get("blobs", {}).items():
+            if "top1_ref" in v:
+                print(f"{name}: top-1 accuracy {100 * v['top1_ref']:.2f}% (original) -> "
+                      f"{100 * v['top1_test']:.2f}% (compressed)", file=file)
         for n in ver.get("notes", []):
             print(f"note: {n}", file=sys.stderr)
+
+
+def _labels(path):
+    if path is None:
+        return None
+    from .compress import _load_labels
+    return _load_labels(path)
 
 
 def cmd_compress(args) -> int:
@@ -33,7 +50,10 @@ def cmd_compress(args) -> int:
                          layers=args.layers, inputs=args.inputs, train_net=args.train_net, onnx=args.onnx,
                          engine=args.engine, verify=not args.no_verify, svd=args.svd, seed=args.seed,
                          hooi=args.hooi, threads=args.threads, progress=not args.json, phase=args.phase,
-                         criterion=args.criterion)
+                         criterion=args.criterion, prune=args.prune, prune_scope=args.prune_scope,
+                         prune_method=args.prune_method, quality=args.quality,
+                         prune_structured=args.prune_structured, prune_exclude=args.prune_exclude,
+                         sparse=args.sparse, labels=_labels(args.labels))
     if args.json:
         print(json.dumps(json_safe(report), indent=2))
         return 0
@@ -87,7 +107,7 @@ def register(sub):
     from .runtime import ENGINES
 
     p = sub.add_parser(
-        "compress", help="factorize conv / FC layers into low-rank pairs; write Caffe files and a report",
+        "compress", help="factorize conv / FC layers into low-rank pairs and/or prune; write Caffe files and a report",
         description="Factorize Convolution and InnerProduct layers into low-rank chains (SVD channel or "
                     "spatial scheme, Tucker-2; FC -> two FCs), check the result against the original on "
                     "real engines, and write OUTDIR/model.prototxt, model.caffemodel, report.json and "
@@ -118,8 +138,28 @@ def register(sub):
     p.add_argument("--layers", metavar="NAMES|REGEX",
                    help="comma-separated layer names or regular expressions (full match); default: every "
                         "Convolution and InnerProduct layer")
+    g = p.add_argument_group("pruning (after factorizing, or alone)")
+    g.add_argument("--prune", metavar="F|LAYER=F,...",
+                   help="zero this fraction [0, 1) of the weights of every conv/FC layer ('0.9'), or per layer "
+                        "('conv1=0.3,ip1=0.9', or '0.8,conv1=0.3'); a factorized layer's name means its new "
+                        "layers. Biases, BatchNorm and Scale blobs are never pruned. Writes OUTDIR/masks.npz")
+    g.add_argument("--prune-scope", choices=["layer", "global"], default=None,
+                   help="layer: the fraction in each layer (default); global: one magnitude threshold over "
+                        "all layers")
+    g.add_argument("--prune-method", choices=["magnitude", "std"], default=None,
+                   help="magnitude: smallest |w| (default); std: Han et al. 2015, zero |w| < Q x std(W)")
+    g.add_argument("--quality", type=float, metavar="Q", help="--prune-method std: the quality parameter Q")
+    g.add_argument("--prune-structured", action="store_true",
+                   help="remove whole output filters / rank components with the smallest norms and shrink "
+                        "their consumers: a smaller dense net")
+    g.add_argument("--prune-exclude", metavar="NAMES", help="comma-separated layers never to prune")
+    g.add_argument("--sparse", action="store_true",
+                   help="with --onnx: store pruned weights as ONNX sparse_initializers (values + int64 "
+                        "indices) where that is smaller")
     p.add_argument("--inputs", metavar="INPUTS.npz",
                    help="inputs for the check, keyed by input blob name (default: seeded random)")
+    p.add_argument("--labels", metavar="LABELS.npz",
+                   help="labels of the --inputs (first array): the check also reports top-1 accuracy of both")
     p.add_argument("--train-net", metavar="TRAIN_VAL.prototxt",
                    help="also rewrite this training net the same way -> OUTDIR/train_val.prototxt")
     p.add_argument("--onnx", action="store_true", help="also export OUTDIR/model.onnx")

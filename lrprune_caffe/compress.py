@@ -95,6 +95,8 @@ class CompressJob:
     extra: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     report: dict = None
+    prune_spec: object = None  # a prune.PruneSpec, or None when not pruning
+    factorizing: bool = True
     written: dict = field(default_factory=dict)
 
 
@@ -149,7 +151,7 @@ def parse_rank_spec(spec):
     return default, per
 
 
-def _check_options(o: CompressOptions):
+def _check_options(o: CompressOptions, pruning: bool = False):
     if o.scheme not in SCHEMES:
         raise UserError(f"--scheme: unknown scheme '{o.scheme}' (choose from {', '.join(SCHEMES)})")
     if o.rank_method not in RANK_METHODS:
@@ -163,7 +165,9 @@ def _check_options(o: CompressOptions):
         if chosen:
             raise UserError(f"--rank-method vbmf chooses the ranks itself; drop {chosen[0]}")
     elif not chosen:
-        raise UserError("say how to choose ranks: --rank R, --energy E, --speedup S or --rank-method vbmf")
+        if not pruning:
+            raise UserError("say what to do: choose ranks (--rank R, --energy E, --speedup S or --rank-method "
+                            "vbmf), or prune (--prune F, --prune-method std --quality Q), or both")
     elif len(chosen) > 1:
         raise UserError(f"choose one of {' / '.join(chosen)}")
     if o.energy is not None and not 0 < float(o.energy) <= 1:
@@ -184,7 +188,16 @@ def _check_options(o: CompressOptions):
 
 def step_check(job: CompressJob):
     """Options that are wrong whatever the files hold; output folder; --onnx availability."""
-    _check_options(job.opts)
+    from .prune import spec_from_options
+    job.prune_spec = spec_from_options(job.extra_options)  # also checks the pruning flags
+    job.factorizing = (job.opts.rank is not None or job.opts.energy is not None or job.opts.speedup is not None
+                       or job.opts.rank_method == "vbmf")
+    _check_options(job.opts, pruning=job.prune_spec is not None)
+    if job.extra_options.get("sparse") and not job.opts.onnx:
+        raise UserError("--sparse writes sparse ONNX initializers: it needs --onnx")
+    unknown = sorted(set(job.extra_options) - set(EXTRA_OPTIONS))
+    if unknown:
+        raise UserError(f"compress: unknown option(s) {', '.join(unknown)}")
     job.default_rank, job.layer_ranks = parse_rank_spec(job.opts.rank)
     if job.outdir is not None:
         out = Path(job.outdir)
@@ -382,6 +395,12 @@ def _leave(row, reason):
 
 def step_rank(job: CompressJob):
     o = job.opts
+    if not job.factorizing:
+        for name in job.selected:
+            if name in job.rows and job.rows[name]["action"] == "kept":
+                job.rows[name]["scheme"] = None
+                job.rows[name].setdefault("reason", "no factorization asked for (no --rank/--energy/--speedup)")
+        return
     names = [n for n in job.selected if n in job.infos]
     if o.speedup is not None:
         _budget_ranks(job, names)
@@ -487,7 +506,8 @@ def step_factorize(job: CompressJob):
               job.net.weights_source, list(job.net.notes))
     job.new = new
     if not job.plan:
-        job.notes.append("no layer was factorized (see each layer's reason)")
+        if job.factorizing:
+            job.notes.append("no layer was factorized (see each layer's reason)")
         return
     with _bar(len(job.plan), "factorize", o.progress) as bar:
         res = run_pass(factorize, new, plan=job.plan, method=o.svd, seed=o.seed, hooi_iters=o.hooi,
@@ -590,7 +610,7 @@ def step_write(job: CompressJob):
         return
     from .api import write_net
     from .report import report_markdown
-    if job.opts.onnx:
+    if job.opts.onnx and "model.onnx" not in job.extra:  # the sizes step exports it (sparse or dense)
         from .onnx_export import save_onnx
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "model.onnx")
@@ -606,6 +626,9 @@ def step_write(job: CompressJob):
 PIPELINE = [("check", step_check), ("load", step_load), ("select", step_select), ("rank", step_rank),
             ("factorize", step_factorize), ("verify", step_verify), ("report", step_report),
             ("write", step_write)]
+
+#: keyword options of compress() that belong to added steps (pruning: lrprune_caffe.prune)
+EXTRA_OPTIONS = ("prune", "prune_scope", "prune_method", "quality", "prune_structured", "prune_exclude", "sparse")
 
 
 def add_step(name: str, fn, after: str = "factorize"):
@@ -636,6 +659,8 @@ def compress(prototxt, weights, outdir=None, *, scheme="channel", rank=None, ene
     job = CompressJob(str(prototxt), None if weights is None else str(weights), outdir, opts,
                       extra_options=dict(extra_options))
     job.labels = labels
+    from .prune import install_compress_steps
+    install_compress_steps()
     for _, step in list(PIPELINE):
         step(job)
     if job.written:

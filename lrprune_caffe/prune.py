@@ -487,29 +487,30 @@ def compress_prune_step(job) -> None:
     }
 
 
+def _drop_no_factorization_reason(row):
+    if str(row.get("reason", "")).startswith("no factorization asked for"):
+        row.pop("reason")
+
+
 def compress_sizes_step(job) -> None:
-    """compress step ``sizes`` (after ``report``): per-layer ``sparsity`` / ``nonzero_params``
-    (a factorized layer: over its new layers) and totals ``nonzero_params``,
-    ``caffemodel_bytes`` (exact size of the written caffemodel), ``onnx_bytes`` (with
-    ``--onnx``: the model is exported here, as sparse initializers with ``sparse``,
-    and handed to the write step in ``job.extra["model.onnx"]``; else None)."""
-    from .sparse import caffemodel_layer_bytes, sparsify_model
+    """compress step ``sizes`` (after ``report``): what the written files hold.
+
+    Per report row (a factorized layer: summed over its new layers): ``nonzero_params``,
+    ``sparsity``, ``dense_bytes`` (4 per param), ``caffemodel_bytes`` (its share of
+    the written caffemodel), ``onnx_bytes`` (its initializers in model.onnx, with
+    ``--onnx``) and ``csr_bytes`` (Han et al.'s CSR with 8-bit relative indices).
+    Totals gain ``nonzero_params``, ``sparsity``, ``dense_bytes``, ``csr_bytes``,
+    ``caffemodel_bytes`` (the exact file size) and ``onnx_bytes`` (the exact file
+    size, or None without ``--onnx``). With ``--onnx`` the model is exported here
+    (as sparse initializers with ``sparse``) and handed to the write step in
+    ``job.extra["model.onnx"]``. The full per-new-layer table is ``report["storage"]``."""
+    from .sparse import sparsify_model, storage_report
     if job.report is None or job.new is None:
         return
-    counts = {layer.name: (sum(int(b.size) for b in layer.blobs), sum(int(np.count_nonzero(b)) for b in layer.blobs))
-              for layer in job.new.layers}
-    for name, row in job.rows.items():
-        names = row.get("new_layers") if row.get("action") == "factorized" else [name]
-        params = sum(counts.get(n, (0, 0))[0] for n in names)
-        nonzero = sum(counts.get(n, (0, 0))[1] for n in names)
-        row["nonzero_params"] = nonzero
-        row["sparsity"] = (1.0 - nonzero / params) if params else 0.0
-    total_params = sum(p for p, _ in counts.values())
-    total_nonzero = sum(n for _, n in counts.values())
-    onnx_bytes = None
     sparse = bool(job.extra_options.get("sparse"))
     if sparse and not job.opts.onnx:
         raise UserError("--sparse writes sparse ONNX initializers: it needs --onnx")
+    model = data = None
     if job.opts.onnx:
         from .onnx_export import export_model
         model = export_model(job.new)
@@ -517,14 +518,35 @@ def compress_sizes_step(job) -> None:
             model = sparsify_model(model)
         data = model.SerializeToString()
         job.extra["model.onnx"] = data
-        onnx_bytes = len(data)
         if sparse:
             job.report["sparse_onnx"] = {"sparse_initializers": len(model.graph.sparse_initializer),
                                          "dense_initializers": len(model.graph.initializer)}
-    job.report["totals"].update({"nonzero_params": total_nonzero,
-                                 "sparsity": (1.0 - total_nonzero / total_params) if total_params else 0.0,
-                                 "caffemodel_bytes": sum(caffemodel_layer_bytes(job.new).values()),
-                                 "onnx_bytes": onnx_bytes})
+    storage = storage_report(job.new, model)
+    by_layer = {r["name"]: r for r in storage["layers"]}
+    keys = ("params", "nonzero_params", "dense_bytes", "caffemodel_bytes", "csr_bytes") + \
+        (("onnx_bytes",) if model is not None else ())
+    pr = job.sections.get("prune") or {}
+    shrunk = {r["name"] for r in pr.get("layers", []) if r.get("structured")}
+    for name, row in job.rows.items():
+        names = row.get("new_layers") if row.get("action") == "factorized" else [name]
+        if shrunk & set(names):
+            row["action"] = "factorized+pruned" if row["action"] == "factorized" else "pruned"
+            _drop_no_factorization_reason(row)
+        parts = [by_layer[n] for n in names if n in by_layer]
+        sums = {k: sum(p[k] for p in parts) for k in keys}
+        params = sums.pop("params")
+        row.update(sums)
+        row["sparsity"] = (1.0 - sums["nonzero_params"] / params) if params else 0.0
+        if row["sparsity"] > 0 and pr and "pruned" not in row["action"]:
+            row["action"] = "factorized+pruned" if row["action"] == "factorized" else (
+                "pruned" if row["action"] == "kept" else row["action"])
+            _drop_no_factorization_reason(row)
+    st = storage["totals"]
+    job.report["totals"].update({"nonzero_params": st["nonzero_params"], "sparsity": st["sparsity"],
+                                 "dense_bytes": st["dense_bytes"], "csr_bytes": st["csr_bytes"],
+                                 "caffemodel_bytes": st["caffemodel_bytes"],
+                                 "onnx_bytes": len(data) if data is not None else None})
+    job.report["storage"] = storage
     if "masks.npz" in job.extra and "masks.npz" not in job.report.get("files", []):
         job.report.setdefault("files", []).append("masks.npz")
 

@@ -39,14 +39,17 @@ def _ratio(a, b) -> str:
 
 
 def layer_table(report) -> tuple:
+    sparse = any("nonzero_params" in r for r in report["layers"])
     headers = ["layer", "type", "action", "scheme", "rank", "params", "params_after", "MACs", "macs_after",
-               "energy kept", "weight err", "reason"]
+               "energy kept", "weight err"] + (["nonzero", "sparsity"] if sparse else []) + ["reason"]
     rows = []
     for r in report["layers"]:
-        rows.append([r["name"], r["type"], r["action"], r.get("scheme") or "-", _rank(r.get("rank")),
-                     _n(r["params_before"]), _n(r["params_after"]), _n(r["macs_before"]), _n(r["macs_after"]),
-                     _f(r.get("energy_kept"), "{:.4f}"), _f(r.get("weight_rel_error"), "{:.4f}"),
-                     r.get("reason", "")])
+        row = [r["name"], r["type"], r["action"], r.get("scheme") or "-", _rank(r.get("rank")),
+               _n(r["params_before"]), _n(r["params_after"]), _n(r["macs_before"]), _n(r["macs_after"]),
+               _f(r.get("energy_kept"), "{:.4f}"), _f(r.get("weight_rel_error"), "{:.4f}")]
+        if sparse:
+            row += [_n(r.get("nonzero_params")), _f(r.get("sparsity"), "{:.1%}")]
+        rows.append(row + [r.get("reason", "")])
     return headers, rows
 
 
@@ -75,17 +78,36 @@ def report_markdown(report: dict) -> str:
     t = report["totals"]
     o = report.get("options", {})
     rule = (f"rank {o['rank']}" if o.get("rank") else f"energy {o['energy']}" if o.get("energy")
-            else f"speed-up {o['speedup']}x" if o.get("speedup") else f"rank method {o.get('rank_method')}")
-    lines = [f"# Low-rank compression of {report.get('net') or 'the net'}", "",
+            else f"speed-up {o['speedup']}x" if o.get("speedup") else
+            f"rank method {o.get('rank_method')}" if o.get("rank_method") == "vbmf" else "no factorization")
+    pr = report.get("prune")
+    if pr:
+        what = (f"{pr['method']} pruning" + (f", Q={pr['quality']}" if pr.get("quality") is not None else "")
+                + (f", fraction {pr['fraction']}" if pr.get("fraction") is not None else "")
+                + (f", per layer {pr['per_layer']}" if pr.get("per_layer") else "")
+                + f", scope {pr['scope']}" + (", structured" if pr.get("structured") else ""))
+        rule += "; " + what
+    lines = [f"# Compression of {report.get('net') or 'the net'}", "",
              f"- source: `{report['source']['prototxt']}` + `{report['source']['weights']}`",
-             f"- scheme: {o.get('scheme')}, {rule}" + (", VBMF" if o.get("rank_method") == "vbmf" and o.get("rank")
+             f"- scheme: {o.get('scheme') + ', ' if rule != 'no factorization' and not rule.startswith('no factorization;') else ''}{rule}" + (", VBMF" if o.get("rank_method") == "vbmf" and o.get("rank")
                                                      else "") + f"; SVD: {o.get('svd')}",
              f"- tool: {report.get('tool')}", "", "## Totals", "",
              _md_table(["", "before", "after", "reduction"], [
                  ["params", f"{t['params_before']:,}", f"{t['params_after']:,}",
                   _ratio(t["params_before"], t["params_after"])],
                  ["MACs", f"{t['macs_before']:,}", f"{t['macs_after']:,}", _ratio(t["macs_before"], t["macs_after"])],
-             ])]
+             ] + ([["nonzero params", f"{t['params_before']:,}", f"{t['nonzero_params']:,}",
+                    _ratio(t["params_before"], t["nonzero_params"])]] if t.get("nonzero_params") is not None
+                  else []))]
+    if t.get("caffemodel_bytes") is not None:
+        lines += ["", f"Written: model.caffemodel {t['caffemodel_bytes']:,} bytes"
+                  + (f", model.onnx {t['onnx_bytes']:,} bytes" if t.get("onnx_bytes") else "")
+                  + (" (sparse initializers)" if report.get("sparse_onnx") else "") + "."]
+    st = report.get("storage")
+    if st and st.get("totals"):
+        s_t = st["totals"]
+        lines += [f"Weight storage: dense {s_t.get('dense_bytes', 0):,} bytes, CSR with 8-bit relative indices "
+                  f"{s_t.get('csr_bytes', 0):,} bytes."]
     s = report.get("selected_totals")
     if s:
         lines += ["", f"Selected layers ({s['layers']}): MACs {s['macs_before']:,} -> {s['macs_after']:,} "
@@ -95,6 +117,20 @@ def report_markdown(report: dict) -> str:
         lines += [f"Budget: MACs of the selected layers / {b['speedup']} = {b['target_macs']:,}; "
                   f"criterion: {b.get('criterion_text', b['criterion'])}."]
     lines += ["", "## Layers", "", _md_table(*layer_table(report))]
+    if st and st.get("layers"):
+        has_onnx = "onnx_bytes" in st["totals"]
+        rows = [[r["name"], _n(r["params"]), _n(r["nonzero_params"]), f"{r['sparsity']:.1%}",
+                 f"{r['dense_bytes']:,}", f"{r['caffemodel_bytes']:,}"]
+                + ([f"{r.get('onnx_bytes', 0):,}"] if has_onnx else []) + [f"{r['csr_bytes']:,}"]
+                for r in st["layers"]]
+        tt = st["totals"]
+        rows.append(["**total**", _n(tt["params"]), _n(tt["nonzero_params"]), f"{tt['sparsity']:.1%}",
+                     f"{tt['dense_bytes']:,}", f"{tt['caffemodel_bytes']:,} (file)"]
+                    + ([f"{tt['onnx_bytes']:,} (file)"] if has_onnx else []) + [f"{tt['csr_bytes']:,}"])
+        lines += ["", "## Storage", "", "Bytes per layer of the written net (factorized layers appear as their "
+                  "new layers). CSR: Han et al.'s layout, 8-bit relative indices, 4-byte values.", "",
+                  _md_table(["layer", "params", "nonzero", "sparsity", "dense", "caffemodel"]
+                            + (["onnx"] if has_onnx else []) + ["CSR"], rows)]
     ver = report.get("verification") or {}
     lines += ["", "## Verification", ""]
     if ver.get("skipped"):

@@ -458,7 +458,7 @@ def test_compress_prune_steps(pipeline_with_prune, tmp_path):
     assert t["params_after"] - t["nonzero_params"] == zeros
     assert t["caffemodel_bytes"] == (out / "model.caffemodel").stat().st_size
     rows = {r["name"]: r for r in report["layers"]}
-    assert rows["ip1"]["action"] == "factorized"
+    assert rows["ip1"]["action"] == "factorized+pruned"
     lr = [net.layer(n) for n in rows["ip1"]["new_layers"]]
     assert rows["ip1"]["nonzero_params"] == sum(int(np.count_nonzero(b)) for l in lr for b in l.blobs)
     assert rows["conv2"]["sparsity"] == pytest.approx(1 - rows["conv2"]["nonzero_params"] / 25050)
