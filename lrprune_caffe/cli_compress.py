@@ -187,7 +187,7 @@ def register(sub):
     p.add_argument("net2", metavar="NET2.prototxt")
     p.add_argument("weights2", metavar="WEIGHTS2.caffemodel")
     p.add_argument("--inputs", metavar="INPUTS.npz", help="inputs keyed by input blob name")
-    p.add_argument("--labels", metavar="LABELS.npz", help="labels (first array) for top-1 accuracy of both")
+    p.add_argument("--labels", metavar="LABELS.npz", help="labels for top-1 accuracy of both: the array y (or labels, else the first array) of an .npz")
     p.add_argument("--engine", choices=ENGINES, default="onnxruntime",
                    help="default onnxruntime; falls back to opencv with a note when a net cannot be exported")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")

@@ -161,6 +161,38 @@ def cmd_finetune(args):
     return 0
 
 
+# ---- pipeline -------------------------------------------------------------------
+
+def cmd_pipeline(args):
+    from .train import require_torch
+    require_torch()
+    from .caffe_io import load_net
+    from .pipeline import pipeline_files, parse_steps
+    steps = parse_steps(args.prune_steps, args.sparsity)
+    if args.speedup is not None and args.speedup <= 1:
+        raise UserError(f"--speedup {args.speedup} must be above 1 (a MAC reduction factor)")
+    solver = solver_from_args(args)
+    if args.lr is None and not args.solver:
+        solver = solver.with_overrides(base_lr=0.005)
+    net = load_net(args.net, args.weights, phase=args.phase)
+    train, val = _load_train_data(args, net)
+    report, _ = pipeline_files(args.net, args.weights, train, val, args.outdir, onnx=args.onnx,
+                               log=None if (args.quiet or args.json) else _log,
+                               schedule=args.schedule, prune_steps=steps, speedup=args.speedup or 2.0,
+                               scheme=args.scheme, prune_scope=args.prune_scope, tolerance=args.tolerance, max_epochs=args.max_epochs,
+                               batch_size=args.batch_size, seed=args.seed or 0, threads=args.threads,
+                               progress=False if (args.quiet or args.json) else None, solver=solver)
+    if args.json:
+        from .compare import json_safe
+        print(json.dumps(json_safe(report), indent=2))
+        return 0
+    from .pipeline import pipeline_markdown
+    print(pipeline_markdown(report))
+    for path in report.get("written", {}).values():
+        print(f"wrote {path}")
+    return 0
+
+
 def register(sub):
     from .cli import _add_net_args
 
@@ -207,3 +239,57 @@ def register(sub):
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--json", action="store_true", help="print what was written and the history as JSON")
     p.set_defaults(func=cmd_finetune)
+
+    from .compress import SCHEMES
+    p = sub.add_parser(
+        "pipeline", help="compress and fine-tune in rounds (schedules han, lowrank-prune); count the rounds",
+        description="Run a compression schedule with fine-tuning (PyTorch) after each step. han: prune "
+                    "to each --prune-steps sparsity in turn (magnitude, per layer), fine-tuning after each; "
+                    "lowrank-prune: factorize first (--scheme, --speedup), fine-tune, then the same pruning "
+                    "rounds. Each round fine-tunes until validation top-1 is within --tolerance of the "
+                    "original's, at most --max-epochs epochs. Writes OUTDIR/model.prototxt, model.caffemodel, "
+                    "masks.npz, report.json, report.md.")
+    _add_net_args(p, weights_required=True)
+    _add_data_args(p, "training data")
+    p.add_argument("--val", metavar="VAL", help="validation data (npz or image folder); default with "
+                   "--data-split: its test digits")
+    p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("--schedule", choices=["han", "lowrank-prune"], default="lowrank-prune",
+                   help="han: iterative magnitude pruning (Han et al. 2015); lowrank-prune: factorize, "
+                        "then prune (default)")
+    p.add_argument("--sparsity", type=float, default=None, metavar="S",
+                   help="final sparsity of every conv/FC layer (default 0.9); the steps are 0.5, 0.7, "
+                        "0.8, 0.9 cut at S")
+    p.add_argument("--prune-steps", metavar="S1,S2,...", help="explicit increasing sparsity steps")
+    p.add_argument("--prune-scope", choices=["layer", "global"], default="layer",
+                   help="layer: each conv/FC layer to the step's sparsity (default); global: one magnitude "
+                        "threshold over all of them")
+    p.add_argument("--speedup", type=float, default=None, help="lowrank-prune: whole-net MAC reduction of "
+                   "the factorization (default 2)")
+    p.add_argument("--scheme", choices=SCHEMES, default="channel", help="lowrank-prune: conv scheme")
+    p.add_argument("--tolerance", type=float, default=0.005,
+                   help="a round ends once val top-1 >= original - TOL (default 0.005 = 0.5 points)")
+    p.add_argument("--max-epochs", type=int, default=5, help="epochs at most per round (default 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per iteration (default 64)")
+    p.add_argument("--solver", metavar="solver.prototxt", help="Caffe solver settings (flags override)")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.005)")
+    p.add_argument("--momentum", type=float, default=None, help="momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 0.0005)")
+    p.add_argument("--lr-policy", choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
+                   default=None, help="Caffe lr policy over each round (default fixed)")
+    p.add_argument("--gamma", type=float, default=None, help=argparse_suppress())
+    p.add_argument("--power", type=float, default=None, help=argparse_suppress())
+    p.add_argument("--stepsize", type=int, default=None, help=argparse_suppress())
+    p.add_argument("--max-iter", type=int, default=None, help=argparse_suppress())
+    p.add_argument("--solver-type", choices=["SGD", "Nesterov", "Adam"], default=None, help="update rule")
+    p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch / engine threads")
+    p.add_argument("--onnx", action="store_true", help="also write OUTDIR/model.onnx")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-round lines")
+    p.add_argument("--json", action="store_true", help="print report.json")
+    p.set_defaults(func=cmd_pipeline)
+
+
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS

@@ -225,6 +225,8 @@ def load_inputs(path, net) -> dict:
         raise BadFileError(f"is not a readable .npz ({type(e).__name__}: {e})", path=path) from None
     shapes = net.input_shapes()
     out = {}
+    if len(shapes) == 1 and next(iter(shapes)) not in arrays and "x" in arrays:
+        arrays[next(iter(shapes))] = arrays["x"]  # a DATA.npz (x, y) as evaluate/finetune take it
     for name, shape in shapes.items():
         if name not in arrays:
             raise BadFileError(f"has no array '{name}' for the net's input (it holds: "
@@ -704,9 +706,11 @@ def verify(prototxt, weights, prototxt2, weights2, inputs=None, engine="onnxrunt
 
 
 def _load_labels(path):
+    """Labels from an .npz: its array 'y' or 'labels' if present (a DATA.npz), else its first array."""
     try:
         with np.load(path) as z:
-            return np.asarray(z[z.files[0]]).reshape(-1)
+            key = next((k for k in ("y", "labels") if k in z.files), z.files[0])
+            return np.asarray(z[key]).reshape(-1)
     except Exception as e:
         raise BadFileError(f"is not a readable .npz of labels ({e})", path=path) from None
 

@@ -13,9 +13,17 @@ For each method (the three low-rank schemes; pruning rows can be added to
   back-to-back inferences of one then the other (order alternating between
   rounds); the table shows the median per-inference time over the rounds.
 
+Pruning rows (issue 5): magnitude pruning (per layer) at ``--sparsities``
+(default 50/70/80/90/95% of each conv/FC layer's weights), alone and after
+factorizing (``--prune-after``, default ``channel@2,spatial@2``: that scheme at
+a 2x MAC reduction, then pruning of the factorized net). Their accuracy (no
+fine-tuning), nonzero params and CSR bytes; latency is not re-measured there,
+since zeros in dense tensors cost a dense runtime the same time.
+
 Usage::
 
     python tools/sweep_lenet.py [--targets 1.5,2,3,4] [--methods channel,spatial,tucker2]
+                                [--sparsities 0.5,0.7,0.8,0.9,0.95] [--prune-after channel@2,spatial@2]
                                 [--rounds 15] [--iters 200] [--engine auto|onnxruntime|opencv] [--json]
 
 A method is ``fn(prototxt, weights, target) -> (net, info)``; ``info`` holds at
@@ -58,6 +66,26 @@ METHODS = {"channel": _lowrank("channel"), "spatial": _lowrank("spatial"), "tuck
            "channel/e": _lowrank("channel", "energy"), "spatial/e": _lowrank("spatial", "energy"),
            "tucker2/e": _lowrank("tucker2", "energy")}
 DEFAULT_METHODS = "channel,spatial,tucker2"
+
+
+def prune_rows(prototxt, weights, sparsities, after, x, labels, engine):
+    """Accuracy of magnitude pruning (per layer) at each sparsity: alone, and after factorizing
+    with ``after`` = "SCHEME@SPEEDUP" (or None)."""
+    from lrprune_caffe.compress import compress
+    rows = []
+    bases = [("prune", None)]
+    for item in [a.strip() for a in (after or "").split(",") if a.strip()]:
+        scheme, _, sp = item.partition("@")
+        bases.append((f"{scheme} {float(sp):g}x + prune", (scheme, float(sp))))
+    for label, fact in bases:
+        for f in sparsities:
+            kw = dict(scheme=fact[0], speedup=fact[1]) if fact else {}
+            report, net = compress(prototxt, weights, None, prune=f, verify=False, **kw)
+            t = report["totals"]
+            rows.append({"method": label, "sparsity_target": f, "macs": t["macs_after"], "params": t["params_after"],
+                         "nonzero_params": t["nonzero_params"], "csr_bytes": t["csr_bytes"],
+                         "dense_bytes": t["dense_bytes"], "top1": accuracy(net, x, labels, engine)})
+    return rows
 
 
 def _load(path):
@@ -145,6 +173,10 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="1.5,2,3,4", help="MAC reduction factors (default 1.5,2,3,4)")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(METHODS)} "
                     f"(default {DEFAULT_METHODS}; /e: plain discarded-energy budget criterion)")
+    ap.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95",
+                    help="pruning rows: fractions of each layer's weights zeroed ('' for none)")
+    ap.add_argument("--prune-after", default="channel@2,spatial@2",
+                    help="pruning rows also after factorizing with SCHEME@SPEEDUP, comma list ('' for none)")
     ap.add_argument("--rounds", type=int, default=15, help="timing rounds (median reported)")
     ap.add_argument("--iters", type=int, default=200, help="inferences per round")
     ap.add_argument("--engine", choices=["auto", "onnxruntime", "opencv"], default="auto")
@@ -182,8 +214,12 @@ def main(argv=None) -> int:
                          "macs_reduction": t["macs"] / info["macs"], "top1": acc,
                          "latency_ms": t_new * 1e3, "orig_latency_ms": t_orig * 1e3,
                          "measured_speedup": t_orig / t_new, "ranks": info.get("ranks")})
+    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    prows = prune_rows(prototxt, weights, sparsities, args.prune_after or None, x, labels, engine) \
+        if sparsities else []
     result = {"versions": versions(engine), "engine": engine, "threads": 1, "batch_latency": 1,
-              "rounds": args.rounds, "iters": args.iters, "caffe_top1": 0.973, "rows": rows}
+              "rounds": args.rounds, "iters": args.iters, "caffe_top1": 0.973, "rows": rows,
+              "prune_rows": prows}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -205,6 +241,14 @@ def main(argv=None) -> int:
                          for k, v in (r.get("ranks") or {}).items())
         print(f"{r['method']:<10} {r['target']:>6.1f} {r['macs']:>10,} {r['macs_reduction']:>8.2f}x "
               f"{r['params']:>8,} {100 * r['top1']:>6.1f}% {lat:>25}  {ranks}")
+    if prows:
+        print(f"\nPruning (magnitude, per layer; no fine-tuning; accuracy with {engine}):")
+        hdr = f"{'method':<22} {'sparsity':>8} {'MACs':>10} {'params':>8} {'nonzero':>8} {'CSR bytes':>10} {'top-1':>7}"
+        print(hdr)
+        print("-" * len(hdr))
+        for r in prows:
+            print(f"{r['method']:<22} {100 * r['sparsity_target']:>7.0f}% {r['macs']:>10,} {r['params']:>8,} "
+                  f"{r['nonzero_params']:>8,} {r['csr_bytes']:>10,} {100 * r['top1']:>6.1f}%")
     return 0
 
 

@@ -153,7 +153,7 @@ def _accuracy(model, logits_blob, ds, axis, batch_size=256):
 
 def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings = None, epochs: int = 1,
              batch_size: int = 64, seed: int = 0, output: str = None, threads: int = None,
-             progress=None, log=None, check: bool = True):
+             progress=None, log=None, check: bool = True, stop=None):
     """Train ``net`` (a copy; the argument is untouched) and return ``(trained_net, history)``.
 
     * ``train_data`` / ``val_data``: Dataset, (x, y) or {'x', 'y'}; x N x C x H x W float32.
@@ -163,6 +163,8 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     * ``output``: the class-score blob (default: the net's single output).
     * ``log``: callable(str) for one line per epoch (default: none).
     * ``check``: compare the torch forward with OpenCV/onnxruntime first (see :func:`preflight`).
+    * ``stop``: callable(epoch record) -> bool, asked after each epoch; True ends training
+      early (the pipeline stops a round once validation accuracy is back within tolerance).
 
     history: {"epochs": [{"epoch", "iterations", "lr", "loss", "train_top1", "val_top1"?, ...}],
     "initial": {...}, "iterations", "solver", "batch_size", "seed", "torch", "threads", ...}.
@@ -279,6 +281,9 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
                 log(f"epoch {epoch}: {it} iterations, lr {lr:.3g}, loss {rec['loss']:.4f}, "
                     f"train top-1 {rec['train_top1']:.4f}"
                     + (f", val top-1 {rec['val_top1']:.4f}" if "val_top1" in rec else ""))
+            if stop is not None and stop(rec):
+                history["stopped_early"] = True
+                break
         history["iterations"] = it
         history["time_s"] = round(time.perf_counter() - t0, 3)
         model.write_back(net)
