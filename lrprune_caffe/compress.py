@@ -201,11 +201,13 @@ def step_check(job: CompressJob):
     job.default_rank, job.layer_ranks = parse_rank_spec(job.opts.rank)
     if job.outdir is not None:
         out = Path(job.outdir)
-        parent = out.parent if str(out.parent) else Path(".")
         if out.exists() and not out.is_dir():
             raise UserError(f"{out}: exists and is not a folder")
-        if not out.exists() and not parent.is_dir():
-            raise UserError(f"{out}: parent folder '{parent}' does not exist")
+        for d in out.parents:  # missing folders are created at the end (and only then)
+            if d.exists():
+                if not d.is_dir():
+                    raise UserError(f"{out}: '{d}' is a file, not a folder")
+                break
     if job.opts.onnx:
         try:
             from .onnx_export import save_onnx  # noqa: F401  (fail before the work, not after)

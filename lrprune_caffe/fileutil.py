@@ -68,13 +68,25 @@ class OutputSet:
         self.outdir = Path(outdir)
         self._staged: list[tuple[str, Path]] = []
         self._created_dir = False
+        self._created: list[Path] = []
 
     def __enter__(self):
         if not self.outdir.exists():
-            parent = self.outdir.parent if str(self.outdir.parent) else Path(".")
-            if not parent.is_dir():
-                raise UserError(f"{self.outdir}: parent folder '{parent}' does not exist")
-            self.outdir.mkdir()
+            # like mkdir -p; every folder created here is removed again on failure
+            missing = []
+            d = self.outdir
+            while not d.exists():
+                missing.append(d)
+                if d.parent == d:
+                    break
+                d = d.parent
+            if d.exists() and not d.is_dir():
+                raise UserError(f"{self.outdir}: '{d}' is a file, not a folder")
+            try:
+                self.outdir.mkdir(parents=True)
+            except OSError as e:
+                raise UserError(f"{self.outdir}: cannot create the output folder ({e.strerror})") from None
+            self._created = missing  # deepest first
             self._created_dir = True
         elif not self.outdir.is_dir():
             raise UserError(f"{self.outdir}: exists and is not a folder")
@@ -106,6 +118,7 @@ class OutputSet:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
             if self._created_dir:
-                with contextlib.suppress(OSError):
-                    self.outdir.rmdir()
+                for d in self._created:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
         return False

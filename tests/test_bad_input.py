@@ -341,10 +341,19 @@ def test_outdir_that_is_a_file(tmp_path, capsys):
     assert target.read_text() == "keep me"
 
 
-def test_outdir_parent_missing(tmp_path, capsys):
+def test_outdir_parents_created_and_removed_on_failure(tmp_path, capsys):
     rc = main(["convert", str(PROTO), "-o", str(tmp_path / "a" / "b")])
-    assert_one_line_error(rc, *capsys.readouterr(), ["does not exist"])
-    assert not (tmp_path / "a").exists()
+    assert rc == 0 and (tmp_path / "a" / "b" / "model.prototxt").exists()
+    capsys.readouterr()
+    from lrprune_caffe.fileutil import OutputSet
+    with pytest.raises(RuntimeError):
+        with OutputSet(tmp_path / "c" / "d") as o:
+            o.write_text("model.prototxt", "x")
+            raise RuntimeError("boom")
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "f").write_text("a file")
+    rc = main(["convert", str(PROTO), "-o", str(tmp_path / "f" / "g")])
+    assert_one_line_error(rc, *capsys.readouterr(), ["not a folder"])
 
 
 def test_user_error_is_one_line_too(capsys, monkeypatch):
