@@ -155,6 +155,17 @@ class Net:
                 break
         return out
 
+    def version_readers(self, blob: str, index: int) -> list:
+        """Layers reading the version of ``blob`` written by layer ``index``: up to and
+        including the next layer writing it (an in-place writer reads it too)."""
+        out = []
+        for layer in self.layers[index + 1:]:
+            if blob in layer.bottoms:
+                out.append(layer)
+            if blob in layer.tops:
+                break
+        return out
+
     def producer(self, blob: str, before: int = None) -> Optional[Layer]:
         """The last layer before index ``before`` whose top is ``blob``."""
         layers = self.layers if before is None else self.layers[:before]

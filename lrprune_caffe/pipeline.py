@@ -37,7 +37,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -98,14 +98,6 @@ class PipelineOptions:
     solver: object = None  # train.SolverSettings
 
 
-@dataclass
-class Round:
-    index: int
-    step: str
-    net: object = None
-    masks: dict = field(default_factory=dict)
-
-
 def _masks_str(masks: dict) -> dict:
     return {f"{k[0]}/{k[1]}": v for k, v in masks.items()}
 
@@ -119,11 +111,9 @@ def _grow_masks(old: dict, new: dict) -> dict:
 
 
 def net_numbers(net) -> dict:
-    t = totals(layer_stats(net))
-    params = sum(int(b.size) for layer in net.layers for b in layer.blobs)
-    nonzero = sum(int(np.count_nonzero(b)) for layer in net.layers for b in layer.blobs)
-    return {"params": params, "nonzero_params": nonzero, "sparsity": 1.0 - nonzero / params if params else 0.0,
-            "macs": int(t["macs"])}
+    """params, nonzero_params, sparsity (over every blob) and MACs of ``net``."""
+    from .prune import sparsity_rows, sparsity_totals
+    return {**sparsity_totals(sparsity_rows(net)), "macs": int(totals(layer_stats(net))["macs"])}
 
 
 def run_pipeline(net, train, val, opts: PipelineOptions, log=None, prototxt=None, weights=None):

@@ -195,28 +195,18 @@ def storage_report(net, onnx_model=None, index_bits: int = 8) -> dict:
     ``csr_bytes`` (:func:`csr_relative_bytes` with ``index_bits``, summed over blobs).
     Counts are of the zeros actually in the blobs, i.e. in the written caffemodel."""
     cm = caffemodel_layer_bytes(net)
+    from .prune import sparsity_rows, sparsity_totals
     ox = onnx_layer_bytes(onnx_model, net) if onnx_model is not None else None
-    rows = []
-    for layer in net.layers:
-        if not layer.blobs:
-            continue
-        params = sum(int(b.size) for b in layer.blobs)
-        nonzero = sum(int(np.count_nonzero(b)) for b in layer.blobs)
-        row = {"name": layer.name, "type": layer.type, "params": params, "nonzero_params": nonzero,
-               "sparsity": (1.0 - nonzero / params) if params else 0.0,
-               "dense_bytes": DENSE_BYTES_PER_ELEMENT * params,
-               "caffemodel_bytes": cm[layer.name],
-               "csr_bytes": sum(csr_relative_bytes(b, index_bits) for b in layer.blobs)}
+    rows = sparsity_rows(net)
+    for row in rows:
+        layer = net.layer(row["name"])
+        row.update({"dense_bytes": DENSE_BYTES_PER_ELEMENT * row["params"],
+                    "caffemodel_bytes": cm[layer.name],
+                    "csr_bytes": sum(csr_relative_bytes(b, index_bits) for b in layer.blobs)})
         if ox is not None:
             row["onnx_bytes"] = ox.get(layer.name, 0)
-        rows.append(row)
-    params = sum(r["params"] for r in rows)
-    nonzero = sum(r["nonzero_params"] for r in rows)
-    totals = {"params": params, "nonzero_params": nonzero,
-              "sparsity": (1.0 - nonzero / params) if params else 0.0,
-              "dense_bytes": DENSE_BYTES_PER_ELEMENT * params,
-              "caffemodel_bytes": sum(cm.values()),
-              "csr_bytes": sum(r["csr_bytes"] for r in rows)}
+    totals = {**sparsity_totals(rows), "dense_bytes": DENSE_BYTES_PER_ELEMENT * sum(r["params"] for r in rows),
+              "caffemodel_bytes": sum(cm.values()), "csr_bytes": sum(r["csr_bytes"] for r in rows)}
     if onnx_model is not None:
         totals["onnx_bytes"] = onnx_model.ByteSize()
     return {"layers": rows, "totals": totals, "csr_index_bits": int(index_bits)}

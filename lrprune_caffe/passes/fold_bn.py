@@ -44,17 +44,6 @@ import numpy as np
 from . import PassResult, Precondition, graph_pass
 
 
-def _version_readers(net, blob, index):
-    """Layers reading the version of ``blob`` written by layer ``index`` (up to the next writer,
-    which counts as a reader when it works in place)."""
-    out = []
-    for layer in net.layers[index + 1:]:
-        if blob in layer.bottoms:
-            out.append(layer)
-        if blob in layer.tops:
-            break
-    return out
-
 
 def _fold_plan(net, bn_index):
     """(conv, bn, scale or None, final top) for the BatchNorm at ``bn_index``, or a reason string."""
@@ -74,7 +63,7 @@ def _fold_plan(net, bn_index):
         return f"Convolution '{conv.name}' convolves axis {cp.axis}, not 1"
     if len(conv.blobs) != (2 if cp.bias_term else 1):
         return f"Convolution '{conv.name}' has no weights loaded"
-    readers = _version_readers(net, conv.tops[0], ci)
+    readers = net.version_readers(conv.tops[0], ci)
     if [r.name for r in readers] != [bn.name]:
         return (f"the output of Convolution '{conv.name}' is also read by "
                 f"{', '.join(repr(r.name) for r in readers if r.name != bn.name)}")
@@ -82,7 +71,7 @@ def _fold_plan(net, bn_index):
         return f"BatchNorm has {bn.blobs[0].size} channels, the Convolution {cp.num_output}"
     chain = [conv, bn]
     scale = None
-    after_bn = _version_readers(net, bn.tops[0], bn_index)
+    after_bn = net.version_readers(bn.tops[0], bn_index)
     if len(after_bn) == 1 and after_bn[0].type == "Scale":
         s = after_bn[0]
         sp = s.p("scale_param")

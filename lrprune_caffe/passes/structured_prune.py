@@ -71,17 +71,6 @@ class _Cannot(Exception):
     """The selected layer's outputs cannot be removed; the message says why."""
 
 
-def _version_readers(net, blob, index):
-    """Layers reading the version of ``blob`` written by layer ``index`` (up to and
-    including the next layer writing it)."""
-    out = []
-    for layer in net.layers[index + 1:]:
-        if blob in layer.bottoms:
-            out.append(layer)
-        if blob in layer.tops:
-            break
-    return out
-
 
 def _writes_later(net, blob, index):
     return any(blob in layer.tops for layer in net.layers[index + 1:])
@@ -132,7 +121,7 @@ def _plan(net, index, shapes):
     n_out, _ = _producer_check(producer, shapes)
     outputs = set(net.outputs())
     edits, notes, weight_consumers = [], [], []
-    direct = _version_readers(net, producer.tops[0], index)
+    direct = net.version_readers(producer.tops[0], index)
     stack = [(producer.tops[0], index, 1)]  # (blob, writer index, features per channel on axis 1)
     visited = set()
     while stack:
@@ -140,7 +129,7 @@ def _plan(net, index, shapes):
         if (blob, wi) in visited:
             continue
         visited.add((blob, wi))
-        readers = _version_readers(net, blob, wi)
+        readers = net.version_readers(blob, wi)
         if not any(blob in r.tops for r in readers) and not _writes_later(net, blob, wi) and blob in outputs:
             raise _Cannot(f"its output reaches '{blob}', which is a net output")
         for r in readers:
