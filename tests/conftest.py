@@ -35,3 +35,17 @@ def golden(request):
 def first_inputs(inputs: dict, n: int = 1) -> dict:
     """The first n samples of each input (LeNet's inputs hold 1,000 digits)."""
     return {k: v[:n] for k, v in inputs.items()}
+
+
+def lenet_files():
+    """(folder, prototxt, caffemodel) of the golden LeNet (skips where absent)."""
+    d = golden_case("lenet_mnist")
+    return d, str(d / "model.prototxt"), str(d / "model.caffemodel")
+
+
+def run_cli(capsys, *argv):
+    """Run the CLI in-process: (exit status, stdout, stderr)."""
+    from lrprune_caffe.cli import main
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -10,19 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, golden_case, load_npz
-from lrprune_caffe.cli import main
+from conftest import lenet_files, run_cli, ROOT, golden_case, load_npz
 
 
-def lenet():
-    d = golden_case("lenet_mnist")
-    return d, str(d / "model.prototxt"), str(d / "model.caffemodel")
+lenet = lenet_files
 
 
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_cli
 
 
 def small_inputs(tmp_path, n=50):

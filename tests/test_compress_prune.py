@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import golden_case, load_npz
+from conftest import lenet_files, run_cli, golden_case, load_npz
 from lrprune_caffe.cli import main
 
 cv2 = pytest.importorskip("cv2")
@@ -19,15 +19,10 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 
-def lenet():
-    d = golden_case("lenet_mnist")
-    return d, str(d / "model.prototxt"), str(d / "model.caffemodel")
+lenet = lenet_files
 
 
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_cli
 
 
 def cv_blobs(outdir, layer_names):

@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, golden_case
-from lrprune_caffe.cli import main
+from conftest import GOLDEN, golden_case, run_cli
 from lrprune_caffe.errors import UserError
 from lrprune_caffe.pipeline import parse_steps
 
@@ -46,10 +45,7 @@ def data(tmp_path_factory):
     return str(d / "train.npz"), str(d / "val.npz")
 
 
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_cli
 
 
 def test_han_rounds_and_masks(lenet, data, tmp_path, capsys):
