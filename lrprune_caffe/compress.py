@@ -424,6 +424,13 @@ def step_rank(job: CompressJob):
         else:
             ranks = rk.vbmf_ranks(spectra[name])
             rule = f"VBMF rank {format_ranks(ranks)}"
+            kept = min(float(m.energies[:r].sum() / m.energies.sum()) for m, r in zip(spectra[name], ranks)
+                       if m.energies.sum() > 0) if any(m.energies.sum() > 0 for m in spectra[name]) else 1.0
+            if kept < 0.5:
+                job.notes.append(f"layer {name}: VBMF judged most of its spectrum to be noise (rank "
+                                 f"{format_ranks(ranks)} keeps {kept:.1%} of the energy); an under-trained "
+                                 f"layer (weights near their random initialization) looks like this, and "
+                                 f"accuracy may fall: consider --energy or --speedup")
         macs, _ = info.cost(scheme, ranks)
         if int(macs) >= info.macs:
             _leave(row, f"{rule} would not cut MACs ({info.macs:,} -> {int(macs):,})")

@@ -96,6 +96,9 @@ def test_compress_vbmf(tmp_path, capsys):
         r = rows[name]
         assert r["action"] == "factorized" or "would not cut" in r["reason"]
         assert 1 <= r["rank"] <= r["max_rank"]
+    # LeNet's ip1 is close to its random initialization: VBMF keeps ~1% of its energy, and says so
+    notes = json.loads(stdout)["notes"]
+    assert any(n.startswith("layer ip1: VBMF judged most of its spectrum to be noise") for n in notes), notes
 
 
 def test_compress_onnx_matches_caffe_files(tmp_path, capsys):

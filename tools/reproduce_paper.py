@@ -30,7 +30,7 @@ the accuracies are selected on the test set, equally for every method.
 Usage::
 
     python tools/reproduce_paper.py [--speedup 3 --scheme spatial --prune-scope global]
-                                    [--out examples/lenet/RESULTS.md] [--json]
+                                    [--out examples/lenet/RESULTS.md --plot examples/lenet/rounds.png] [--json]
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for fine-tuning")
     ap.add_argument("--runs", type=int, default=3000, help="latency: interleaved runs per net")
     ap.add_argument("--out", help="write the Markdown table here (e.g. examples/lenet/RESULTS.md)")
+    ap.add_argument("--variants", default="",
+                    help="also run low-rank + pruning with these SCHEME@SPEEDUP settings (comma list, e.g. "
+                         "channel@2,spatial@2,tucker2@3) and give their ratios against the same Han row")
+    ap.add_argument("--plot", help="also draw the rounds as a PNG here (needs matplotlib: the [plot] extra)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if not (GOLDEN / "model.prototxt").exists() or not SPLIT.exists():
@@ -126,7 +130,8 @@ def main(argv=None) -> int:
                      "rounds": rep["summary"]["rounds"] if rep else 0,
                      "epochs": rep["summary"]["epochs"] if rep else 0,
                      "reached": rep["summary"]["all_reached"] if rep else True,
-                     "per_round": [{k: r[k] for k in ("step", "epochs", "top1_after_step", "top1", "reached")}
+                     "per_round": [{k: r[k] for k in ("step", "epochs", "top1_after_step", "top1", "reached",
+                                                      "nonzero_params")}
                                    for r in rep["rounds"]] if rep else []})
     by = {r["method"]: r for r in rows}
     han, ours = by["Han pruning"], by["low-rank + pruning"]
@@ -136,11 +141,31 @@ def main(argv=None) -> int:
         "epochs": (han["epochs"] / ours["epochs"]) if ours["epochs"] else None,
         "memory": han["csr_bytes"] / ours["csr_bytes"],
     }
+    variants = []
+    for item in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        scheme, _, sp = item.partition("@")
+        opts = PipelineOptions(schedule="lowrank-prune", prune_steps=steps,
+                               **{**common, "scheme": scheme, "speedup": float(sp)})
+        print(f"variant {item} ...", file=sys.stderr, flush=True)
+        net, _, rep = run_pipeline(base, train, test, opts, prototxt=proto, weights=weights)
+        b = bench_nets([nets["Han pruning"], net], runtime="onnxruntime", threads=1, runs=args.runs, warmup=50,
+                       progress=False)
+        st = storage(net)
+        fr = rep["summary"]["finetune_rounds"]
+        variants.append({"setting": f"{scheme} {float(sp):g}x", "top1": evaluate(net, test, progress=False)["top1"],
+                         "nonzero_params": st["nonzero_params"], "csr_bytes": st["csr_bytes"],
+                         "macs": int(totals(layer_stats(net))["macs"]), "finetune_rounds": fr,
+                         "epochs": rep["summary"]["epochs"], "reached": rep["summary"]["all_reached"],
+                         "speedup": b["speedup"], "rounds_ratio": han["finetune_rounds"] / fr if fr else None,
+                         "memory_ratio": han["csr_bytes"] / st["csr_bytes"]})
     versions = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                 "onnxruntime": onnxruntime.__version__, "cpus": os.cpu_count()}
     result = {"versions": versions, "options": {k: v for k, v in vars(args).items() if k not in ("out", "json")},
-              "rows": rows, "ratios": ratios, "paper": PAPER, "bench": {"runs": bench["runs"], "threads": 1},
+              "rows": rows, "ratios": ratios, "variants": variants, "paper": PAPER, "bench": {"runs": bench["runs"], "threads": 1},
               "finetune_time_s": round(train_s, 1)}
+    if args.plot:
+        plot_rounds(result, args.plot)
+        result["plot"] = os.path.basename(args.plot)
     md = markdown(result)
     if args.out:
         from lrprune_caffe.fileutil import atomic_write_bytes
@@ -148,6 +173,59 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else md)
     return 0
+
+
+def plot_rounds(res, path):
+    """Left: top-1 against nonzero weights, after each compression step (open marker) and
+    after its fine-tuning (filled), per method. Right: latency and CSR bytes per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from lrprune_caffe.fileutil import atomic_write_bytes
+    import io
+    rows = {r["method"]: r for r in res["rows"]}
+    orig = rows["original"]
+    goal = orig["top1"] - res["options"]["tolerance"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    colors = {"Han pruning": "tab:blue", "low-rank only": "tab:green", "low-rank + pruning": "tab:red"}
+    for label, color in colors.items():
+        r = rows[label]
+        xs, ys, prev = [orig["nonzero_params"]], [100 * orig["top1"]], None
+        for step in r["per_round"]:
+            nz = step["nonzero_params"]
+            ax.plot([nz], [100 * step["top1_after_step"]], "o", mfc="none", color=color)
+            xs += [nz, nz]
+            ys += [100 * step["top1_after_step"], 100 * step["top1"]]
+            ax.annotate(f"{step['epochs']} ep", (nz, 100 * step["top1"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color=color)
+        ax.plot(xs, ys, "-", color=color, alpha=0.6, label=f"{label} ({r['finetune_rounds']} ft rounds, "
+                                                         f"{r['epochs']} epochs)")
+        ax.plot(xs[2::2], ys[2::2], "o", color=color)
+    ax.axhline(100 * goal, ls="--", color="gray", lw=1)
+    ax.text(orig["nonzero_params"], 100 * goal, " goal", va="bottom", ha="right", fontsize=8, color="gray")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("nonzero weights (log)")
+    ax.set_ylabel("top-1 on the 1,000 test digits (%)")
+    ax.set_title("each step (open) and after its fine-tuning (filled)")
+    ax.legend(fontsize=8, loc="lower left")
+    names = [r["method"] for r in res["rows"]]
+    lat = [r["latency_ms"] for r in res["rows"]]
+    kb = [r["csr_bytes"] / 1024 for r in res["rows"]]
+    pos = range(len(names))
+    bx.barh([p + 0.2 for p in pos], lat, height=0.4, color="tab:purple", label="latency ms (ORT, 1 thread)")
+    bx2 = bx.twiny()
+    bx2.barh([p - 0.2 for p in pos], kb, height=0.4, color="tab:orange", label="weights, CSR KiB")
+    bx.set_yticks(list(pos))
+    bx.set_yticklabels(names, fontsize=8)
+    bx.invert_yaxis()
+    bx.set_xlabel("latency ms (purple)")
+    bx2.set_xlabel("CSR KiB (orange)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _ratio(v):
@@ -160,7 +238,8 @@ def markdown(res) -> str:
         "# LeNet: Han pruning vs low-rank vs low-rank + pruning", "",
         "Produced by `python tools/reproduce_paper.py"
         + "".join(f" --{k.replace('_', '-')} {o[k]}" for k in ("speedup", "scheme", "prune_scope", "prune_steps"))
-        + "` (the defaults).", "",
+        + (f" --variants {o['variants']}" if o.get("variants") else "")
+        + (f" --plot {res['plot']}" if res.get("plot") else "") + "`.", "",
         "- net: `../shared/golden/lenet_mnist` (trained by real Caffe); data: `../shared/data/mnist5k_split.npz`, "
         "fine-tuning on its 4,000 training digits, top-1 on its 1,000 test digits (onnxruntime, written net)",
         f"- schedules: pruning steps {o['prune_steps']} (magnitude, scope {o['prune_scope']}); low-rank: "
@@ -199,7 +278,21 @@ def markdown(res) -> str:
             verdict.append(f"{what}: {m:.2f}x measured vs the paper's {p[key]}x: "
                            + ("at or past the paper" if m >= p[key] else "short of the paper"
                               + ("" if m >= 1 else ", and worse than Han pruning")))
+    if res.get("variants"):
+        lines += ["", "## Other factorizations, same pruning steps", "",
+                  "Low-rank + pruning with other schemes and MAC budgets; ratios against the Han row above "
+                  "(latency measured side by side with it).", "",
+                  "| setting | top-1 | nonzero | CSR bytes | MACs | ft rounds | epochs | speed-up | fewer rounds "
+                  "| less memory |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for v_ in res["variants"]:
+            lines.append(f"| {v_['setting']} | {100 * v_['top1']:.1f}% | {v_['nonzero_params']:,} | "
+                         f"{v_['csr_bytes']:,} | {v_['macs']:,} | {v_['finetune_rounds']}"
+                         + ("" if v_["reached"] else " (not reached)")
+                         + f" | {v_['epochs']} | {_ratio(v_['speedup'])} | {_ratio(v_['rounds_ratio'])} | "
+                           f"{_ratio(v_['memory_ratio'])} |")
     lines += ["", "## Reading", ""] + [f"- {v}" for v in verdict]
+    if res.get("plot"):
+        lines += ["", f"![rounds]({res['plot']})"]
     lines += ["", "The rounds stop on the same test digits the table reports (the protocol asks for rounds "
               "to reach the original's accuracy minus 0.5 points), so every method's accuracy is selected "
               "on them in the same way."]
