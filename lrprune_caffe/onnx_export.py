@@ -234,20 +234,21 @@ def _value_info(name, shape, shape2, dynamic: bool, batch_sizes):
 
 def _check_lowerings(net):
     from .layers import get_spec
-    from .layers.base import LayerSpec
     for layer in net.layers:
         if layer.type == "Input":
             continue
         spec = get_spec(layer.type)
-        if type(spec).to_onnx is LayerSpec.to_onnx:
+        if not spec.lowers(layer.type):
+            why = spec.unlowered_types.get(layer.type)
             raise UserError(_where(net) + f"layer '{layer.name}' ({layer.type}): no ONNX lowering for "
-                            f"layer type '{layer.type}' (lowered types: {', '.join(lowered_types())})")
+                            f"layer type '{layer.type}'" + (f": {why}" if why else "")
+                            + f" (lowered types: {', '.join(lowered_types())})")
 
 
 def lowered_types() -> list:
+    """Registered layer types the exporter lowers (``LayerSpec.lowers``), and Input."""
     from .layers import known_types, get_spec
-    from .layers.base import LayerSpec
-    return [t for t in known_types() if t == "Input" or type(get_spec(t)).to_onnx is not LayerSpec.to_onnx]
+    return [t for t in known_types() if t == "Input" or get_spec(t).lowers(t)]
 
 
 def _where(net) -> str:

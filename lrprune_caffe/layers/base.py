@@ -61,6 +61,8 @@ class LayerSpec:
     type_names: tuple = ()
     #: number of bottoms needed for inference: None = any
     min_bottoms: int = 1
+    #: registered types that ``to_onnx`` does not lower: {type: why}
+    unlowered_types: dict = {}
 
     def infer(self, layer, in_shapes):
         """Output shapes; default: every top has the first bottom's shape."""
@@ -75,6 +77,15 @@ class LayerSpec:
 
     def to_onnx(self, layer, ctx):
         raise NoLowering(f"no ONNX lowering for layer type '{layer.type}'")
+
+    def lowers(self, type_name: str) -> bool:
+        """Whether ``to_onnx`` lowers layers of ``type_name`` (one of this spec's types).
+
+        True when the class overrides ``to_onnx`` and does not list the type in
+        ``unlowered_types``. A lowering may still refuse one layer whose
+        parameters Caffe itself would reject (with a reason).
+        """
+        return type(self).to_onnx is not LayerSpec.to_onnx and type_name not in self.unlowered_types
 
 
 class UnknownSpec(LayerSpec):

@@ -7,18 +7,66 @@ import numpy as np
 from .base import LayerSpec, ShapeError, register
 
 
+def _chain(ctx, x, y, steps):
+    """Nodes applied one after the other to ``x``, the last one writing ``y``.
+
+    ``steps``: ``(op, const_suffix, value, out_suffix)``; ``const_suffix`` None
+    is a unary op, else the second input is the float scalar ``value``. No
+    steps: an Identity.
+    """
+    if not steps:
+        ctx.node("Identity", [x], y)
+    for i, (op, what, value, step) in enumerate(steps):
+        last = i == len(steps) - 1
+        inputs = [x] if what is None else [x, ctx.scalar(what, value)]
+        x = ctx.node(op, inputs, y if last else None, suffix=None if last else step)
+    return y
+
+
+def _log_base(field: str, base: float) -> np.float32:
+    """ln(base) as Caffe's exp/log layers take it: base -1 means e (exactly 1)."""
+    from .base import NoLowering
+    if base == -1.0:
+        return np.float32(1.0)
+    if not base > 0:
+        raise NoLowering(f"{field}.base must be strictly positive (or -1 for e), got {base:g}")
+    return np.float32(np.log(np.float32(base)))
+
+
 @register("ReLU", "Sigmoid", "TanH", "AbsVal", "Power", "Exp", "Log", "BNLL", "Threshold",
           "Dropout", "ELU", "Clip", "Swish", "ReLU6", "HardSigmoid", "Silence")
 class ElementwiseSpec(LayerSpec):
+    #: HardSigmoid comes from forks; caffe.proto has no parameter message for it, so its
+    #: slope and offset are not defined by any field we can read
+    unlowered_types = {"HardSigmoid": "caffe.proto defines no parameters for it (its slope and "
+                                      "offset come from forks)"}
+
     def infer(self, layer, in_shapes):
         return [in_shapes[0]] * len(layer.tops)
 
     def to_onnx(self, layer, ctx):
-        """ReLU (LeakyRelu with negative_slope), Sigmoid, TanH, AbsVal, ELU (alpha),
-        Power ((shift + scale*x)^power, trivial steps skipped), Dropout (removed: the
-        identity at test time, its top is its bottom's value), Silence (nothing)."""
+        """Caffe's formulas (BVLC ``src/caffe/layers/*_layer.cpp``, forward pass):
+
+        * ReLU: LeakyRelu with negative_slope (Relu when 0); Sigmoid, TanH, AbsVal; ELU (alpha);
+        * Power: ``(shift + scale*x)^power``, trivial steps skipped;
+        * Exp: ``base^(shift + scale*x)`` (base -1: e) as exp_layer.cpp computes it,
+          ``exp(ln(base)*scale * x) * base^shift``;
+        * Log: ``log_base(shift + scale*x)`` as log_layer.cpp, ``ln(shift + scale*x) / ln(base)``;
+        * BNLL: ``log(1 + exp(x))``, Softplus;
+        * Threshold: ``x > threshold ? 1 : 0`` (strict), Greater then Cast;
+        * Clip: ``max(min, min(x, max))``, ONNX Clip with min/max as inputs (opset >= 11);
+          when min > max Caffe's result is ``min`` everywhere, so the upper bound becomes min;
+        * Swish: ``x * sigmoid(beta*x)``;
+        * ReLU6 (forks' relu6_layer.cpp): ``min(max(x, 0), 6)``, Clip(0, 6);
+        * Dropout: removed (the identity at test time, its top is its bottom's value);
+        * Silence: nothing.
+
+        HardSigmoid is not lowered (see ``unlowered_types``).
+        """
         from .base import NoLowering
         t = layer.type
+        if t in self.unlowered_types:
+            raise NoLowering(f"no ONNX lowering for layer type '{t}': {self.unlowered_types[t]}")
         if t == "Silence":
             return
         x, y = ctx.bottom(0), ctx.top(0)
@@ -42,12 +90,59 @@ class ElementwiseSpec(LayerSpec):
                 steps.append(("Add", "shift", shift, "shifted"))
             if power != 1.0:
                 steps.append(("Pow", "power", power, "pow"))
-            if not steps:
-                ctx.node("Identity", [x], y)
-            for i, (op, what, value, step) in enumerate(steps):
-                last = i == len(steps) - 1
-                x = ctx.node(op, [x, ctx.scalar(what, value)], y if last else None,
-                             suffix=None if last else step)
+            _chain(ctx, x, y, steps)
+        elif t == "Exp":
+            ep = layer.p("exp_param")
+            base, scale, shift = np.float32(ep.base), np.float32(ep.scale), np.float32(ep.shift)
+            inner = _log_base("exp_param", float(base)) * scale
+            if shift == 0:
+                outer = np.float32(1.0)
+            elif base == -1:
+                outer = np.float32(np.exp(shift))
+            else:
+                outer = np.float32(np.power(base, shift))
+            steps = [("Mul", "inner_scale", float(inner), "scaled")] if inner != 1 else []
+            steps.append(("Exp", None, None, "exp"))
+            if outer != 1:
+                steps.append(("Mul", "outer_scale", float(outer), "outer"))
+            _chain(ctx, x, y, steps)
+        elif t == "Log":
+            lp = layer.p("log_param")
+            base, scale, shift = float(lp.base), float(lp.scale), float(lp.shift)
+            log_base = _log_base("log_param", base)
+            if log_base == 0:
+                raise NoLowering("log_param.base 1 has no logarithm (Caffe refuses it: 1/log(1) is inf)")
+            base_scale = np.float32(1.0) / log_base
+            steps = []
+            if scale != 1.0:
+                steps.append(("Mul", "scale", scale, "scaled"))
+            if shift != 0.0:
+                steps.append(("Add", "shift", shift, "shifted"))
+            steps.append(("Log", None, None, "log"))
+            if base_scale != 1:
+                steps.append(("Mul", "base_scale", float(base_scale), "rebased"))
+            _chain(ctx, x, y, steps)
+        elif t == "BNLL":
+            ctx.node("Softplus", [x], y)
+        elif t == "Threshold":
+            th = float(layer.p("threshold_param").threshold)
+            above = ctx.node("Greater", [x, ctx.scalar("threshold", th)], suffix="above")
+            ctx.node("Cast", [above], y, to=1)  # TensorProto.FLOAT
+        elif t in ("Clip", "ReLU6"):
+            if t == "ReLU6":
+                lo, hi = 0.0, 6.0
+            else:
+                cp = layer.p("clip_param")
+                if not (layer.has("clip_param") and cp.HasField("min") and cp.HasField("max")):
+                    raise NoLowering("clip_param needs both min and max (required fields in caffe.proto)")
+                lo, hi = float(cp.min), float(cp.max)
+                hi = max(lo, hi)  # min > max: Caffe's max(min, min(x, max)) is min everywhere
+            ctx.node("Clip", [x, ctx.scalar("min", lo), ctx.scalar("max", hi)], y)
+        elif t == "Swish":
+            beta = float(layer.p("swish_param").beta)
+            z = x if beta == 1.0 else ctx.node("Mul", [x, ctx.scalar("beta", beta)], suffix="scaled")
+            s = ctx.node("Sigmoid", [z], suffix="sigmoid")
+            ctx.node("Mul", [x, s], y)
         elif t == "Dropout":
             ctx.alias(0, x)
         else:
