@@ -68,12 +68,18 @@ class _OpenCVRunner:
         except ImportError:
             raise UserError("the opencv runtime needs opencv-python-headless<5") from None
         from .caffe_io import save_net
+        from .errors import EngineError, engine_message
         with tempfile.TemporaryDirectory() as d:
             proto, model = os.path.join(d, "m.prototxt"), os.path.join(d, "m.caffemodel")
             save_net(net, proto, model)
-            self.net = cv2.dnn.readNetFromCaffe(proto, model)
-        self.inputs = _batch1_inputs(net, 0)
-        self.outputs = list(net.outputs())
+            self.inputs = _batch1_inputs(net, 0)
+            self.outputs = list(net.outputs())
+            try:  # OpenCV builds its layers on the first forward: fail here, not mid-benchmark
+                self.net = cv2.dnn.readNetFromCaffe(proto, model)
+                self()
+            except cv2.error as e:
+                raise EngineError(f"{net.source or net.name or 'the net'}: OpenCV's Caffe reader cannot run "
+                                  f"it: {engine_message(e)}") from None
 
     def __call__(self):
         for k, v in self.inputs.items():

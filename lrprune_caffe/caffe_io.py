@@ -125,7 +125,23 @@ def parse_prototxt(path):
                     break
         where = f"{path}:{line}:{col}" if line is not None else str(path)
         raise BadFileError(f"prototxt syntax error: {reason}", path=where) from None
+    _check_required(msg, path)
     return msg
+
+
+def _check_required(msg, path):
+    """proto2 'required' fields (e.g. clip_param's min and max) must be set: name the layer."""
+    import re
+    missing = msg.FindInitializationErrors()
+    if not missing:
+        return
+    first = missing[0]
+    m = re.match(r"(layers?)\[(\d+)\]\.(.*)", first)
+    if m:
+        lp = getattr(msg, m.group(1))[int(m.group(2))]
+        ltype = lp.type if m.group(1) == "layer" else pb.V1LayerParameter.LayerType.Name(lp.type)
+        raise BadFileError(f"required field '{m.group(3)}' is not set", path=path, layer=lp.name, layer_type=ltype)
+    raise BadFileError(f"required field '{first}' is not set", path=path)
 
 
 def upgrade_net(msg, path=None):

@@ -92,7 +92,7 @@ def _add_net_args(p, weights_required=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lrprune-caffe",
         description="Make legacy Caffe models smaller and faster: low-rank factorization, "
                     "pruning, fine-tuning, Caffe and ONNX output. No Caffe install needed.")
@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list = []
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line (with where to find the usage), exit 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {' '.join(str(message).split())} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def _load_extra_commands():
     import importlib
     for mod in ("lrprune_caffe.cli_compress", "lrprune_caffe.cli_onnx", "lrprune_caffe.cli_train"):
@@ -140,7 +148,10 @@ def main(argv=None) -> int:
     debug = "--debug" in argv
     _load_extra_commands()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, one line printed): a return, in-process too
+        return e.code
     try:
         return args.func(args) or 0
     except LrpruneError as e:

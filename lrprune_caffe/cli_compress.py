@@ -24,6 +24,8 @@ def _print_summary(report, file=None):
         if t.get("onnx_bytes"):
             line += f", onnx {t['onnx_bytes']:,} bytes"
         print(line, file=file)
+    if report.get("outcome"):
+        print(f"outcome: {report['outcome']['summary']}", file=file)
     ver = report.get("verification") or {}
     if ver and not ver.get("skipped"):
         print(f"\nverification ({ver['engine']}, {ver['inputs']}, batch {ver['batch']}):", file=file)
@@ -53,7 +55,7 @@ def cmd_compress(args) -> int:
                          criterion=args.criterion, prune=args.prune, prune_scope=args.prune_scope,
                          prune_method=args.prune_method, quality=args.quality,
                          prune_structured=args.prune_structured, prune_exclude=args.prune_exclude,
-                         sparse=args.sparse, labels=_labels(args.labels))
+                         sparse=args.sparse, labels=_labels(args.labels), opset=args.opset)
     if args.json:
         print(json.dumps(json_safe(report), indent=2))
         return 0
@@ -163,6 +165,8 @@ def register(sub):
     p.add_argument("--train-net", metavar="TRAIN_VAL.prototxt",
                    help="also rewrite this training net the same way -> OUTDIR/train_val.prototxt")
     p.add_argument("--onnx", action="store_true", help="also export OUTDIR/model.onnx")
+    p.add_argument("--opset", type=int, default=13, metavar="N",
+                   help="with --onnx: the ONNX opset (default 13; 11 to the installed onnx's newest)")
     p.add_argument("--engine", choices=ENGINES, default="onnxruntime",
                    help="engine for the check (default onnxruntime; falls back to opencv with a note "
                         "when the net cannot be exported)")

@@ -29,7 +29,7 @@ from . import __version__
 from .analysis import layer_stats, totals, validate
 from .caffe_io import load_net, net_to_prototxt, parse_prototxt, upgrade_net
 from .compare import compare_outputs, json_safe
-from .errors import BadFileError, LrpruneError, UserError
+from .errors import BadFileError, EngineError, LrpruneError, UserError
 from .ir import Layer, Net
 from .lowrank import decompose as dec
 from .lowrank import rank as rk
@@ -58,6 +58,7 @@ class CompressOptions:
     inputs: str = None
     train_net: str = None
     onnx: bool = False
+    opset: int = 13  # with onnx: the pinned ONNX opset (onnx_export.DEFAULT_OPSET)
     engine: str = "onnxruntime"
     verify: bool = True
     svd: str = "auto"
@@ -210,21 +211,20 @@ def step_check(job: CompressJob):
                 break
     if job.opts.onnx:
         try:
-            from .onnx_export import save_onnx  # noqa: F401  (fail before the work, not after)
+            from .onnx_export import check_opset
         except ImportError as e:
             raise UserError(f"--onnx needs the ONNX exporter (lrprune_caffe.onnx_export): {e}") from None
+        check_opset(int(job.opts.opset))  # fail before the work, not after
+    elif job.opts.opset != CompressOptions.opset:
+        raise UserError("--opset applies to the ONNX file: add --onnx")
+    if job.labels is not None and job.opts.inputs is None:
+        raise UserError("--labels are the labels of --inputs: give --inputs too")
 
 
 def load_inputs(path, net) -> dict:
     """Arrays of an .npz keyed by the net's input names, checked against the input shapes."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadFileError("no such file (expected an .npz of input arrays keyed by input name)", path=path)
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: np.asarray(z[k]) for k in z.files}
-    except Exception as e:  # zipfile / format errors of a non-npz file
-        raise BadFileError(f"is not a readable .npz ({type(e).__name__}: {e})", path=path) from None
+    from .fileutil import read_npz
+    arrays = read_npz(path, "an .npz of input arrays keyed by input name")
     shapes = net.input_shapes()
     out = {}
     if len(shapes) == 1 and next(iter(shapes)) not in arrays and "x" in arrays:
@@ -238,6 +238,8 @@ def load_inputs(path, net) -> dict:
             raise BadFileError(f"array '{name}' has shape {tuple(a.shape)}; the net's input is "
                                f"{tuple(shape)} (any batch size)", path=path)
         out[name] = np.ascontiguousarray(a, dtype=np.float32)
+        if not np.all(np.isfinite(out[name])):
+            raise BadFileError(f"array '{name}' holds NaN or infinite values", path=path)
     return out
 
 
@@ -569,7 +571,12 @@ def step_verify(job: CompressJob):
         job.verification = {"skipped": True}
         return
     outputs = job.net.outputs()
-    ref, test, used, notes = run_pair(job.net, job.new, job.inputs, o.engine, outputs, o.threads)
+    try:
+        ref, test, used, notes = run_pair(job.net, job.new, job.inputs, o.engine, outputs, o.threads)
+    except EngineError as e:  # e.g. a layer type no engine knows: the files are still written
+        job.verification = {"skipped": True, "reason": str(e)}
+        job.notes.append(f"not verified: no engine could run the nets ({e})")
+        return
     job.verification = {
         "engine": used, "requested_engine": o.engine, "inputs": job.inputs_desc,
         "batch": int(next(iter(job.inputs.values())).shape[0]) if job.inputs else None,
@@ -625,7 +632,7 @@ def step_write(job: CompressJob):
         from .onnx_export import save_onnx
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "model.onnx")
-            info = save_onnx(job.new, path)
+            info = save_onnx(job.new, path, opset=int(job.opts.opset))
             job.extra["model.onnx"] = Path(path).read_bytes()
         job.report["onnx"] = {k: v for k, v in info.items() if k not in ("path",)}
     safe = json_safe(job.report)
@@ -655,7 +662,7 @@ def add_step(name: str, fn, after: str = "factorize"):
 def compress(prototxt, weights, outdir=None, *, scheme="channel", rank=None, energy=None, speedup=None,
              rank_method="svd", layers=None, inputs=None, train_net=None, onnx=False, engine="onnxruntime",
              verify=True, svd="auto", seed=0, hooi=0, threads=None, progress=False, phase="TEST",
-             labels=None, criterion="log-energy", **extra_options):
+             labels=None, criterion="log-energy", opset=13, **extra_options):
     """Factorize a Caffe net; returns ``(report, new_net)``.
 
     Writes OUTDIR/model.prototxt, model.caffemodel, report.json, report.md
@@ -666,7 +673,7 @@ def compress(prototxt, weights, outdir=None, *, scheme="channel", rank=None, ene
     opts = CompressOptions(scheme=scheme, rank=rank, energy=energy, speedup=speedup, rank_method=rank_method,
                            layers=layers, inputs=inputs, train_net=train_net, onnx=onnx, engine=engine,
                            verify=verify, svd=svd, seed=seed, hooi=hooi, threads=threads, progress=progress,
-                           phase=phase, criterion=criterion)
+                           phase=phase, criterion=criterion, opset=opset)
     job = CompressJob(str(prototxt), None if weights is None else str(weights), outdir, opts,
                       extra_options=dict(extra_options))
     job.labels = labels
@@ -693,6 +700,10 @@ def verify(prototxt, weights, prototxt2, weights2, inputs=None, engine="onnxrunt
     ia, ib = a.input_shapes(), b.input_shapes()
     if set(ia) != set(ib):
         raise UserError(f"the nets have different inputs: {', '.join(ia)} vs {', '.join(ib)}")
+    for k in ia:
+        if ia[k] is not None and ib[k] is not None and tuple(ia[k][1:]) != tuple(ib[k][1:]):
+            raise UserError(f"input '{k}' is {tuple(ia[k])} in {prototxt} but {tuple(ib[k])} in {prototxt2}: "
+                            f"the nets cannot take the same inputs")
     if inputs is not None:
         data = load_inputs(inputs, a)
         desc = str(inputs)
@@ -716,12 +727,12 @@ def verify(prototxt, weights, prototxt2, weights2, inputs=None, engine="onnxrunt
 
 def _load_labels(path):
     """Labels from an .npz: its array 'y' or 'labels' if present (a DATA.npz), else its first array."""
-    try:
-        with np.load(path) as z:
-            key = next((k for k in ("y", "labels") if k in z.files), z.files[0])
-            return np.asarray(z[key]).reshape(-1)
-    except Exception as e:
-        raise BadFileError(f"is not a readable .npz of labels ({e})", path=path) from None
+    from .fileutil import read_npz
+    arrays = read_npz(path, "an .npz of labels")
+    if not arrays:
+        raise BadFileError("holds no array (expected labels)", path=path)
+    key = next((k for k in ("y", "labels") if k in arrays), next(iter(arrays)))
+    return arrays[key].reshape(-1)
 
 
 __all__ = ["compress", "verify", "CompressOptions", "CompressJob", "PIPELINE", "add_step", "parse_rank_spec",

@@ -81,20 +81,11 @@ def as_dataset(data, what="data") -> Dataset:
 
 def load_npz_data(path, x_key="x", y_key="y") -> Dataset:
     """DATA.npz with ``x`` (N x C x H x W float) and ``y`` (N integer labels)."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadFileError("data file not found", path=path)
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            keys = list(z.files)
-            if x_key not in keys or y_key not in keys:
-                raise BadFileError(f"expected arrays '{x_key}' and '{y_key}', the file has {keys}", path=path)
-            x, y = z[x_key], z[y_key]
-    except BadFileError:
-        raise
-    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled objects), OSError
-        raise BadFileError(f"not a readable .npz file: {e}", path=path) from None
-    return make_dataset(x, y, str(path))
+    from .fileutil import read_npz
+    z = read_npz(path, f"an .npz with arrays '{x_key}' and '{y_key}'")
+    if x_key not in z or y_key not in z:
+        raise BadFileError(f"expected arrays '{x_key}' and '{y_key}', the file has {list(z)}", path=path)
+    return make_dataset(z[x_key], z[y_key], str(path))
 
 
 def load_mnist_split(path):
@@ -102,23 +93,21 @@ def load_mnist_split(path):
 
     x becomes N x 1 x 28 x 28 float32 = uint8 / 256 (Caffe's LeNet scale 0.00390625).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise BadFileError("data file not found", path=path)
-    with np.load(p, allow_pickle=False) as z:
-        need = ["x_train", "y_train", "x_test", "y_test"]
-        missing = [k for k in need if k not in z.files]
-        if missing:
-            raise BadFileError(f"expected arrays {need}, missing {missing}", path=path)
-        out = []
-        for part in ("train", "test"):
-            x = z[f"x_{part}"]
-            if x.dtype != np.uint8 or x.ndim not in (3, 4):
-                raise BadFileError(f"x_{part} is {x.dtype} {x.shape}; expected N x 28 x 28 uint8", path=path)
-            if x.ndim == 3:
-                x = x[:, None]
-            out.append(make_dataset(x.astype(np.float32) / np.float32(256.0), z[f"y_{part}"],
-                                    f"{path}[{part}]"))
+    from .fileutil import read_npz
+    z = read_npz(path, "an MNIST-style split .npz (x_train, y_train, x_test, y_test)")
+    need = ["x_train", "y_train", "x_test", "y_test"]
+    missing = [k for k in need if k not in z]
+    if missing:
+        raise BadFileError(f"expected arrays {need}, missing {missing}", path=path)
+    out = []
+    for part in ("train", "test"):
+        x = z[f"x_{part}"]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4):
+            raise BadFileError(f"x_{part} is {x.dtype} {x.shape}; expected N x 28 x 28 uint8", path=path)
+        if x.ndim == 3:
+            x = x[:, None]
+        out.append(make_dataset(x.astype(np.float32) / np.float32(256.0), z[f"y_{part}"],
+                                f"{path}[{part}]"))
     return tuple(out)
 
 

@@ -37,6 +37,18 @@ class BadFileError(LrpruneError):
         self.layer_type = layer_type
 
 
+class EngineError(LrpruneError):
+    """A runtime (onnxruntime, OpenCV) refused or failed to run a net."""
+
+
+def engine_message(exc) -> str:
+    """The telling part of an engine's exception text (OpenCV's 'error: (-2:...) WHAT in function ...')."""
+    import re
+    text = " ".join(str(exc).split())
+    m = re.search(r"error: \(-?\d+:[^)]*\) (.*?)(?: in function '[^']*')?$", text)
+    return m.group(1) if m else text
+
+
 def layer_error(cls, layer, message, path=None):
     """Build ``cls`` naming a layer (an IR Layer) and its type."""
     if cls is BadFileError:

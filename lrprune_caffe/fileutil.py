@@ -11,14 +11,19 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import BadFileError, UserError
 
 
 def check_output_dir(path) -> Path:
-    """The folder an output file goes to must exist (we do not guess)."""
+    """The folder an output file goes to must exist (we do not guess), and the
+    path must not name a folder."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file name (e.g. {path / 'model.onnx'})")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
+        if parent.exists():
+            raise UserError(f"{path}: '{parent}' is a file, not a folder")
         raise UserError(f"{path}: output folder '{parent}' does not exist")
     return path
 
@@ -34,16 +39,21 @@ def _default_mode(path) -> None:
 def atomic_open(path, mode="wb"):
     """Open a temporary file next to ``path``; rename it over ``path`` on success."""
     path = check_output_dir(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write there ({e.strerror or e})") from None
     _default_mode(tmp)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # disk full, permissions: one clear line, nothing left behind
+            raise UserError(f"{path}: cannot write the output ({e.strerror or e})") from e
         raise
 
 
@@ -55,6 +65,31 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def atomic_write_text(path, text: str) -> None:
     with atomic_open(path, "w") as fh:
         fh.write(text)
+
+
+def read_npz(path, what="an .npz file") -> dict:
+    """Every array of an .npz ({name: ndarray}), never unpickling; a missing file or one that
+    is not an .npz archive is a BadFileError naming the file and ``what`` was expected."""
+    import zipfile
+
+    import numpy as np
+    p = Path(path)
+    if not p.is_file():
+        raise BadFileError(f"file not found (expected {what})", path=path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise BadFileError(f"is a single .npy array, not an .npz archive (expected {what})", path=path)
+            return {k: np.asarray(z[k]) for k in z.files}
+    except BadFileError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e):  # numpy found neither a zip archive nor an .npy header
+            raise BadFileError(f"is not an .npz archive (expected {what})", path=path) from None
+        raise BadFileError(f"is not a readable .npz ({e}; expected {what})", path=path) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise BadFileError(f"is not a readable .npz ({type(e).__name__}: {e}; expected {what})",
+                           path=path) from None
 
 
 class OutputSet:

@@ -317,16 +317,8 @@ def save_masks(masks: dict) -> bytes:
 def load_masks(path, net=None) -> dict:
     """{(layer, blob index): bool array} from a masks.npz; with ``net``, checks that each
     mask fits (layer exists, blob exists, same shape) and raises BadFileError otherwise."""
-    import zipfile
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            items = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise BadFileError("does not exist, expected a masks .npz", path=path) from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BadFileError(f"is not a masks .npz file ({e})", path=path) from None
-    if not isinstance(items, dict):
-        raise BadFileError("is not a masks .npz file (a single array, not an archive)", path=path)
+    from .fileutil import read_npz
+    items = read_npz(path, "a masks .npz")
     masks = {}
     for key, arr in items.items():
         name, sep, idx = key.rpartition("/")
@@ -434,6 +426,9 @@ def spec_from_options(opts: dict):
         default, per = _fraction(prune, "--prune"), {}
     else:
         default, per = parse_prune_arg(prune)
+    if method == "std" and (default is not None or any(f > 0 for f in per.values())):
+        raise UserError("--prune-method std zeroes |w| < Q x std(W) with Q from --quality: --prune takes no "
+                        "fraction with it (leave layers out with LAYER=0 or --prune-exclude)")
     exclude = opts.get("prune_exclude") or ()
     exclude = parse_layer_list(exclude) if isinstance(exclude, str) else tuple(exclude)
     quality = opts.get("quality")
@@ -513,7 +508,7 @@ def compress_sizes_step(job) -> None:
     model = data = None
     if job.opts.onnx:
         from .onnx_export import export_model
-        model = export_model(job.new)
+        model = export_model(job.new, opset=int(job.opts.opset))
         if sparse:
             model = sparsify_model(model)
         data = model.SerializeToString()
@@ -526,29 +521,91 @@ def compress_sizes_step(job) -> None:
     keys = ("params", "nonzero_params", "dense_bytes", "caffemodel_bytes", "csr_bytes") + \
         (("onnx_bytes",) if model is not None else ())
     pr = job.sections.get("prune") or {}
-    shrunk = {r["name"] for r in pr.get("layers", []) if r.get("structured")}
+    touched = {r["name"] for r in pr.get("layers", []) if r.get("pruned") or r.get("structured")}
+    structured = {r["name"] for r in pr.get("layers", []) if r.get("structured")}
+    excluded = set(pr.get("exclude", []))
     for name, row in job.rows.items():
-        names = row.get("new_layers") if row.get("action") == "factorized" else [name]
-        if shrunk & set(names):
-            row["action"] = "factorized+pruned" if row["action"] == "factorized" else "pruned"
-            _drop_no_factorization_reason(row)
+        factorized = row.get("action") == "factorized"
+        names = row.get("new_layers") if factorized else [name]
         parts = [by_layer[n] for n in names if n in by_layer]
         sums = {k: sum(p[k] for p in parts) for k in keys}
         params = sums.pop("params")
         row.update(sums)
         row["sparsity"] = (1.0 - sums["nonzero_params"] / params) if params else 0.0
-        if row["sparsity"] > 0 and pr and "pruned" not in row["action"]:
-            row["action"] = "factorized+pruned" if row["action"] == "factorized" else (
-                "pruned" if row["action"] == "kept" else row["action"])
-            _drop_no_factorization_reason(row)
+        if not pr:
+            continue
+        reason = row.pop("reason", None)
+        if reason and reason.startswith("no factorization asked for"):
+            reason = None
+        if touched & set(names):
+            row["action"] = "factorized+pruned" if factorized else "pruned"
+            if reason:
+                row["reason"] = f"not factorized: {reason}"
+        elif not factorized and row["params_after"] != row["params_before"]:
+            row["action"] = "shrunk"
+            row["reason"] = "its inputs were removed by structured pruning of the layer before it"
+        elif not factorized:
+            why = ("excluded from pruning (--prune-exclude)" if name in excluded
+                   else "not selected for pruning (--prune names other layers, or LAYER=0)")
+            row["reason"] = f"not factorized: {reason}; {why}" if reason else why
+        elif reason:
+            row["reason"] = reason
+        if factorized and structured & set(names[:-1]):
+            # rank components were removed: the rank is what the written layers have now
+            new = tuple(int(job.new.layer(n).blobs[0].shape[0]) for n in names[:-1])
+            row["rank_factorized"] = row["rank"]
+            row["rank"] = new[0] if len(new) == 1 else list(new)
+            row["note"] = ("energy_kept and weight_rel_error are those of the factorization (rank_factorized), "
+                           "before structured pruning removed rank components")
     st = storage["totals"]
-    job.report["totals"].update({"nonzero_params": st["nonzero_params"], "sparsity": st["sparsity"],
+    job.report["totals"].update({"nonzero_params_before": sparsity_totals(sparsity_rows(job.net))["nonzero_params"],
+                                 "nonzero_params": st["nonzero_params"], "sparsity": st["sparsity"],
                                  "dense_bytes": st["dense_bytes"], "csr_bytes": st["csr_bytes"],
                                  "caffemodel_bytes": st["caffemodel_bytes"],
                                  "onnx_bytes": len(data) if data is not None else None})
     job.report["storage"] = storage
+    job.report["outcome"] = outcome(job.report, job.weights, sparse=sparse,
+                                    dense_onnx_bytes=_dense_onnx_bytes(model, storage) if sparse else None)
     if "masks.npz" in job.extra and "masks.npz" not in job.report.get("files", []):
         job.report.setdefault("files", []).append("masks.npz")
+
+
+def _dense_onnx_bytes(model, storage) -> int:
+    """What model.onnx would take with every initializer dense: the file minus what the sparse
+    initializers take, plus their dense bytes."""
+    dense_extra = 0
+    for st in model.graph.sparse_initializer:
+        n = 1
+        for d in st.dims:
+            n *= int(d)
+        dense_extra += 4 * n - st.ByteSize()
+    return model.ByteSize() + dense_extra
+
+
+def outcome(report, weights_path=None, sparse=False, dense_onnx_bytes=None) -> dict:
+    """Whether the written net is really faster (fewer dense MACs) and its files really smaller,
+    in words: zeros kept in dense tensors save neither time nor bytes."""
+    import os
+    t = report["totals"]
+    faster = bool(t["macs_after"] < t["macs_before"])
+    orig_bytes = os.path.getsize(weights_path) if weights_path and os.path.exists(weights_path) else None
+    cm_ratio = orig_bytes / t["caffemodel_bytes"] if orig_bytes and t.get("caffemodel_bytes") else None
+    smaller_cm = cm_ratio is not None and cm_ratio > 1.01
+    parts = [f"faster: {t['macs_before'] / t['macs_after']:.2f}x fewer multiply-adds in any dense runtime"
+             if faster else "not faster: the same multiply-adds (zeros in dense tensors cost a dense runtime "
+                            "the same time; factorize or use --prune-structured for speed)"]
+    if cm_ratio is not None:
+        parts.append(f"model.caffemodel {cm_ratio:.2f}x smaller than the original" if smaller_cm else
+                     "model.caffemodel not smaller (Caffe stores every blob dense, zeros included)")
+    onnx_ratio = None
+    if t.get("onnx_bytes") and dense_onnx_bytes:
+        onnx_ratio = t["onnx_bytes"] / dense_onnx_bytes
+        parts.append(f"model.onnx is {onnx_ratio:.2f}x the size of its dense form (sparse initializers)")
+    elif t.get("sparsity", 0) > 0.05 and not sparse:
+        parts.append(f"the zeros could be stored compactly: --onnx --sparse (layers above about 67% zeros), "
+                     f"or CSR {t['csr_bytes']:,} bytes vs {t['dense_bytes']:,} dense")
+    return {"faster": faster, "caffemodel_smaller": smaller_cm, "caffemodel_ratio": cm_ratio,
+            "original_caffemodel_bytes": orig_bytes, "onnx_vs_dense": onnx_ratio, "summary": "; ".join(parts)}
 
 
 def install_compress_steps() -> None:

@@ -96,13 +96,16 @@ def report_markdown(report: dict) -> str:
                  ["params", f"{t['params_before']:,}", f"{t['params_after']:,}",
                   _ratio(t["params_before"], t["params_after"])],
                  ["MACs", f"{t['macs_before']:,}", f"{t['macs_after']:,}", _ratio(t["macs_before"], t["macs_after"])],
-             ] + ([["nonzero params", f"{t['params_before']:,}", f"{t['nonzero_params']:,}",
-                    _ratio(t["params_before"], t["nonzero_params"])]] if t.get("nonzero_params") is not None
+             ] + ([["nonzero params", f"{t.get('nonzero_params_before', t['params_before']):,}",
+                    f"{t['nonzero_params']:,}",
+                    _ratio(t.get("nonzero_params_before", t["params_before"]), t["nonzero_params"])]] if t.get("nonzero_params") is not None
                   else []))]
     if t.get("caffemodel_bytes") is not None:
         lines += ["", f"Written: model.caffemodel {t['caffemodel_bytes']:,} bytes"
                   + (f", model.onnx {t['onnx_bytes']:,} bytes" if t.get("onnx_bytes") else "")
                   + (" (sparse initializers)" if report.get("sparse_onnx") else "") + "."]
+    if report.get("outcome"):
+        lines += ["", f"**Outcome**: {report['outcome']['summary']}."]
     st = report.get("storage")
     if st and st.get("totals"):
         s_t = st["totals"]
@@ -134,7 +137,7 @@ def report_markdown(report: dict) -> str:
     ver = report.get("verification") or {}
     lines += ["", "## Verification", ""]
     if ver.get("skipped"):
-        lines.append("Skipped (--no-verify).")
+        lines.append(f"Not run: {ver['reason']}." if ver.get("reason") else "Skipped (--no-verify).")
     else:
         lines.append(f"Original vs compressed on {ver.get('inputs')} (batch {ver.get('batch')}), "
                      f"engine {ver.get('engine')}.")

@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import UserError
+from .errors import EngineError, LrpruneError, UserError, engine_message
 
 ENGINES = ("onnxruntime", "opencv")
 
@@ -41,6 +41,14 @@ def run_opencv(net, inputs: dict, outputs=None, threads: int = None) -> dict:
     except ImportError:
         raise UserError("the opencv engine needs opencv-python-headless<5 "
                         "(pip install 'opencv-python-headless<5')") from None
+    try:
+        return _run_opencv(cv2, net, inputs, outputs, threads)
+    except cv2.error as e:
+        where = net.source or net.name or "the net"
+        raise EngineError(f"{where}: OpenCV's Caffe reader cannot run it: {engine_message(e)}") from None
+
+
+def _run_opencv(cv2, net, inputs, outputs, threads):
     from .caffe_io import save_net
     outputs = list(outputs or net.outputs())
     with tempfile.TemporaryDirectory() as d:
@@ -85,11 +93,17 @@ def run_onnxruntime(net, inputs: dict, outputs=None, threads: int = None) -> dic
                          dynamic_batch=any(b != 1 for b in batch.values()))
     data = model.SerializeToString()
     del model  # a VGG-sized ModelProto is ~0.5 GB: do not hold it while the session copies the bytes
-    sess = ort_session(data, threads)
-    del data
     feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
     produced = [o for o in outputs if o not in feed]  # an input blob is not a graph output
-    res = dict(zip(produced, sess.run(produced, feed)))
+    try:
+        sess = ort_session(data, threads)
+        del data
+        res = dict(zip(produced, sess.run(produced, feed)))
+    except LrpruneError:
+        raise
+    except Exception as e:  # onnxruntime's own error types (InvalidArgument, Fail, ...)
+        where = net.source or net.name or "the net"
+        raise EngineError(f"{where}: onnxruntime cannot run it: {engine_message(e)}") from None
     return {o: res[o] if o in res else feed[o] for o in outputs}
 
 

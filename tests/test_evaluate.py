@@ -187,7 +187,7 @@ def test_cli_bad_data(lenet, tmp_path, capsys):
     np.savez(tmp_path / "keys.npz", data=np.zeros((3, 1, 28, 28), np.float32))
     _bad(["evaluate", *lenet, "--data", tmp_path / "keys.npz"], capsys, "expected arrays 'x' and 'y'")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    _bad(["evaluate", *lenet, "--data", tmp_path / "junk.npz"], capsys, "not a readable .npz")
+    _bad(["evaluate", *lenet, "--data", tmp_path / "junk.npz"], capsys, "is not an .npz archive")
     _bad(["evaluate", *lenet, "--data", tmp_path / "none.npz"], capsys, "not found")
     np.savez(tmp_path / "ok.npz", x=np.zeros((3, 1, 28, 28), np.float32), y=np.zeros(3, int))
     _bad(["evaluate", *lenet, "--data", tmp_path / "ok.npz", "--mean", "1,2"], capsys, "apply to image folders")

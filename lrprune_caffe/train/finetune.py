@@ -42,13 +42,8 @@ from .solver import CaffeOptimizer, SolverSettings
 
 def load_masks(path) -> dict:
     """masks.npz -> {"<layer>/<blob idx>": bool array}."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            masks = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise BadFileError("mask file not found", path=path) from None
-    except Exception as e:
-        raise BadFileError(f"not a readable masks .npz file: {e}", path=path) from None
+    from ..fileutil import read_npz
+    masks = read_npz(path, "a masks .npz")
     for k, m in masks.items():
         if m.dtype != np.bool_:
             if m.dtype.kind in "iuf" and np.isin(m, (0, 1)).all():
