@@ -29,10 +29,12 @@ def inspect_net(prototxt, weights=None, phase="TEST") -> dict:
     }
 
 
-def write_net(net, outdir, name="model", with_weights=True, extra=None) -> dict:
+def write_net(net, outdir, name="model", with_weights=True, extra=None, check=True) -> dict:
     """Write OUTDIR/name.prototxt (+ .caffemodel) and any ``extra`` {filename: bytes|str},
-    all or nothing. Returns {kind: path}."""
-    validate(net, weights=with_weights)
+    all or nothing. Returns {kind: path}. ``check=False`` skips validation (a training
+    net with every phase kept has Data layers and phase twins that do not validate)."""
+    if check:
+        validate(net, weights=with_weights)
     text = net_to_prototxt(net)
     written = {}
     chunks = None
@@ -60,11 +62,22 @@ def write_net(net, outdir, name="model", with_weights=True, extra=None) -> dict:
     return written
 
 
-def convert(prototxt, weights=None, outdir="out", phase="TEST") -> dict:
-    """Upgrade a net (V1, input headers, phase filter) to the current format, as Caffe's
-    upgrade_net_proto_text / upgrade_net_proto_binary do, without Caffe."""
-    net = load_net(prototxt, weights, phase=phase)
-    written = write_net(net, outdir, with_weights=weights is not None)
+def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False) -> dict:
+    """Upgrade a net (V1, input headers) to the current format without Caffe.
+
+    Default: the ``phase`` view (TEST = deploy), validated. ``all_phases``: every layer
+    kept with its phase rules, as Caffe's upgrade_net_proto_text does for a train_val
+    net (not validated: it holds Data layers); weights merge by layer name."""
+    if not all_phases:
+        net = load_net(prototxt, weights, phase=phase)
+        written = write_net(net, outdir, with_weights=weights is not None)
+        return {"written": written, "notes": list(net.notes)}
+    from .caffe_io import merge_weights, read_caffemodel
+    from .compress import read_train_net
+    net = read_train_net(prototxt)
+    if weights is not None:
+        merge_weights(net, read_caffemodel(weights), path=weights, strict=False)
+    written = write_net(net, outdir, with_weights=weights is not None, check=False)
     return {"written": written, "notes": list(net.notes)}
 
 

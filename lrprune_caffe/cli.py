@@ -69,7 +69,7 @@ def cmd_inspect(args):
 
 def cmd_convert(args):
     from .api import convert
-    res = convert(args.net, args.weights, args.output, phase=args.phase)
+    res = convert(args.net, args.weights, args.output, phase=args.phase, all_phases=args.all_phases)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_net_args(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                    help="folder for model.prototxt (and model.caffemodel)")
+    p.add_argument("--all-phases", action="store_true",
+                   help="keep every layer with its phase rules (a train_val net, as Caffe's "
+                        "upgrade_net_proto_text does) instead of writing the --phase view")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=cmd_convert)
 

@@ -171,7 +171,15 @@ def cmd_pipeline(args):
     steps = parse_steps(args.prune_steps, args.sparsity)
     if args.speedup is not None and args.speedup <= 1:
         raise UserError(f"--speedup {args.speedup} must be above 1 (a MAC reduction factor)")
+    if args.schedule == "han" and (args.speedup is not None or args.scheme != "channel"):
+        raise UserError("--speedup and --scheme choose the factorization of --schedule lowrank-prune; "
+                        "the han schedule only prunes")
     solver = solver_from_args(args)
+    if solver.max_iter is not None:  # rounds run by epochs, until the tolerance is met
+        _log(f"note: the pipeline ignores max_iter ({solver.max_iter}) of the solver settings: each round "
+             f"trains at most --max-epochs epochs")
+        import dataclasses
+        solver = dataclasses.replace(solver, max_iter=None)
     if args.lr is None and not args.solver:
         solver = solver.with_overrides(base_lr=0.005)
     net = load_net(args.net, args.weights, phase=args.phase)
@@ -244,7 +252,8 @@ def register(sub):
     p = sub.add_parser(
         "pipeline", help="compress and fine-tune in rounds (schedules han, lowrank-prune); count the rounds",
         description="Run a compression schedule with fine-tuning (PyTorch) after each step. han: prune "
-                    "to each --prune-steps sparsity in turn (magnitude, per layer), fine-tuning after each; "
+                    "to each --prune-steps sparsity in turn (magnitude, per layer or with --prune-scope "
+                    "global over the net), fine-tuning after each; "
                     "lowrank-prune: factorize first (--scheme, --speedup), fine-tune, then the same pruning "
                     "rounds. Each round fine-tunes until validation top-1 is within --tolerance of the "
                     "original's, at most --max-epochs epochs. Writes OUTDIR/model.prototxt, model.caffemodel, "

@@ -131,3 +131,25 @@ def test_report_outcome_reasons_and_structured_rank(tmp_path, capsys):
     assert net.layer("conv2_lr1").p("convolution_param").num_output == conv2["rank"]
     assert rows["ip2"]["action"] == "shrunk"
     assert rep["outcome"]["faster"] and "smaller than the original" in rep["outcome"]["summary"]
+
+
+def test_convert_all_phases_keeps_the_phase_rules(tmp_path, capsys):
+    d = golden_case("lenet_mnist")
+    from lrprune_caffe.caffe_io import parse_prototxt, read_net
+    out = tmp_path / "o"
+    rc, o, err = run_cli(capsys, "convert", d / "train_test.prototxt", d / "model.caffemodel", "-o", out,
+                         "--all-phases")
+    assert rc == 0, err
+    written = parse_prototxt(out / "model.prototxt")
+    original = parse_prototxt(d / "train_test.prototxt")
+    assert [l.name for l in written.layer] == [l.name for l in original.layer]
+    assert [[r.phase for r in l.include] for l in written.layer] == [[r.phase for r in l.include]
+                                                                    for l in original.layer]
+    for phase in ("TEST", "TRAIN"):  # each view of the written net is the original's view
+        a, b = read_net(out / "model.prototxt", phase), read_net(d / "train_test.prototxt", phase)
+        assert [l.name for l in a.layers] == [l.name for l in b.layers]
+    from lrprune_caffe.caffe_io import read_caffemodel
+    back = {w.name: w.blobs for w in read_caffemodel(out / "model.caffemodel")}
+    ref = {w.name: w.blobs for w in read_caffemodel(d / "model.caffemodel")}
+    for name in ("conv1", "conv2", "ip1", "ip2"):
+        assert all(np.array_equal(x, y) for x, y in zip(back[name], ref[name]))

@@ -123,5 +123,6 @@ def test_bad_requests(lenet, data, tmp_path, capsys, monkeypatch):
     _bad(capsys, base + ["--val", data[1], "--sparsity", "1.2"], out, "--sparsity")
     _bad(capsys, base + ["--val", data[1], "--tolerance", "2"], out, "--tolerance")
     _bad(capsys, base, out, "validation data")
+    _bad(capsys, base + ["--val", data[1], "--schedule", "han", "--speedup", "3"], out, "only prunes")
     monkeypatch.setitem(sys.modules, "torch", None)
     _bad(capsys, base + ["--val", data[1]], out, "pip install")

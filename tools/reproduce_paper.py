@@ -250,11 +250,14 @@ def markdown(res) -> str:
         f"{res['bench']['runs']} runs each; dense execution (zeros cost the same time)",
         f"- Python {v['python']}, numpy {v['numpy']}, torch {v['torch']} ({o['threads']} threads), "
         f"{v['cpus']} CPUs; fine-tuning took {res['finetune_time_s']} s in all", "",
-        "| method | top-1 | params | nonzero | dense bytes | CSR bytes | MACs | latency ms | ft rounds | epochs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        "| method | top-1 | params | nonzero | dense bytes | CSR bytes | MACs | latency ms | speed-up vs "
+        "original | ft rounds | epochs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base_ms = res["rows"][0]["latency_ms"]
     for row in res["rows"]:
         lines.append(f"| {row['method']} | {100 * row['top1']:.1f}% | {row['params']:,} | {row['nonzero_params']:,} | "
                      f"{row['dense_bytes']:,} | {row['csr_bytes']:,} | {row['macs']:,} | {row['latency_ms']:.4f} | "
+                     f"{base_ms / row['latency_ms']:.2f}x | "
                      f"{row['finetune_rounds']}" + ("" if row["reached"] else " (tolerance not reached)")
                      + f" | {row['epochs']} |")
     p = res["paper"]
