@@ -10,9 +10,9 @@ from .errors import UserError
 from .fileutil import OutputSet
 
 
-def inspect_net(prototxt, weights=None, phase="TEST") -> dict:
+def inspect_net(prototxt, weights=None, phase="TEST", stages=(), level=0) -> dict:
     """Per-layer table (name, type, bottoms, tops, output shapes, params, MACs) and totals."""
-    net = load_net(prototxt, weights, phase=phase)
+    net = load_net(prototxt, weights, phase=phase, stages=stages, level=level)
     shapes = validate(net)
     rows = layer_stats(net, shapes)
     return {
@@ -62,14 +62,14 @@ def write_net(net, outdir, name="model", with_weights=True, extra=None, check=Tr
     return written
 
 
-def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False) -> dict:
+def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False, stages=(), level=0) -> dict:
     """Upgrade a net (V1, input headers) to the current format without Caffe.
 
     Default: the ``phase`` view (TEST = deploy), validated. ``all_phases``: every layer
     kept with its phase rules, as Caffe's upgrade_net_proto_text does for a train_val
     net (not validated: it holds Data layers); weights merge by layer name."""
     if not all_phases:
-        net = load_net(prototxt, weights, phase=phase)
+        net = load_net(prototxt, weights, phase=phase, stages=stages, level=level)
         written = write_net(net, outdir, with_weights=weights is not None)
         return {"written": written, "notes": list(net.notes)}
     from .caffe_io import merge_weights, read_caffemodel

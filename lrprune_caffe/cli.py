@@ -50,7 +50,7 @@ def _shape_str(shapes) -> str:
 
 def cmd_inspect(args):
     from .api import inspect_net
-    info = inspect_net(args.net, args.weights, phase=args.phase)
+    info = inspect_net(args.net, args.weights, phase=args.phase, stages=tuple(args.stage), level=args.level)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -69,7 +69,11 @@ def cmd_inspect(args):
 
 def cmd_convert(args):
     from .api import convert
-    res = convert(args.net, args.weights, args.output, phase=args.phase, all_phases=args.all_phases)
+    if args.all_phases and (args.stage or args.level):
+        from .errors import UserError
+        raise UserError("--all-phases keeps every rule; --stage / --level choose one view: give one or the other")
+    res = convert(args.net, args.weights, args.output, phase=args.phase, all_phases=args.all_phases,
+                  stages=tuple(args.stage), level=args.level)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -91,6 +95,13 @@ def _add_net_args(p, weights_required=False):
                    help="which view of a net with phase rules to use (default TEST, the deploy view)")
 
 
+def _add_state_args(p):
+    """Caffe's NetState beyond the phase: stages and level, for include/exclude rules."""
+    p.add_argument("--stage", action="append", default=[], metavar="NAME",
+                   help="a NetState stage for include/exclude rules (repeatable)")
+    p.add_argument("--level", type=int, default=0, help="the NetState level for min_level/max_level rules")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lrprune-caffe",
@@ -103,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="per-layer table: shapes, params, MACs")
     _add_net_args(p)
+    _add_state_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="upgrade to the current Caffe format (V1, input headers, phases)")
     _add_net_args(p)
+    _add_state_args(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                    help="folder for model.prototxt (and model.caffemodel)")
     p.add_argument("--all-phases", action="store_true",

@@ -153,3 +153,22 @@ def test_convert_all_phases_keeps_the_phase_rules(tmp_path, capsys):
     ref = {w.name: w.blobs for w in read_caffemodel(d / "model.caffemodel")}
     for name in ("conv1", "conv2", "ip1", "ip2"):
         assert all(np.array_equal(x, y) for x, y in zip(back[name], ref[name]))
+
+
+def test_stage_and_level_from_the_cli(tmp_path, capsys):
+    p = tmp_path / "staged.prototxt"
+    p.write_text('input: "data" input_shape { dim: 1 dim: 4 }\n'
+                 'layer { name: "a" type: "ReLU" bottom: "data" top: "a" }\n'
+                 'layer { name: "b" type: "Sigmoid" bottom: "a" top: "b" include { phase: TEST stage: "deploy" } }\n'
+                 'layer { name: "c" type: "TanH" bottom: "a" top: "c" include { phase: TEST min_level: 2 } }\n')
+
+    def names(*extra):
+        rc, out, err = run_cli(capsys, "inspect", p, "--json", *extra)
+        assert rc == 0, err
+        return [l["name"] for l in json.loads(out)["layers"] if l["type"] != "Input"]
+    assert names() == ["a"]
+    assert names("--stage", "deploy") == ["a", "b"]
+    assert names("--level", "2") == ["a", "c"]
+    assert names("--stage", "deploy", "--level", "3") == ["a", "b", "c"]
+    rc, out, err = run_cli(capsys, "convert", p, "-o", tmp_path / "o", "--stage", "deploy")
+    assert rc == 0 and '"b"' in (tmp_path / "o" / "model.prototxt").read_text()
