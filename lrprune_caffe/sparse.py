@@ -129,16 +129,22 @@ def csr_relative_bytes(array, index_bits: int = 8, value_bytes: int = 4) -> int:
     rows = a.shape[0] if a.ndim >= 2 else 1
     mat = a.reshape(rows, -1)
     m = (1 << int(index_bits)) - 1
-    r, c = np.nonzero(mat)  # row-major order
-    if r.size:
-        prev = np.empty_like(c)
-        prev[0] = -1
-        prev[1:] = c[:-1]
-        prev[1:][r[1:] != r[:-1]] = -1  # a new row starts at -1
-        gaps = c - prev
-        entries = int(((gaps + m - 1) // m).sum())
+    if np.count_nonzero(mat) == mat.size:
+        entries = mat.size  # dense: every gap is 1, one entry each
     else:
+        # rows in blocks of ~4M elements: np.nonzero's int64 indices of a VGG fc6 would be 1.6 GB
+        step = max(1, (1 << 22) // max(1, mat.shape[1]))
         entries = 0
+        for start in range(0, rows, step):
+            r, c = np.nonzero(mat[start:start + step])  # row-major order
+            if not r.size:
+                continue
+            prev = np.empty_like(c)
+            prev[0] = -1
+            prev[1:] = c[:-1]
+            prev[1:][r[1:] != r[:-1]] = -1  # a new row starts at -1
+            gaps = c - prev
+            entries += int(((gaps + m - 1) // m).sum())
     bits = entries * (8 * int(value_bytes) + int(index_bits))
     return (bits + 7) // 8 + 4 * (rows + 1)
 
