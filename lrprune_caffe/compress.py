@@ -16,10 +16,8 @@ Everything is written at the end, all or nothing, by ``api.write_net``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -628,13 +626,7 @@ def step_write(job: CompressJob):
         return
     from .api import write_net
     from .report import report_markdown
-    if job.opts.onnx and "model.onnx" not in job.extra:  # the sizes step exports it (sparse or dense)
-        from .onnx_export import save_onnx
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "model.onnx")
-            info = save_onnx(job.new, path, opset=int(job.opts.opset))
-            job.extra["model.onnx"] = Path(path).read_bytes()
-        job.report["onnx"] = {k: v for k, v in info.items() if k not in ("path",)}
+    # model.onnx (with --onnx) is already in job.extra: the sizes step exported it to count its bytes
     safe = json_safe(job.report)
     extra = {"report.json": json.dumps(safe, indent=2) + "\n", "report.md": report_markdown(safe)}
     extra.update(job.extra)

@@ -502,9 +502,7 @@ def compress_sizes_step(job) -> None:
     from .sparse import sparsify_model, storage_report
     if job.report is None or job.new is None:
         return
-    sparse = bool(job.extra_options.get("sparse"))
-    if sparse and not job.opts.onnx:
-        raise UserError("--sparse writes sparse ONNX initializers: it needs --onnx")
+    sparse = bool(job.extra_options.get("sparse"))  # step_check refused --sparse without --onnx
     model = data = None
     if job.opts.onnx:
         from .onnx_export import export_model
@@ -513,6 +511,8 @@ def compress_sizes_step(job) -> None:
             model = sparsify_model(model)
         data = model.SerializeToString()
         job.extra["model.onnx"] = data
+        job.report["onnx"] = {"opset": int(job.opts.opset), "ir_version": int(model.ir_version),
+                              "bytes": len(data), "sparse": sparse}
         if sparse:
             job.report["sparse_onnx"] = {"sparse_initializers": len(model.graph.sparse_initializer),
                                          "dense_initializers": len(model.graph.initializer)}
@@ -565,12 +565,12 @@ def compress_sizes_step(job) -> None:
                                  "onnx_bytes": len(data) if data is not None else None})
     job.report["storage"] = storage
     job.report["outcome"] = outcome(job.report, job.weights, sparse=sparse,
-                                    dense_onnx_bytes=_dense_onnx_bytes(model, storage) if sparse else None)
+                                    dense_onnx_bytes=_dense_onnx_bytes(model) if sparse else None)
     if "masks.npz" in job.extra and "masks.npz" not in job.report.get("files", []):
         job.report.setdefault("files", []).append("masks.npz")
 
 
-def _dense_onnx_bytes(model, storage) -> int:
+def _dense_onnx_bytes(model) -> int:
     """What model.onnx would take with every initializer dense: the file minus what the sparse
     initializers take, plus their dense bytes."""
     dense_extra = 0
