@@ -1,13 +1,14 @@
-"""API: ``compress`` (low-rank factorization end to end) and ``verify`` (two nets, same inputs).
+"""API: ``compress`` (low-rank factorization and pruning end to end) and ``verify`` (two nets, same inputs).
 
 ``compress`` is a pipeline of named steps over one :class:`CompressJob`::
 
-    check -> load -> select -> rank -> factorize -> [prune] -> verify -> report -> write
+    check -> load -> select -> rank -> factorize -> prune -> verify -> report -> sizes -> write
 
 Each step is a function ``step(job)``; :data:`PIPELINE` holds them in order
-and :func:`add_step` inserts another one (pruning goes after ``factorize``:
-``add_step("prune", fn, after="factorize")``; options it needs arrive in
-``job.extra_options``, e.g. ``compress(..., prune=0.5)``). A step may add
+and :func:`add_step` inserts another one. ``prune`` and ``sizes`` (nonzero
+counts, bytes of the written files, the ONNX export) live in
+:mod:`lrprune_caffe.prune`, which registers them; their options arrive in
+``job.extra_options``, e.g. ``compress(..., prune=0.5)``. A step may add
 per-layer fields to ``job.rows``, notes to ``job.notes``, sections to
 ``job.sections`` (they land in report.json) and files to ``job.extra``.
 Everything is written at the end, all or nothing, by ``api.write_net``.
