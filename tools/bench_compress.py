@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -102,18 +101,10 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify) -> dict:
 
 
 def run_child(prototxt, caffemodel, outdir, speedup, scheme, verify, threads=None) -> dict:
+    from bench_io import run_json_child
     shutil.rmtree(outdir, ignore_errors=True)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", prototxt, caffemodel, outdir, str(speedup),
-           scheme, "1" if verify else "0"]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    if threads:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(threads)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode:
-        raise SystemExit(f"compress subprocess failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child(os.path.abspath(__file__), [prototxt, caffemodel, outdir, speedup, scheme,
+                                                      "1" if verify else "0"], threads, what="compress")
 
 
 def versions() -> dict:

@@ -171,9 +171,14 @@ def child(op: str, prototxt: str, caffemodel: str, outdir: str = None) -> dict:
 
 
 def run_child(op, prototxt, caffemodel, outdir=None, threads=None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", op, prototxt, caffemodel]
-    if outdir:
-        cmd.append(outdir)
+    args = [op, prototxt, caffemodel] + ([outdir] if outdir else [])
+    return run_json_child(os.path.abspath(__file__), args, threads, what=op)
+
+
+def run_json_child(script, args, threads=None, what="child") -> dict:
+    """Run ``script --child ARGS`` in a fresh interpreter (its own peak memory; BLAS threads
+    pinned with ``threads``) and return the JSON object on its last stdout line."""
+    cmd = [sys.executable, script, "--child", *map(str, args)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if threads:
@@ -181,7 +186,7 @@ def run_child(op, prototxt, caffemodel, outdir=None, threads=None) -> dict:
             env[var] = str(threads)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
-        raise SystemExit(f"{op} subprocess failed:\n{out.stderr}")
+        raise SystemExit(f"{what} subprocess failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
