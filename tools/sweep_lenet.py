@@ -24,7 +24,8 @@ Usage::
 
     python tools/sweep_lenet.py [--targets 1.5,2,3,4] [--methods channel,spatial,tucker2]
                                 [--sparsities 0.5,0.7,0.8,0.9,0.95] [--prune-after channel@2,spatial@2]
-                                [--rounds 15] [--iters 200] [--engine auto|onnxruntime|opencv] [--json]
+                                [--rounds 15] [--iters 200] [--engine auto|onnxruntime|opencv]
+                                [--plot sweep.png] [--json]
 
 A method is ``fn(prototxt, weights, target) -> (net, info)``; ``info`` holds at
 least ``macs`` and ``params`` of the result. Add rows (e.g. pruning) by adding
@@ -168,6 +169,47 @@ def versions(engine):
     return v
 
 
+def plot(result, path):
+    """Left: top-1 vs whole-net MAC reduction per scheme. Right: top-1 vs sparsity per pruning row."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from lrprune_caffe.fileutil import atomic_write_bytes
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    base = result["rows"][0]["top1"] * 100
+    by = {}
+    for r in result["rows"][1:]:
+        if "error" not in r:
+            by.setdefault(r["method"], []).append((r["macs_reduction"], 100 * r["top1"]))
+    colors = {"channel": "tab:blue", "spatial": "tab:orange", "tucker2": "tab:green", "prune": "black"}
+
+    def color(label):  # the same scheme gets the same color in both panels
+        return colors.get(label.split("/")[0].split(" ")[0], None)
+    for method, pts in by.items():
+        ax.plot(*zip(*[(1.0, base)] + pts), "o-", label=method, color=color(method))
+    ax.set_xlabel("whole-net MAC reduction (x)")
+    ax.set_ylabel("top-1, no fine-tuning (%)")
+    ax.set_title("low-rank schemes")
+    ax.legend(fontsize=8)
+    pr = {}
+    for r in result.get("prune_rows", []):
+        pr.setdefault(r["method"], []).append((100 * r["sparsity_target"], 100 * r["top1"]))
+    for method, pts in pr.items():
+        bx.plot(*zip(*pts), "o-", label=method, color=color(method))
+    bx.axhline(base, ls="--", color="gray", lw=1)
+    bx.set_xlabel("weights pruned per layer (%)")
+    bx.set_title("magnitude pruning, alone and after factorizing")
+    bx.legend(fontsize=8)
+    fig.suptitle(f"real-Caffe LeNet, 1,000 test digits ({result['engine']})", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default="1.5,2,3,4", help="MAC reduction factors (default 1.5,2,3,4)")
@@ -180,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15, help="timing rounds (median reported)")
     ap.add_argument("--iters", type=int, default=200, help="inferences per round")
     ap.add_argument("--engine", choices=["auto", "onnxruntime", "opencv"], default="auto")
+    ap.add_argument("--plot", help="also draw top-1 against MAC reduction and against sparsity (PNG; needs "
+                    "matplotlib, the [plot] extra)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if not (GOLDEN / "model.prototxt").exists():
@@ -220,6 +264,8 @@ def main(argv=None) -> int:
     result = {"versions": versions(engine), "engine": engine, "threads": 1, "batch_latency": 1,
               "rounds": args.rounds, "iters": args.iters, "caffe_top1": 0.973, "rows": rows,
               "prune_rows": prows}
+    if args.plot:
+        plot(result, args.plot)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
