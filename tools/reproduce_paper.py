@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="",
                     help="also run low-rank + pruning with these SCHEME@SPEEDUP settings (comma list, e.g. "
                          "channel@2,spatial@2,tucker2@3) and give their ratios against the same Han row")
+    ap.add_argument("--lr-variants", default="",
+                    help="also run Han pruning and low-rank + pruning at these learning rates (comma list) and "
+                         "give their fine-tuning rounds: the rounds ratio depends on the learning rate")
     ap.add_argument("--plot", help="also draw the rounds as a PNG here (needs matplotlib: the [plot] extra)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -158,10 +161,24 @@ def main(argv=None) -> int:
                          "epochs": rep["summary"]["epochs"], "reached": rep["summary"]["all_reached"],
                          "speedup": b["speedup"], "rounds_ratio": han["finetune_rounds"] / fr if fr else None,
                          "memory_ratio": han["csr_bytes"] / st["csr_bytes"]})
+    lr_rows = []
+    for lr in [float(v) for v in args.lr_variants.split(",") if v.strip()]:
+        row = {"lr": lr}
+        for label, sched in (("han", "han"), ("lrp", "lowrank-prune")):
+            opts = PipelineOptions(schedule=sched, prune_steps=steps,
+                                   **{**common, "solver": SolverSettings(base_lr=lr)})
+            print(f"lr {lr}: {sched} ...", file=sys.stderr, flush=True)
+            net, _, rep = run_pipeline(base, train, test, opts, prototxt=proto, weights=weights)
+            row[label] = {"finetune_rounds": rep["summary"]["finetune_rounds"], "epochs": rep["summary"]["epochs"],
+                          "reached": rep["summary"]["all_reached"],
+                          "top1": evaluate(net, test, progress=False)["top1"]}
+        fr = row["lrp"]["finetune_rounds"]
+        row["rounds_ratio"] = row["han"]["finetune_rounds"] / fr if fr else None
+        lr_rows.append(row)
     versions = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                 "onnxruntime": onnxruntime.__version__, "cpus": os.cpu_count()}
     result = {"versions": versions, "options": {k: v for k, v in vars(args).items() if k not in ("out", "json")},
-              "rows": rows, "ratios": ratios, "variants": variants, "paper": PAPER, "bench": {"runs": bench["runs"], "threads": 1},
+              "rows": rows, "ratios": ratios, "variants": variants, "lr_variants": lr_rows, "paper": PAPER, "bench": {"runs": bench["runs"], "threads": 1},
               "finetune_time_s": round(train_s, 1)}
     if args.plot:
         plot_rounds(result, args.plot)
@@ -239,6 +256,7 @@ def markdown(res) -> str:
         "Produced by `python tools/reproduce_paper.py"
         + "".join(f" --{k.replace('_', '-')} {o[k]}" for k in ("speedup", "scheme", "prune_scope", "prune_steps"))
         + (f" --variants {o['variants']}" if o.get("variants") else "")
+        + (f" --lr-variants {o['lr_variants']}" if o.get("lr_variants") else "")
         + (f" --plot {res['plot']}" if res.get("plot") else "") + "`.", "",
         "- net: `../shared/golden/lenet_mnist` (trained by real Caffe); data: `../shared/data/mnist5k_split.npz`, "
         "fine-tuning on its 4,000 training digits, top-1 on its 1,000 test digits (onnxruntime, written net)",
@@ -293,6 +311,19 @@ def markdown(res) -> str:
                          + ("" if v_["reached"] else " (not reached)")
                          + f" | {v_['epochs']} | {_ratio(v_['speedup'])} | {_ratio(v_['rounds_ratio'])} | "
                            f"{_ratio(v_['memory_ratio'])} |")
+    if res.get("lr_variants"):
+        lines += ["", "## Learning rate", "",
+                  f"The same two schedules (the main table's settings) at other fine-tuning learning rates "
+                  f"(main table: {o['lr']}). Speed and memory do not change with it; the rounds do.", "",
+                  "| lr | Han: top-1, ft rounds, epochs | low-rank + pruning: top-1, ft rounds, epochs | "
+                  "fewer rounds |", "| --- | --- | --- | --- |"]
+        for v_ in res["lr_variants"]:
+            h, q = v_["han"], v_["lrp"]
+
+            def cell(x):
+                return (f"{100 * x['top1']:.1f}%, {x['finetune_rounds']}, {x['epochs']}"
+                        + ("" if x["reached"] else " (not reached)"))
+            lines.append(f"| {v_['lr']:g} | {cell(h)} | {cell(q)} | {_ratio(v_['rounds_ratio'])} |")
     lines += ["", "## Reading", ""] + [f"- {v}" for v in verdict]
     if res.get("plot"):
         lines += ["", f"![rounds]({res['plot']})"]
