@@ -67,7 +67,7 @@ def cmd_evaluate(args):
                    threads=args.threads)
     res["net"] = args.net
     res["weights"] = args.weights
-    res["notes"] = list(net.notes) + res["notes"]
+    res["notes"] = list(net.notes) + list(getattr(ds, "notes", [])) + res["notes"]
     if args.json:
         print(json.dumps(res, indent=2))
         return 0

@@ -17,7 +17,7 @@ Problems with the data are :class:`BadFileError` naming the file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -36,12 +36,13 @@ class Dataset:
     y: np.ndarray
     source: str = "data"
     classes: Optional[list] = None  # class names (image folders)
+    notes: list = field(default_factory=list)  # what loading did that the user should know
 
     def __len__(self):
         return int(self.x.shape[0])
 
     def subset(self, idx) -> "Dataset":
-        return Dataset(self.x[idx], self.y[idx], self.source, self.classes)
+        return Dataset(self.x[idx], self.y[idx], self.source, self.classes, list(self.notes))
 
 
 def make_dataset(x, y, source="data") -> Dataset:
@@ -193,6 +194,7 @@ def load_image_folder(path, input_shape, pre: Preprocess = None) -> Dataset:
         raise BadFileError("expected one subfolder per class, found none", path=path)
     Image = _pil()
     xs, ys = [], []
+    cropped = 0
     for label, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
@@ -207,6 +209,8 @@ def load_image_folder(path, input_shape, pre: Preprocess = None) -> Dataset:
                 raise BadFileError(f"cannot read the image: {e}", path=f) from None
             if arr is None:
                 raise BadFileError(f"image {why}", path=f)
+            if not pre.resize and img.size != (size[1], size[0]):
+                cropped += 1
             xs.append(arr)
             ys.append(label)
     if not xs:
@@ -214,6 +218,9 @@ def load_image_folder(path, input_shape, pre: Preprocess = None) -> Dataset:
                            path=path)
     ds = make_dataset(np.stack(xs), np.asarray(ys, dtype=np.int64), str(path))
     ds.classes = classes
+    if cropped:
+        ds.notes.append(f"{cropped} of {len(xs)} images are larger than the net's {size[1]}x{size[0]} input and "
+                        f"were center-cropped without resizing (--resize N scales the shorter side first)")
     return ds
 
 

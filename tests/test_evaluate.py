@@ -152,8 +152,9 @@ def test_caffe_style_preprocessing(tmp_path):
     np.testing.assert_allclose(ds.x[0], expected, rtol=1e-6, atol=1e-5)
     ds = load_image_folder(tmp_path, (1, 3, 8, 8), Preprocess(bgr=False))
     np.testing.assert_array_equal(ds.x[0], crop.transpose(2, 0, 1))
+    assert ds.notes and "center-cropped without resizing" in ds.notes[0]  # a 12x10 image for an 8x8 input
     ds = load_image_folder(tmp_path, (1, 3, 5, 5), Preprocess(resize=5, bgr=False))  # short side 10 -> 5
-    assert ds.x.shape == (1, 3, 5, 5)
+    assert ds.x.shape == (1, 3, 5, 5) and not ds.notes
     with pytest.raises(BadFileError, match="smaller than the net input"):
         load_image_folder(tmp_path, (1, 3, 16, 16))
 
