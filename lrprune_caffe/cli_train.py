@@ -201,6 +201,24 @@ def cmd_pipeline(args):
     return 0
 
 
+def _add_solver_args(p, default_lr, solver_help, max_iter_help):
+    """The solver flags of finetune and pipeline (read by :func:`solver_from_args`);
+    ``max_iter_help=None`` hides --max-iter (the pipeline ignores it)."""
+    import argparse
+    p.add_argument("--solver", metavar="solver.prototxt", help=solver_help)
+    p.add_argument("--lr", type=float, default=None, help=f"base learning rate (default {default_lr})")
+    p.add_argument("--momentum", type=float, default=None, help="momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 0.0005)")
+    p.add_argument("--lr-policy", choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
+                   default=None, help="Caffe lr policy (default fixed)")
+    p.add_argument("--gamma", type=float, default=None, help="lr policy gamma")
+    p.add_argument("--power", type=float, default=None, help="lr policy power")
+    p.add_argument("--stepsize", type=int, default=None, help="lr policy stepsize")
+    p.add_argument("--max-iter", type=int, default=None, help=max_iter_help or argparse.SUPPRESS)
+    p.add_argument("--solver-type", choices=["SGD", "Nesterov", "Adam"], default=None,
+                   help="update rule (default SGD)")
+
+
 def register(sub):
     from .cli import _add_net_args
 
@@ -225,20 +243,10 @@ def register(sub):
                    help="pruning masks (bool, True = keep, keys '<layer>/<blob idx>'): masked weights stay 0")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per iteration (default 64)")
-    p.add_argument("--solver", metavar="solver.prototxt",
-                   help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, max_iter...); "
-                        "flags below override it; max_iter overrides --epochs")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.001)")
-    p.add_argument("--momentum", type=float, default=None, help="momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 0.0005)")
-    p.add_argument("--lr-policy", choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
-                   default=None, help="Caffe lr policy (default fixed)")
-    p.add_argument("--gamma", type=float, default=None, help="lr policy gamma")
-    p.add_argument("--power", type=float, default=None, help="lr policy power")
-    p.add_argument("--stepsize", type=int, default=None, help="lr policy stepsize")
-    p.add_argument("--max-iter", type=int, default=None, help="iterations (batches); overrides --epochs")
-    p.add_argument("--solver-type", choices=["SGD", "Nesterov", "Adam"], default=None,
-                   help="update rule (default SGD)")
+    _add_solver_args(p, default_lr=0.001,
+                     solver_help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, "
+                                 "max_iter...); flags below override it; max_iter overrides --epochs",
+                     max_iter_help="iterations (batches); overrides --epochs")
     p.add_argument("--seed", type=int, default=None, help="shuffling / dropout seed (default 0)")
     p.add_argument("--output", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -280,17 +288,8 @@ def register(sub):
                    help="a round ends once val top-1 >= original - TOL (default 0.005 = 0.5 points)")
     p.add_argument("--max-epochs", type=int, default=5, help="epochs at most per round (default 5)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per iteration (default 64)")
-    p.add_argument("--solver", metavar="solver.prototxt", help="Caffe solver settings (flags override)")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.005)")
-    p.add_argument("--momentum", type=float, default=None, help="momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 0.0005)")
-    p.add_argument("--lr-policy", choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
-                   default=None, help="Caffe lr policy over each round (default fixed)")
-    p.add_argument("--gamma", type=float, default=None, help=argparse_suppress())
-    p.add_argument("--power", type=float, default=None, help=argparse_suppress())
-    p.add_argument("--stepsize", type=int, default=None, help=argparse_suppress())
-    p.add_argument("--max-iter", type=int, default=None, help=argparse_suppress())
-    p.add_argument("--solver-type", choices=["SGD", "Nesterov", "Adam"], default=None, help="update rule")
+    _add_solver_args(p, default_lr=0.005, solver_help="Caffe solver settings (flags override; its max_iter "
+                     "is ignored: rounds run by epochs)", max_iter_help=None)
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch / engine threads")
     p.add_argument("--onnx", action="store_true", help="also write OUTDIR/model.onnx")
@@ -298,7 +297,3 @@ def register(sub):
     p.add_argument("--json", action="store_true", help="print report.json")
     p.set_defaults(func=cmd_pipeline)
 
-
-def argparse_suppress():
-    import argparse
-    return argparse.SUPPRESS

@@ -20,7 +20,6 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -200,14 +199,8 @@ def step_check(job: CompressJob):
         raise UserError(f"compress: unknown option(s) {', '.join(unknown)}")
     job.default_rank, job.layer_ranks = parse_rank_spec(job.opts.rank)
     if job.outdir is not None:
-        out = Path(job.outdir)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{out}: exists and is not a folder")
-        for d in out.parents:  # missing folders are created at the end (and only then)
-            if d.exists():
-                if not d.is_dir():
-                    raise UserError(f"{out}: '{d}' is a file, not a folder")
-                break
+        from .fileutil import check_outdir
+        check_outdir(job.outdir)  # missing folders are created at the end (and only then)
     if job.opts.onnx:
         try:
             from .onnx_export import check_opset

@@ -92,6 +92,25 @@ def read_npz(path, what="an .npz file") -> dict:
                            path=path) from None
 
 
+def check_outdir(outdir) -> list:
+    """Before any work: ``outdir`` must be a folder or creatable as one (like mkdir -p).
+    Returns the folders that do not exist yet, deepest first."""
+    outdir = Path(outdir)
+    if outdir.exists():
+        if not outdir.is_dir():
+            raise UserError(f"{outdir}: exists and is not a folder")
+        return []
+    missing, d = [], outdir
+    while not d.exists():
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{outdir}: '{d}' is a file, not a folder")
+    return missing
+
+
 class OutputSet:
     """Several output files that appear together or not at all.
 
@@ -106,25 +125,15 @@ class OutputSet:
         self._created: list[Path] = []
 
     def __enter__(self):
-        if not self.outdir.exists():
+        missing = check_outdir(self.outdir)
+        if missing:
             # like mkdir -p; every folder created here is removed again on failure
-            missing = []
-            d = self.outdir
-            while not d.exists():
-                missing.append(d)
-                if d.parent == d:
-                    break
-                d = d.parent
-            if d.exists() and not d.is_dir():
-                raise UserError(f"{self.outdir}: '{d}' is a file, not a folder")
             try:
                 self.outdir.mkdir(parents=True)
             except OSError as e:
                 raise UserError(f"{self.outdir}: cannot create the output folder ({e.strerror})") from None
             self._created = missing  # deepest first
             self._created_dir = True
-        elif not self.outdir.is_dir():
-            raise UserError(f"{self.outdir}: exists and is not a folder")
         return self
 
     def path(self, name: str) -> str:

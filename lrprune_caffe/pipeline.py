@@ -261,8 +261,8 @@ def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, lo
     net = load_net(prototxt, weights)
     opts = PipelineOptions(**kw)
     if outdir is not None:
-        from .compress import CompressJob, CompressOptions, step_check
-        step_check(CompressJob(str(prototxt), str(weights), outdir, CompressOptions(rank=1)))  # output folder
+        from .fileutil import check_outdir
+        check_outdir(outdir)  # before the training, not after
     final, masks, report = run_pipeline(net, train, val, opts, log=log, prototxt=prototxt, weights=weights)
     report["source"] = {"prototxt": str(prototxt), "weights": str(weights)}
     if outdir is not None:
