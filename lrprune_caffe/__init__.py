@@ -5,7 +5,7 @@ layers into low-rank pairs, prunes, fine-tunes, and writes Caffe files that
 Caffe and OpenCV load unchanged, or ONNX for mobile runtimes.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .errors import BadFileError, LrpruneError, UserError  # noqa: E402,F401
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analysis import layer_stats, totals, validate
-from .caffe_io import caffemodel_chunks, load_net, net_to_prototxt, PROTOBUF_LIMIT
+from .ir.analysis import layer_stats, totals, validate
+from .io.caffe import caffemodel_chunks, load_net, net_to_prototxt, PROTOBUF_LIMIT
 from .errors import UserError
 from .fileutil import OutputSet
 
@@ -72,8 +72,8 @@ def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False
         net = load_net(prototxt, weights, phase=phase, stages=stages, level=level)
         written = write_net(net, outdir, with_weights=weights is not None)
         return {"written": written, "notes": list(net.notes)}
-    from .caffe_io import merge_weights, read_caffemodel
-    from .compress import read_train_net
+    from .io.caffe import merge_weights, read_caffemodel
+    from .core.compress import read_train_net
     net = read_train_net(prototxt)
     if weights is not None:
         merge_weights(net, read_caffemodel(weights), path=weights, strict=False)

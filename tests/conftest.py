@@ -45,7 +45,7 @@ def lenet_files():
 
 def run_cli(capsys, *argv):
     """Run the CLI in-process: (exit status, stdout, stderr)."""
-    from lrprune_caffe.cli import main
+    from lrprune_caffe.cli.main import main
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err

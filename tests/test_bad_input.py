@@ -1,6 +1,6 @@
 """Bad input files: ONE line on stderr, exit status 2, no traceback, nothing written.
 
-Every case runs through ``lrprune_caffe.cli.main`` as ``inspect`` and as
+Every case runs through ``lrprune_caffe.cli.main.main`` as ``inspect`` and as
 ``convert`` (into a new OUTDIR, which must not appear, and into an existing
 empty OUTDIR, which must stay empty). The example LeNet in ``examples/lenet``
 (a project file) is the good model the broken ones are made from.
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lrprune_caffe import caffe_io
-from lrprune_caffe.cli import main
+from lrprune_caffe.io import caffe as caffe_io
+from lrprune_caffe.cli.main import main
 from lrprune_caffe.errors import BadFileError, UserError
-from lrprune_caffe.ir import array_to_blobproto
-from lrprune_caffe.proto import pb
+from lrprune_caffe.ir.net import array_to_blobproto
+from lrprune_caffe.schema.proto import pb
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lenet"

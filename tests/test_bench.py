@@ -8,10 +8,10 @@ import pytest
 
 from conftest import golden_case
 
-from lrprune_caffe import bench
-from lrprune_caffe.bench import bench_nets
-from lrprune_caffe.caffe_io import load_net
-from lrprune_caffe.cli import main
+from lrprune_caffe.engines import bench
+from lrprune_caffe.engines.bench import bench_nets
+from lrprune_caffe.io.caffe import load_net
+from lrprune_caffe.cli.main import main
 from lrprune_caffe.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""``inspect`` and ``convert`` through ``lrprune_caffe.cli.main`` and once as a real process."""
+"""``inspect`` and ``convert`` through ``lrprune_caffe.cli.main.main`` and once as a real process."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN, GOLDEN_CASES, golden_case, load_npz
-from lrprune_caffe.analysis import infer_shapes
-from lrprune_caffe.caffe_io import load_net
-from lrprune_caffe.cli import main
-from lrprune_caffe.ir import array_to_blobproto
-from lrprune_caffe.proto import pb
+from lrprune_caffe.ir.analysis import infer_shapes
+from lrprune_caffe.io.caffe import load_net
+from lrprune_caffe.cli.main import main
+from lrprune_caffe.ir.net import array_to_blobproto
+from lrprune_caffe.schema.proto import pb
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lenet"
@@ -172,7 +172,7 @@ def test_convert_train_phase(tmp_path, capsys):
     assert rc == 0
     net = load_net(tmp_path / "o" / "model.prototxt", phase="TRAIN")
     assert [lr.name for lr in net.layers][-1] == "loss"
-    assert net.layer("mnist").p("data_param").source == "mnist_train_lmdb"
+    assert net.layer("mnist").param_msg("data_param").source == "mnist_train_lmdb"
 
 
 def test_python_dash_m(tmp_path):

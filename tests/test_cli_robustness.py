@@ -126,16 +126,16 @@ def test_report_outcome_reasons_and_structured_rank(tmp_path, capsys):
     rows = {r["name"]: r for r in rep["layers"]}
     conv2 = rows["conv2"]
     assert conv2["action"] == "factorized+pruned" and conv2["rank"] == conv2["rank_factorized"] // 2
-    from lrprune_caffe.caffe_io import load_net
+    from lrprune_caffe.io.caffe import load_net
     net = load_net(tmp_path / "b" / "model.prototxt")
-    assert net.layer("conv2_lr1").p("convolution_param").num_output == conv2["rank"]
+    assert net.layer("conv2_lr1").param_msg("convolution_param").num_output == conv2["rank"]
     assert rows["ip2"]["action"] == "shrunk"
     assert rep["outcome"]["faster"] and "smaller than the original" in rep["outcome"]["summary"]
 
 
 def test_convert_all_phases_keeps_the_phase_rules(tmp_path, capsys):
     d = golden_case("lenet_mnist")
-    from lrprune_caffe.caffe_io import parse_prototxt, read_net
+    from lrprune_caffe.io.caffe import parse_prototxt, read_net
     out = tmp_path / "o"
     rc, o, err = run_cli(capsys, "convert", d / "train_test.prototxt", d / "model.caffemodel", "-o", out,
                          "--all-phases")
@@ -148,7 +148,7 @@ def test_convert_all_phases_keeps_the_phase_rules(tmp_path, capsys):
     for phase in ("TEST", "TRAIN"):  # each view of the written net is the original's view
         a, b = read_net(out / "model.prototxt", phase), read_net(d / "train_test.prototxt", phase)
         assert [l.name for l in a.layers] == [l.name for l in b.layers]
-    from lrprune_caffe.caffe_io import read_caffemodel
+    from lrprune_caffe.io.caffe import read_caffemodel
     back = {w.name: w.blobs for w in read_caffemodel(out / "model.caffemodel")}
     ref = {w.name: w.blobs for w in read_caffemodel(d / "model.caffemodel")}
     for name in ("conv1", "conv2", "ip1", "ip2"):

@@ -102,9 +102,9 @@ def test_compress_vbmf(tmp_path, capsys):
 
 
 def test_compress_onnx_matches_caffe_files(tmp_path, capsys):
-    pytest.importorskip("lrprune_caffe.onnx_export")
+    pytest.importorskip("lrprune_caffe.export.onnx")
     cv2 = pytest.importorskip("cv2")
-    from lrprune_caffe.runtime import ort_session
+    from lrprune_caffe.engines.runtime import ort_session
     d, proto, model = lenet()
     out = tmp_path / "o"
     rc, _, err = run(capsys, "compress", proto, model, "-o", out, "--speedup", "3", "--onnx", "--no-verify")
@@ -118,9 +118,9 @@ def test_compress_onnx_matches_caffe_files(tmp_path, capsys):
 
 def test_engine_falls_back_to_opencv_with_a_note(tmp_path, monkeypatch):
     pytest.importorskip("cv2")
-    from lrprune_caffe import runtime
-    from lrprune_caffe.compress import compress
-    from lrprune_caffe.layers import NoLowering
+    from lrprune_caffe.engines import runtime
+    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.ir.layers import NoLowering
 
     def no_lowering(*a, **k):
         raise NoLowering("no ONNX lowering for layer type 'Fancy'")
@@ -158,7 +158,7 @@ def test_verify_identical_and_compressed(tmp_path, capsys):
 
 
 def test_compare_outputs_numbers():
-    from lrprune_caffe.compare import compare_outputs
+    from lrprune_caffe.engines.compare import compare_outputs
     ref = {"p": np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), "f": np.ones((2, 3, 4, 4))}
     test = {"p": np.array([[1.0, 0.1, 0.0], [0.0, 2.0, 3.0]]), "f": np.ones((2, 3, 4, 4))}
     res = compare_outputs(ref, test)
@@ -253,8 +253,8 @@ def test_python_dash_m_compress(tmp_path):
 def test_budget_criterion_keeps_accuracy_at_3x():
     """Zhang et al.'s log-energy budget spreads the cuts; the plain discarded-energy one guts
     conv2 (rank 2) and loses a third of LeNet's accuracy without fine-tuning."""
-    from lrprune_caffe.compress import compress
-    from lrprune_caffe.runtime import run_net
+    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.engines.runtime import run_net
     d, proto, model = lenet()
     x = load_npz(d / "inputs.npz")["data"]
     y = load_npz(d / "labels.npz")

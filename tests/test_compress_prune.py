@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import lenet_files, run_cli, golden_case, load_npz
-from lrprune_caffe.cli import main
+from lrprune_caffe.cli.main import main
 
 cv2 = pytest.importorskip("cv2")
 ort = pytest.importorskip("onnxruntime")
@@ -27,7 +27,7 @@ run = run_cli
 
 def cv_blobs(outdir, layer_names):
     """Every blob of the named layers, as OpenCV's Caffe reader loaded them."""
-    from lrprune_caffe.caffe_io import load_net
+    from lrprune_caffe.io.caffe import load_net
     tops = {layer.name: layer.tops[0] for layer in load_net(outdir / "model.prototxt").layers if layer.tops}
     net = cv2.dnn.readNetFromCaffe(str(outdir / "model.prototxt"), str(outdir / "model.caffemodel"))
     out = {}

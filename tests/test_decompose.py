@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sla
 
-from lrprune_caffe.lowrank import decompose as dec
-from lrprune_caffe.lowrank import rank as rk
+from lrprune_caffe.lowrank import decompose as dec, rank as rk
 
 METHODS = ["gram", "exact"]
 

@@ -10,11 +10,11 @@ import pytest
 
 from conftest import GOLDEN, ROOT, golden_case, load_npz
 
-from lrprune_caffe.caffe_io import load_net
-from lrprune_caffe.cli import main
-from lrprune_caffe.data import Preprocess, load_image_folder, load_mnist_split, load_npz_data
+from lrprune_caffe.io.caffe import load_net
+from lrprune_caffe.cli.main import main
+from lrprune_caffe.data.datasets import Preprocess, load_image_folder, load_mnist_split, load_npz_data
 from lrprune_caffe.errors import BadFileError, UserError
-from lrprune_caffe.evaluate import evaluate, resolve_scores
+from lrprune_caffe.engines.evaluate import evaluate, resolve_scores
 
 SPLIT = GOLDEN.parent / "data" / "mnist5k_split.npz"
 
@@ -62,7 +62,7 @@ def test_lenet_accuracy_is_real_caffes(lenet, split, engine):
 
 def test_falls_back_to_opencv_without_onnx_export(lenet, split, monkeypatch):
     pytest.importorskip("cv2")
-    monkeypatch.setitem(sys.modules, "lrprune_caffe.onnx_export", None)
+    monkeypatch.setitem(sys.modules, "lrprune_caffe.export.onnx", None)
     res = evaluate(load_net(*lenet), split[1].subset(slice(0, 300)))
     assert res["engine"] == "opencv" and "ONNX export not available" in res["notes"][0]
 
@@ -75,9 +75,9 @@ layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_p
 
 def test_few_classes_have_no_top5_and_counts_are_exact():
     from google.protobuf import text_format
-    from lrprune_caffe.analysis import validate
-    from lrprune_caffe.ir import Layer, Net
-    from lrprune_caffe.proto import pb
+    from lrprune_caffe.ir.analysis import validate
+    from lrprune_caffe.ir.net import Layer, Net
+    from lrprune_caffe.schema.proto import pb
     msg = text_format.Parse(TINY, pb.NetParameter())
     net = Net(name="tiny", layers=[Layer.from_proto(lp) for lp in msg.layer])
     rng = np.random.default_rng(0)

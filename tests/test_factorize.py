@@ -9,15 +9,15 @@ import pytest
 import scipy.linalg as sla
 
 from conftest import first_inputs, golden_case, load_npz
-from lrprune_caffe.analysis import infer_shapes, layer_stats
+from lrprune_caffe.ir.analysis import infer_shapes, layer_stats
 from lrprune_caffe.api import inspect_net, write_net
-from lrprune_caffe.caffe_io import load_net, read_net
-from lrprune_caffe.compare import compare_outputs
-from lrprune_caffe.ir import Layer, Net
-from lrprune_caffe.layers.conv import conv_geometry
+from lrprune_caffe.io.caffe import load_net, read_net
+from lrprune_caffe.engines.compare import compare_outputs
+from lrprune_caffe.ir.net import Layer, Net
+from lrprune_caffe.ir.layers.conv import conv_geometry
 from lrprune_caffe.lowrank import decompose as dec
-from lrprune_caffe.passes import Precondition, run_pass
-from lrprune_caffe.passes.factorize import LayerPlan, factorize, layer_info
+from lrprune_caffe.transforms import Precondition, run_pass
+from lrprune_caffe.transforms.factorize import LayerPlan, factorize, layer_info
 
 cv2 = pytest.importorskip("cv2")
 
@@ -99,7 +99,7 @@ def test_names_and_blobs_of_the_chains():
     ip1, ip2 = net.layer("ip1_lr1"), net.layer("ip1_lr2")
     assert (ip1.tops, ip2.bottoms, ip2.tops) == (["ip1_lr1"], ["ip1_lr1"], ["ip1"])
     assert [b.shape for b in ip1.blobs] == [(20, 800)] and [b.shape for b in ip2.blobs] == [(500, 20), (500,)]
-    assert not ip1.p("inner_product_param").bias_term and ip2.p("inner_product_param").bias_term
+    assert not ip1.param_msg("inner_product_param").bias_term and ip2.param_msg("inner_product_param").bias_term
 
 
 def test_spatial_splits_stride_pad_dilation():
@@ -127,14 +127,14 @@ def test_param_specs_and_fillers_follow_weights_and_bias():
     net = read_net(d / "train_test.prototxt", phase="TRAIN")
     src = net.layer("conv2")
     src.blobs = []  # no weights: build_layers alone, as for training nets
-    from lrprune_caffe.passes.factorize import build_layers, LayerInfo
+    from lrprune_caffe.transforms.factorize import build_layers, LayerInfo
     info = LayerInfo("conv2", "Convolution", "conv", 50, 20, kernel=(5, 5))
     l1, l2 = build_layers(src, info, "channel", (7,))
     assert [p.lr_mult for p in l1.msg.param] == [1.0]
     assert [p.lr_mult for p in l2.msg.param] == [1.0, 2.0]
-    assert l1.p("convolution_param").weight_filler.type == "xavier"
-    assert not l1.p("convolution_param").HasField("bias_filler")
-    assert l2.p("convolution_param").bias_filler.type == "constant"
+    assert l1.param_msg("convolution_param").weight_filler.type == "xavier"
+    assert not l1.param_msg("convolution_param").HasField("bias_filler")
+    assert l2.param_msg("convolution_param").bias_filler.type == "constant"
 
 
 # --- (3) Eckart-Young through the pass: the error is the discarded energy ----------------
@@ -209,8 +209,8 @@ def test_name_clash_is_a_precondition():
 @pytest.mark.parametrize("axis", [1, 2, -1])
 def test_inner_product_axis_and_transpose(axis, transpose):
     pytest.importorskip("onnxruntime")
-    pytest.importorskip("lrprune_caffe.onnx_export")
-    from lrprune_caffe.runtime import run_net
+    pytest.importorskip("lrprune_caffe.export.onnx")
+    from lrprune_caffe.engines.runtime import run_net
     rng = np.random.default_rng(1)
     shape = (2, 3, 4, 5)
     ax = axis % 4
@@ -242,7 +242,7 @@ def test_inner_product_axis_and_transpose(axis, transpose):
 # --- (7) the training net is rewritten the same way and takes the weights --------------
 
 def test_rewrite_train_net_then_load_compressed_weights(tmp_path):
-    from lrprune_caffe.compress import compress
+    from lrprune_caffe.core.compress import compress
     d = golden_case("lenet_mnist")
     out = tmp_path / "out"
     report, _ = compress(d / "model.prototxt", d / "model.caffemodel", out, rank="conv2=8,ip1=30",
@@ -255,7 +255,7 @@ def test_rewrite_train_net_then_load_compressed_weights(tmp_path):
         assert not any("no weights" in n for n in net.notes), net.notes
         l1, l2 = net.layer("ip1_lr1"), net.layer("ip1_lr2")
         assert [p.lr_mult for p in l1.msg.param] == [1.0] and [p.lr_mult for p in l2.msg.param] == [1.0, 2.0]
-        assert l2.p("inner_product_param").bias_filler.type == "constant"
+        assert l2.param_msg("inner_product_param").bias_filler.type == "constant"
     assert {r["name"] for r in report["layers"] if r["action"] == "factorized"} == {"conv2", "ip1"}
 
 
@@ -264,7 +264,7 @@ def test_rewrite_train_net_then_load_compressed_weights(tmp_path):
 @pytest.mark.parametrize("case,scheme", [("lenet_mnist", "channel"), ("alexnet_mini", "tucker2"),
                                          ("layer_zoo", "spatial")])
 def test_report_counts_equal_inspect_of_written_net(case, scheme, tmp_path):
-    from lrprune_caffe.compress import compress
+    from lrprune_caffe.core.compress import compress
     d = golden_case(case)
     report, _ = compress(d / "model.prototxt", d / "model.caffemodel", tmp_path / "o", scheme=scheme,
                          speedup=1.5, verify=False)

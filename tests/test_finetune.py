@@ -13,9 +13,9 @@ from conftest import GOLDEN, golden_case
 
 torch = pytest.importorskip("torch")
 
-from lrprune_caffe.caffe_io import load_net  # noqa: E402
-from lrprune_caffe.cli import main  # noqa: E402
-from lrprune_caffe.data import load_mnist_split  # noqa: E402
+from lrprune_caffe.io.caffe import load_net  # noqa: E402
+from lrprune_caffe.cli.main import main  # noqa: E402
+from lrprune_caffe.data.datasets import load_mnist_split  # noqa: E402
 from lrprune_caffe.errors import BadFileError, UserError  # noqa: E402
 from lrprune_caffe.train import SolverSettings, finetune, read_solver  # noqa: E402
 from lrprune_caffe.train.solver import CaffeOptimizer  # noqa: E402
@@ -194,7 +194,7 @@ def test_masks_stay_exactly_zero(lenet, digits):
 
 
 def test_lr_mult_zero_freezes_a_blob(lenet, digits):
-    from lrprune_caffe.proto import pb
+    from lrprune_caffe.schema.proto import pb
     net = load_net(*lenet)
     conv1 = net.layer("conv1")
     del conv1.msg.param[:]

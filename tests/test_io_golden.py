@@ -12,12 +12,12 @@ import pytest
 from google.protobuf import text_format
 
 from conftest import GOLDEN, GOLDEN_CASES, golden_case, load_npz
-from lrprune_caffe.analysis import expected_weight_shapes, infer_shapes, validate
+from lrprune_caffe.ir.analysis import expected_weight_shapes, infer_shapes, validate
 from lrprune_caffe.api import convert
-from lrprune_caffe.caffe_io import load_net, net_to_prototxt, read_caffemodel, save_net
+from lrprune_caffe.io.caffe import load_net, net_to_prototxt, read_caffemodel, save_net
 from lrprune_caffe.errors import BadFileError
-from lrprune_caffe.ir import Layer, Net, array_to_blobproto
-from lrprune_caffe.proto import pb
+from lrprune_caffe.ir.net import Layer, Net, array_to_blobproto
+from lrprune_caffe.schema.proto import pb
 
 CASES = [pytest.param(c, id=c) for c in GOLDEN_CASES]
 
@@ -173,9 +173,9 @@ def test_train_and_test_views_of_lenet_train_test():
     assert "accuracy" not in tnames and tnames[-1] == "loss"
     assert [lr.name for lr in test.layers][-2:] == ["accuracy", "loss"]
     # the two Data layers share a name; each phase keeps its own
-    assert train.layer("mnist").p("data_param").source == "mnist_train_lmdb"
-    assert train.layer("mnist").p("data_param").batch_size == 64
-    assert test.layer("mnist").p("data_param").source == "mnist_test_lmdb"
+    assert train.layer("mnist").param_msg("data_param").source == "mnist_train_lmdb"
+    assert train.layer("mnist").param_msg("data_param").batch_size == 64
+    assert test.layer("mnist").param_msg("data_param").source == "mnist_test_lmdb"
     # Data layers are not modelled: their outputs (and everything after) are unknown
     shapes = validate(train)
     assert shapes.blobs["data"] is None and shapes.blobs["loss"] is None

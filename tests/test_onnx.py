@@ -19,14 +19,14 @@ import pytest
 
 from conftest import GOLDEN_CASES, golden_case, load_npz
 
-from lrprune_caffe.analysis import expected_weight_shapes, validate
-from lrprune_caffe.caffe_io import load_net, read_net, save_net
-from lrprune_caffe.cli import main
+from lrprune_caffe.ir.analysis import expected_weight_shapes, validate
+from lrprune_caffe.io.caffe import load_net, read_net, save_net
+from lrprune_caffe.cli.main import main
 from lrprune_caffe.errors import UserError
-from lrprune_caffe.ir import Layer, clone_msg
-from lrprune_caffe.layers.conv import conv_geometry, set_conv_geometry
-from lrprune_caffe.onnx_export import export_model, max_opset, save_onnx
-from lrprune_caffe.runtime import ort_session, run_net
+from lrprune_caffe.ir.net import Layer, clone_msg
+from lrprune_caffe.ir.layers.conv import conv_geometry, set_conv_geometry
+from lrprune_caffe.export.onnx import export_model, max_opset, save_onnx
+from lrprune_caffe.engines.runtime import ort_session, run_net
 
 TOL = 1e-4
 OPSETS = [11, 13, max_opset()]
@@ -209,11 +209,11 @@ def _project_factorize(net, full_rank: bool):
     """The project's own factorize pass on every factorizable layer, schemes in rotation;
     skips (with the reason) while that pass is not importable."""
     try:
-        from lrprune_caffe.passes import run_pass
-        from lrprune_caffe.passes.factorize import LayerPlan, layer_info
-        from lrprune_caffe.analysis import infer_shapes
+        from lrprune_caffe.transforms import run_pass
+        from lrprune_caffe.transforms.factorize import LayerPlan, layer_info
+        from lrprune_caffe.ir.analysis import infer_shapes
     except ImportError as e:  # pragma: no cover - until lrprune_caffe.lowrank lands
-        pytest.skip(f"lrprune_caffe.passes.factorize is not importable yet ({e})")
+        pytest.skip(f"lrprune_caffe.transforms.factorize is not importable yet ({e})")
     shapes = infer_shapes(net)
     plan, schemes = {}, ["spatial", "channel", "tucker2"]
     for layer in net.layers:
@@ -275,8 +275,7 @@ def test_fold_bn_keeps_outputs(case):
 
 
 def test_fold_bn_pass_folds_and_reports():
-    from lrprune_caffe.passes import run_pass
-    from lrprune_caffe.passes import fold_bn as fb
+    from lrprune_caffe.transforms import run_pass, fold_bn as fb
     net, inputs, blobs = golden("resnet_mini")
     assert "Before" in fb.__doc__ and "After" in fb.__doc__ and "Precondition" in fb.__doc__ \
         and "Formula" in fb.__doc__
@@ -340,8 +339,8 @@ def synthetic_net(tmp_path, text, seed=0, name="net"):
 
 
 def test_fold_bn_precondition_leaves_net_untouched(tmp_path):
-    from lrprune_caffe.passes import run_pass
-    from lrprune_caffe.passes import fold_bn  # noqa: F401
+    from lrprune_caffe.transforms import run_pass
+    from lrprune_caffe.transforms import fold_bn  # noqa: F401
     for text, why in ((BN_BRANCH, "also read by 'also'"), (NO_BN, "no BatchNorm")):
         net = synthetic_net(tmp_path, text)
         snapshot = net.copy()
@@ -359,8 +358,8 @@ def test_fold_bn_precondition_leaves_net_untouched(tmp_path):
 
 
 def test_fold_bn_not_in_place_matches_opencv(tmp_path):
-    from lrprune_caffe.passes import run_pass
-    from lrprune_caffe.passes import fold_bn  # noqa: F401
+    from lrprune_caffe.transforms import run_pass
+    from lrprune_caffe.transforms import fold_bn  # noqa: F401
     net = synthetic_net(tmp_path, BN_NOT_IN_PLACE)
     x = {"data": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
     ref = run_net(net, x, ["relu"], engine="opencv")["relu"]  # OpenCV names outputs by layer

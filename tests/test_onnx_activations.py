@@ -25,10 +25,10 @@ import pytest
 
 from conftest import run_cli
 
-from lrprune_caffe.caffe_io import read_net, save_net
-from lrprune_caffe.layers import get_spec
-from lrprune_caffe.onnx_export import export_model, lowered_types
-from lrprune_caffe.runtime import ort_session
+from lrprune_caffe.io.caffe import read_net, save_net
+from lrprune_caffe.ir.layers import get_spec
+from lrprune_caffe.export.onnx import export_model, lowered_types
+from lrprune_caffe.engines.runtime import ort_session
 
 TOL = 1e-5
 OPSETS = [11, 13]

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import GOLDEN, golden_case, run_cli
 from lrprune_caffe.errors import UserError
-from lrprune_caffe.pipeline import parse_steps
+from lrprune_caffe.core.pipeline import parse_steps
 
 SPLIT = GOLDEN.parent / "data" / "mnist5k_split.npz"
 
@@ -37,7 +37,7 @@ def lenet():
 def data(tmp_path_factory):
     if not SPLIT.exists():
         pytest.skip(f"no {SPLIT}")
-    from lrprune_caffe.data import load_mnist_split
+    from lrprune_caffe.data.datasets import load_mnist_split
     train, test = load_mnist_split(SPLIT)
     d = tmp_path_factory.mktemp("digits")
     np.savez(d / "train.npz", x=train.x[:320], y=train.y[:320])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor, text_format
 
-from lrprune_caffe.proto import pb
+from lrprune_caffe.schema.proto import pb
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT.parent / "shared" / "golden"
@@ -67,7 +67,7 @@ def test_descriptor_is_up_to_date():
 
 def test_pure_python_runtime_loads_schema():
     """The descriptor is not tied to one protobuf backend."""
-    code = ("from lrprune_caffe.proto import pb; from google.protobuf import text_format;"
+    code = ("from lrprune_caffe.schema.proto import pb; from google.protobuf import text_format;"
             "n = text_format.Parse('layer { name: \"p\" type: \"Pooling\" pooling_param { pool: AVE } }',"
             " pb.NetParameter()); assert n.layer[0].pooling_param.pool == pb.PoolingParameter.AVE")
     env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python")

@@ -10,15 +10,15 @@ import pytest
 
 from conftest import golden_case, load_npz
 
-from lrprune_caffe.analysis import validate
+from lrprune_caffe.ir.analysis import validate
 from lrprune_caffe.api import write_net
-from lrprune_caffe.caffe_io import load_net, read_caffemodel
+from lrprune_caffe.io.caffe import load_net, read_caffemodel
 from lrprune_caffe.errors import BadFileError, UserError
-from lrprune_caffe.passes import run_pass
-from lrprune_caffe.passes.structured_prune import prune_structured
-from lrprune_caffe.prune import (PruneSpec, apply_masks, compute_masks, load_masks, parse_prune_arg,
+from lrprune_caffe.transforms import run_pass
+from lrprune_caffe.transforms.structured_prune import prune_structured
+from lrprune_caffe.transforms.prune import (PruneSpec, apply_masks, compute_masks, load_masks, parse_prune_arg,
                                  prune_net, save_masks, smallest_k_masks, sparsity_rows)
-from lrprune_caffe.runtime import run_net
+from lrprune_caffe.engines.runtime import run_net
 
 
 def golden_net(case):
@@ -230,7 +230,7 @@ def _zeroed_reference(dense, details, zero_channel_layers=None):
             continue
         layer = ref.layer(d["layer"])
         rm = np.array(d["removed"])
-        transpose = layer.type == "InnerProduct" and layer.p("inner_product_param").transpose
+        transpose = layer.type == "InnerProduct" and layer.param_msg("inner_product_param").transpose
         w = np.array(layer.blobs[0])
         if transpose:
             w[:, rm] = 0
@@ -261,8 +261,8 @@ def test_structured_lenet_matches_zeroed_dense_in_opencv():
     assert net.layer("conv2").blobs[0].shape == (30, 14, 5, 5)
     assert net.layer("ip1").blobs[0].shape == (250, 30 * 16)  # columns grouped per channel (4x4)
     assert net.layer("ip2").blobs[0].shape == (10, 250)
-    assert net.layer("conv1").p("convolution_param").num_output == 14
-    assert net.layer("ip1").p("inner_product_param").num_output == 250
+    assert net.layer("conv1").param_msg("convolution_param").num_output == 14
+    assert net.layer("ip1").param_msg("inner_product_param").num_output == 250
     assert net.params() < dense.params() / 3
     # removed = smallest-norm filters (conv1 has no pruned inputs, so its scores are plain norms)
     w = dense.layer("conv1").blobs[0].reshape(20, -1)
@@ -434,8 +434,8 @@ def test_structured_default_fraction_opencv_loads(case):
 
 @pytest.fixture
 def pipeline_with_prune():
-    C = pytest.importorskip("lrprune_caffe.compress")
-    from lrprune_caffe.prune import install_compress_steps
+    C = pytest.importorskip("lrprune_caffe.core.compress")
+    from lrprune_caffe.transforms.prune import install_compress_steps
     saved = list(C.PIPELINE)
     install_compress_steps()
     try:

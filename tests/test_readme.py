@@ -7,7 +7,7 @@ import re
 import shlex
 
 from conftest import ROOT
-from lrprune_caffe.cli import main
+from lrprune_caffe.cli.main import main
 
 
 def readme_commands():

@@ -12,11 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import golden_case, load_npz
 
 from lrprune_caffe.api import write_net
-from lrprune_caffe.caffe_io import load_net, read_caffemodel
-from lrprune_caffe.onnx_export import export_model
-from lrprune_caffe.prune import PruneSpec, prune_net
-from lrprune_caffe.runtime import ort_session
-from lrprune_caffe.sparse import (break_even_sparsity, csr_relative_bytes, sparsify_model,
+from lrprune_caffe.io.caffe import load_net, read_caffemodel
+from lrprune_caffe.export.onnx import export_model
+from lrprune_caffe.transforms.prune import PruneSpec, prune_net
+from lrprune_caffe.engines.runtime import ort_session
+from lrprune_caffe.export.sparse import (break_even_sparsity, csr_relative_bytes, sparsify_model,
                                   storage_report)
 
 

@@ -13,10 +13,10 @@ from conftest import GOLDEN_CASES, ROOT, golden_case, load_npz
 
 torch = pytest.importorskip("torch")
 
-from lrprune_caffe.caffe_io import load_net  # noqa: E402
+from lrprune_caffe.io.caffe import load_net  # noqa: E402
 from lrprune_caffe.errors import UserError  # noqa: E402
-from lrprune_caffe.ir import Layer, Net  # noqa: E402
-from lrprune_caffe.proto import pb  # noqa: E402
+from lrprune_caffe.ir.net import Layer, Net  # noqa: E402
+from lrprune_caffe.schema.proto import pb  # noqa: E402
 from lrprune_caffe.train.torch_model import build_torch_model, run_torch  # noqa: E402
 
 TOL = 1e-4  # relative to max |golden|
@@ -24,7 +24,7 @@ TOL = 1e-4  # relative to max |golden|
 
 def net_from_text(text, blobs=None, seed=0):
     """A Net from prototxt text; ``blobs`` {layer: [arrays]}, else seeded random blobs where needed."""
-    from lrprune_caffe.analysis import expected_weight_shapes, infer_shapes, validate
+    from lrprune_caffe.ir.analysis import expected_weight_shapes, infer_shapes, validate
     msg = text_format.Parse(text, pb.NetParameter())
     net = Net(name=msg.name, layers=[Layer.from_proto(lp) for lp in msg.layer], source="<test>")
     rng = np.random.default_rng(seed)
@@ -43,7 +43,7 @@ def opencv_forward(net, inputs, blobs):
     cv2 = pytest.importorskip("cv2")
     import tempfile
     from pathlib import Path
-    from lrprune_caffe.caffe_io import save_net
+    from lrprune_caffe.io.caffe import save_net
     with tempfile.TemporaryDirectory() as d:
         p, m = Path(d) / "m.prototxt", Path(d) / "m.caffemodel"
         save_net(net, p, m)
@@ -218,8 +218,8 @@ def test_nothing_else_imports_torch():
     d = golden_case("lenet_mnist")
     code = (
         "import sys\n"
-        "from lrprune_caffe.cli import main\n"
-        "import lrprune_caffe.train, lrprune_caffe.data, lrprune_caffe.evaluate, lrprune_caffe.cli_train\n"
+        "from lrprune_caffe.cli.main import main\n"
+        "import lrprune_caffe.train, lrprune_caffe.data.datasets, lrprune_caffe.engines.evaluate, lrprune_caffe.cli.train\n"
         f"rc = main(['evaluate', r'{d / 'model.prototxt'}', r'{d / 'model.caffemodel'}', "
         f"'--data-split', r'{d.parent.parent / 'data' / 'mnist5k_split.npz'}', '--json'])\n"
         "assert rc == 0, rc\n"

@@ -6,7 +6,7 @@ What it does
 1. builds VGG-16 (``tools/bench_io.py: build_vgg16``, seeded He-normal
    weights, 138M params, ~553 MB caffemodel) and writes it once (not measured);
 2. in a fresh subprocess per run, after imports, times
-   ``lrprune_caffe.compress.compress(prototxt, caffemodel, outdir, speedup=S,
+   ``lrprune_caffe.core.compress.compress(prototxt, caffemodel, outdir, speedup=S,
    scheme=..., verify=False)``: read + validate, singular values of every
    eligible layer, rank budget, factorization, write of model.prototxt /
    model.caffemodel / report.json / report.md (the CLI's ``compress ...
@@ -70,7 +70,7 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify) -> dict:
     import scipy.linalg  # noqa: F401
     import tqdm  # noqa: F401
 
-    import lrprune_caffe.passes.factorize  # noqa: F401
+    import lrprune_caffe.transforms.factorize  # noqa: F401
     from lrprune_caffe import compress as C
 
     steps = {}
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         return 0
 
     from bench_io import VGG16_PARAMS, build_vgg16  # the shared VGG-16 builder
-    from lrprune_caffe import caffe_io
+    from lrprune_caffe.io import caffe as caffe_io
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_compress_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -65,8 +65,8 @@ def build_vgg16(seed: int = 0):
     and zero biases, drawn from ``numpy.random.default_rng(seed)``."""
     import numpy as np
 
-    from lrprune_caffe.ir import Layer, Net
-    from lrprune_caffe.proto import pb
+    from lrprune_caffe.ir.net import Layer, Net
+    from lrprune_caffe.schema.proto import pb
 
     rng = np.random.default_rng(seed)
     layers = []
@@ -145,7 +145,7 @@ def _peak_kb():
 def child(op: str, prototxt: str, caffemodel: str, outdir: str = None) -> dict:
     import numpy  # noqa: F401  (imports are not part of the measurement)
 
-    from lrprune_caffe import caffe_io
+    from lrprune_caffe.io import caffe as caffe_io
 
     if op == "read":
         base, method = _peak_kb()
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(*args.child)))
         return 0
 
-    from lrprune_caffe import caffe_io
+    from lrprune_caffe.io import caffe as caffe_io
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_io_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Regenerate lrprune_caffe/caffe_descriptor.bin from proto/caffe.proto.
+"""Regenerate lrprune_caffe/schema/caffe_descriptor.bin from proto/caffe.proto.
 
 The package ships a serialized FileDescriptorSet instead of a generated
-caffe_pb2.py (see lrprune_caffe/proto.py for why). After editing
+caffe_pb2.py (see lrprune_caffe/schema/proto.py for why). After editing
 proto/caffe.proto, run from anywhere:
 
     python tools/gen_proto_descriptor.py           # rewrite the .bin
@@ -30,7 +30,7 @@ from google.protobuf import descriptor_pb2
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "proto"
 PROTO_NAME = "caffe.proto"
-OUTPUT = ROOT / "lrprune_caffe" / "caffe_descriptor.bin"
+OUTPUT = ROOT / "lrprune_caffe" / "schema" / "caffe_descriptor.bin"
 
 
 class ProtocError(Exception):

@@ -5,7 +5,7 @@ Net: ``../shared/golden/lenet_mnist`` (LeNet trained by real Caffe, 97.3% top-1 
 the 1,000 test digits). Data: ``../shared/data/mnist5k_split.npz`` (4,000 training
 digits for fine-tuning, 1,000 test digits; pixels / 256).
 
-Rows (each fine-tuned by :func:`lrprune_caffe.pipeline.run_pipeline`, rounds
+Rows (each fine-tuned by :func:`lrprune_caffe.core.pipeline.run_pipeline`, rounds
 stopping once test top-1 is within ``--tolerance`` (0.5 points) of the original's):
 
 * original - the real-Caffe LeNet as it is;
@@ -52,7 +52,7 @@ PAPER = {"speedup": 1.65, "rounds": 1.5, "memory": 2.0}
 
 
 def storage(net):
-    from lrprune_caffe.sparse import storage_report
+    from lrprune_caffe.export.sparse import storage_report
     return storage_report(net)["totals"]
 
 
@@ -87,12 +87,12 @@ def main(argv=None) -> int:
     import onnxruntime
     import torch
 
-    from lrprune_caffe.analysis import layer_stats, totals
-    from lrprune_caffe.bench import bench_nets
-    from lrprune_caffe.caffe_io import load_net
-    from lrprune_caffe.data import load_mnist_split
-    from lrprune_caffe.evaluate import evaluate
-    from lrprune_caffe.pipeline import PipelineOptions, parse_steps, run_pipeline
+    from lrprune_caffe.ir.analysis import layer_stats, totals
+    from lrprune_caffe.engines.bench import bench_nets
+    from lrprune_caffe.io.caffe import load_net
+    from lrprune_caffe.data.datasets import load_mnist_split
+    from lrprune_caffe.engines.evaluate import evaluate
+    from lrprune_caffe.core.pipeline import PipelineOptions, parse_steps, run_pipeline
     from lrprune_caffe.train.solver import SolverSettings
 
     proto, weights = str(GOLDEN / "model.prototxt"), str(GOLDEN / "model.caffemodel")
@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     versions = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                 "onnxruntime": onnxruntime.__version__, "cpus": os.cpu_count()}
     result = {"versions": versions, "options": {k: v for k, v in vars(args).items() if k not in ("out", "json")},
-              "rows": rows, "ratios": ratios, "variants": variants, "lr_variants": lr_rows, "paper": PAPER, "bench": {"runs": bench["runs"], "threads": 1},
+              "rows": rows, "ratios": ratios, "variants": variants, "lr_variants": lr_rows, "paper": PAPER,
+              "bench": {"runs": bench["runs"], "threads": 1},
               "finetune_time_s": round(train_s, 1)}
     if args.plot:
         plot_rounds(result, args.plot)
@@ -207,7 +208,7 @@ def plot_rounds(res, path):
     colors = {"Han pruning": "tab:blue", "low-rank only": "tab:green", "low-rank + pruning": "tab:red"}
     for label, color in colors.items():
         r = rows[label]
-        xs, ys, prev = [orig["nonzero_params"]], [100 * orig["top1"]], None
+        xs, ys = [orig["nonzero_params"]], [100 * orig["top1"]]
         for step in r["per_round"]:
             nz = step["nonzero_params"]
             ax.plot([nz], [100 * step["top1_after_step"]], "o", mfc="none", color=color)

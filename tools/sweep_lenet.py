@@ -52,7 +52,7 @@ GOLDEN = ROOT.parent / "shared" / "golden" / "lenet_mnist"
 
 def _lowrank(scheme, criterion="log-energy"):
     def run(prototxt, weights, target):
-        from lrprune_caffe.compress import compress
+        from lrprune_caffe.core.compress import compress
         report, net = compress(prototxt, weights, None, scheme=scheme, speedup=target, verify=False,
                                criterion=criterion)
         ranks = {r["name"]: r["rank"] for r in report["layers"] if r["action"] == "factorized"}
@@ -72,7 +72,7 @@ DEFAULT_METHODS = "channel,spatial,tucker2"
 def prune_rows(prototxt, weights, sparsities, after, x, labels, engine):
     """Accuracy of magnitude pruning (per layer) at each sparsity: alone, and after factorizing
     with ``after`` = "SCHEME@SPEEDUP" (or None)."""
-    from lrprune_caffe.compress import compress
+    from lrprune_caffe.core.compress import compress
     rows = []
     bases = [("prune", None)]
     for item in [a.strip() for a in (after or "").split(",") if a.strip()]:
@@ -95,7 +95,7 @@ def _load(path):
 
 
 def accuracy(net, x, labels, engine):
-    from lrprune_caffe.runtime import run_net
+    from lrprune_caffe.engines.runtime import run_net
     out = run_net(net, {"data": x}, ["prob"], engine=engine, threads=1)["prob"]
     return float(np.mean(np.argmax(out.reshape(len(x), -1), axis=1) == labels))
 
@@ -106,15 +106,15 @@ class Runner:
     def __init__(self, net, engine):
         self.engine = engine
         if engine == "onnxruntime":
-            from lrprune_caffe.onnx_export import export_model
-            from lrprune_caffe.runtime import ort_session
+            from lrprune_caffe.export.onnx import export_model
+            from lrprune_caffe.engines.runtime import ort_session
             self.sess = ort_session(export_model(net).SerializeToString(), threads=1)
             self.call = lambda x: self.sess.run(["prob"], {"data": x})
         else:
             import tempfile
 
             import cv2
-            from lrprune_caffe.caffe_io import save_net
+            from lrprune_caffe.io.caffe import save_net
             cv2.setNumThreads(1)
             with tempfile.TemporaryDirectory() as d:
                 save_net(net, os.path.join(d, "m.prototxt"), os.path.join(d, "m.caffemodel"))
@@ -230,8 +230,8 @@ def main(argv=None) -> int:
         print(f"no golden LeNet at {GOLDEN}", file=sys.stderr)
         return 2
 
-    from lrprune_caffe.analysis import layer_stats, totals
-    from lrprune_caffe.caffe_io import load_net
+    from lrprune_caffe.ir.analysis import layer_stats, totals
+    from lrprune_caffe.io.caffe import load_net
     prototxt, weights = str(GOLDEN / "model.prototxt"), str(GOLDEN / "model.caffemodel")
     x = _load(GOLDEN / "inputs.npz")["data"]
     labels = _load(GOLDEN / "labels.npz")

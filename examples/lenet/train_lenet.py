@@ -47,13 +47,13 @@ from google.protobuf import text_format
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a source checkout without installing
 
-from lrprune_caffe.analysis import expected_weight_shapes, infer_shapes, validate  # noqa: E402
+from lrprune_caffe.ir.analysis import expected_weight_shapes, infer_shapes, validate  # noqa: E402
 from lrprune_caffe.api import write_net  # noqa: E402
-from lrprune_caffe.caffe_io import load_net  # noqa: E402
-from lrprune_caffe.data import make_dataset  # noqa: E402
-from lrprune_caffe.evaluate import evaluate  # noqa: E402
-from lrprune_caffe.ir import Layer, Net  # noqa: E402
-from lrprune_caffe.proto import pb  # noqa: E402
+from lrprune_caffe.io.caffe import load_net  # noqa: E402
+from lrprune_caffe.data.datasets import make_dataset  # noqa: E402
+from lrprune_caffe.engines.evaluate import evaluate  # noqa: E402
+from lrprune_caffe.ir.net import Layer, Net  # noqa: E402
+from lrprune_caffe.schema.proto import pb  # noqa: E402
 
 # Caffe's examples/mnist/lenet.prototxt (BVLC caffe 1.0), input batch 1
 LENET_DEPLOY = """

@@ -4,7 +4,7 @@
   Tucker-2 / FC schemes on Caffe weight blobs, per group;
 * :mod:`.rank` - rank choice: fixed, energy, VBMF, whole-net MAC budget.
 
-Nothing here knows about the IR; :mod:`lrprune_caffe.passes.factorize` turns the
+Nothing here knows about the IR; :mod:`lrprune_caffe.transforms.factorize` turns the
 factors into Caffe layers.
 """
 

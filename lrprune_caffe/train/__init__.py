@@ -20,7 +20,7 @@ TORCH_MISSING = ("fine-tuning needs PyTorch: pip install 'lrprune-caffe[train]' 
 
 def require_torch():
     """Import and return torch, or raise UserError saying how to install it."""
-    from ..errors import UserError
+    from lrprune_caffe.errors import UserError
     try:
         import torch
     except ImportError:

@@ -32,9 +32,9 @@ import time
 import numpy as np
 
 from . import require_torch
-from ..analysis import validate
-from ..data import as_dataset, check_against_net
-from ..errors import BadFileError, UserError
+from lrprune_caffe.ir.analysis import validate
+from lrprune_caffe.data.datasets import as_dataset, check_against_net
+from lrprune_caffe.errors import BadFileError, UserError
 from .solver import CaffeOptimizer, SolverSettings
 
 
@@ -42,7 +42,7 @@ from .solver import CaffeOptimizer, SolverSettings
 
 def load_masks(path) -> dict:
     """masks.npz -> {"<layer>/<blob idx>": bool array}."""
-    from ..fileutil import read_npz
+    from lrprune_caffe.fileutil import read_npz
     masks = read_npz(path, "a masks .npz")
     for k, m in masks.items():
         if m.dtype != np.bool_:
@@ -57,7 +57,7 @@ def check_masks(net, masks: dict, source="masks") -> dict:
     """Every mask names an existing blob of the same shape; else BadFileError.
 
     Keys are ``"<layer>/<blob idx>"`` strings or ``(layer, blob idx)`` tuples (as
-    :func:`lrprune_caffe.prune.load_masks` returns them); the result uses strings.
+    :func:`lrprune_caffe.transforms.prune.load_masks` returns them); the result uses strings.
     """
     if not masks:
         return {}
@@ -103,7 +103,7 @@ def preflight(net, model, x, blob, tol=1e-4):
     ref, engine, why = None, None, []
     for eng in ("opencv", "onnxruntime"):
         try:
-            from ..runtime import run_net
+            from lrprune_caffe.engines.runtime import run_net
             ref = run_net(net, {net.inputs()[0]: x}, outputs=[blob], engine=eng)[blob]
             engine = eng
             break
@@ -132,7 +132,7 @@ def _progress(total, desc, progress):
 def _accuracy(model, logits_blob, ds, axis, batch_size=256):
     """Top-1 / top-5 of the torch model in eval mode (for the training log)."""
     torch = require_torch()
-    from ..evaluate import class_scores, topk_correct
+    from lrprune_caffe.engines.evaluate import class_scores, topk_correct
     model.eval()
     c1 = c5 = 0
     with torch.no_grad():
@@ -165,7 +165,7 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     "initial": {...}, "iterations", "solver", "batch_size", "seed", "torch", "threads", ...}.
     """
     torch = require_torch()
-    from ..evaluate import resolve_scores
+    from lrprune_caffe.engines.evaluate import resolve_scores
     from .torch_model import build_torch_model
 
     solver = solver or SolverSettings()

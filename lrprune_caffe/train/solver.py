@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..errors import BadFileError, UserError
+from lrprune_caffe.errors import BadFileError, UserError
 
 POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 TYPES = ("SGD", "Nesterov", "Adam")
@@ -133,7 +133,7 @@ def _f(v) -> float:
 def read_solver(path) -> SolverSettings:
     """Parse a Caffe solver.prototxt (``pb.SolverParameter``) into SolverSettings."""
     from google.protobuf import text_format
-    from ..proto import pb
+    from lrprune_caffe.schema.proto import pb
     p = Path(path)
     try:
         text = p.read_text()

@@ -42,12 +42,12 @@ import math
 import numpy as np
 
 from . import require_torch
-from ..errors import UserError, layer_error
-from ..layers.base import canon_axis
-from ..layers.conv import conv_geometry
-from ..layers.pooling import pool_geometry
-from ..layers.structure import FlattenSpec, reshape_target, slice_sizes, _concat_axis
-from ..proto import pb
+from lrprune_caffe.errors import UserError, layer_error
+from lrprune_caffe.ir.layers.base import canon_axis
+from lrprune_caffe.ir.layers.conv import conv_geometry
+from lrprune_caffe.ir.layers.pooling import pool_geometry
+from lrprune_caffe.ir.layers.structure import FlattenSpec, reshape_target, slice_sizes, _concat_axis
+from lrprune_caffe.schema.proto import pb
 
 torch = require_torch()
 nn = torch.nn
@@ -115,7 +115,7 @@ def _bcast(t, ndim, axis):
 
 def _op_convolution(layer):
     g0 = conv_geometry(layer, 2)  # validates the parameters early
-    if layer.p("convolution_param").axis != 1:
+    if layer.param_msg("convolution_param").axis != 1:
         raise _unsupported(layer, " with axis != 1")
     deconv = layer.type == "Deconvolution"
     funcs = ({1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d} if deconv
@@ -142,7 +142,7 @@ def _op_convolution(layer):
 
 
 def _op_pooling(layer):
-    pp = layer.p("pooling_param")
+    pp = layer.param_msg("pooling_param")
     if pp.pool == pb.PoolingParameter.STOCHASTIC:
         raise _unsupported(layer, " with pool: STOCHASTIC")
     if len(layer.tops) > 1:
@@ -160,7 +160,7 @@ def _op_pooling(layer):
 
 
 def _op_inner_product(layer):
-    ip = layer.p("inner_product_param")
+    ip = layer.param_msg("inner_product_param")
 
     def fn(bottoms, blobs, training):
         x = bottoms[0]
@@ -176,7 +176,7 @@ def _op_inner_product(layer):
 
 
 def _op_lrn(layer):
-    lp = layer.p("lrn_param")
+    lp = layer.param_msg("lrn_param")
     n, alpha, beta, k = int(lp.local_size), float(lp.alpha), float(lp.beta), float(lp.k)
     if n % 2 == 0:
         raise layer_error(UserError, layer, f"LRN local_size must be odd (Caffe requires it), got {n}")
@@ -201,7 +201,7 @@ def _op_lrn(layer):
 
 
 def _op_batchnorm(layer):
-    bp = layer.p("batch_norm_param")
+    bp = layer.param_msg("batch_norm_param")
     eps = float(bp.eps)
     batch_stats = bp.HasField("use_global_stats") and not bp.use_global_stats
 
@@ -224,7 +224,7 @@ def _op_batchnorm(layer):
 
 def _op_scale(layer):
     is_scale = layer.type == "Scale"
-    sp = layer.p("scale_param") if is_scale else layer.p("bias_param")
+    sp = layer.param_msg("scale_param") if is_scale else layer.param_msg("bias_param")
     bias_term = is_scale and sp.bias_term
 
     def fn(bottoms, blobs, training):
@@ -247,7 +247,7 @@ def _op_scale(layer):
 
 
 def _op_eltwise(layer):
-    ep = layer.p("eltwise_param")
+    ep = layer.param_msg("eltwise_param")
     op = ep.operation
     coeff = [float(c) for c in ep.coeff]
 
@@ -310,13 +310,13 @@ def _op_softmax(layer):
 
     def fn(bottoms, blobs, training):
         x = bottoms[0]
-        axis = canon_axis(int(layer.p("softmax_param").axis), x.dim())
+        axis = canon_axis(int(layer.param_msg("softmax_param").axis), x.dim())
         return [F.log_softmax(x, dim=axis) if log else F.softmax(x, dim=axis)]
     return fn
 
 
 def _op_dropout(layer):
-    ratio = float(layer.p("dropout_param").dropout_ratio)
+    ratio = float(layer.param_msg("dropout_param").dropout_ratio)
 
     def fn(bottoms, blobs, training):
         return [F.dropout(bottoms[0], p=ratio, training=training)]
@@ -324,7 +324,7 @@ def _op_dropout(layer):
 
 
 def _op_relu(layer):
-    slope = float(layer.p("relu_param").negative_slope)
+    slope = float(layer.param_msg("relu_param").negative_slope)
 
     def fn(bottoms, blobs, training):
         x = bottoms[0]
@@ -342,7 +342,7 @@ def _op_prelu(layer):
 
 
 def _op_elu(layer):
-    alpha = float(layer.p("elu_param").alpha)
+    alpha = float(layer.param_msg("elu_param").alpha)
 
     def fn(bottoms, blobs, training):
         return [F.elu(bottoms[0], alpha=alpha)]
@@ -358,7 +358,7 @@ def _simple(f):
 
 
 def _op_power(layer):
-    pp = layer.p("power_param")
+    pp = layer.param_msg("power_param")
     power, scale, shift = float(pp.power), float(pp.scale), float(pp.shift)
 
     def fn(bottoms, blobs, training):
@@ -375,7 +375,7 @@ def _op_power(layer):
 
 
 def _op_exp(layer):
-    ep = layer.p("exp_param")
+    ep = layer.param_msg("exp_param")
     base, scale, shift = float(ep.base), float(ep.scale), float(ep.shift)
     ln_base = 1.0 if base == -1 else math.log(base)
 
@@ -385,7 +385,7 @@ def _op_exp(layer):
 
 
 def _op_log(layer):
-    lp = layer.p("log_param")
+    lp = layer.param_msg("log_param")
     base, scale, shift = float(lp.base), float(lp.scale), float(lp.shift)
     inv_ln_base = 1.0 if base == -1 else 1.0 / math.log(base)
 
@@ -395,7 +395,7 @@ def _op_log(layer):
 
 
 def _op_threshold(layer):
-    t = float(layer.p("threshold_param").threshold)
+    t = float(layer.param_msg("threshold_param").threshold)
 
     def fn(bottoms, blobs, training):
         return [(bottoms[0] > t).to(bottoms[0].dtype)]
@@ -403,7 +403,7 @@ def _op_threshold(layer):
 
 
 def _op_clip(layer):
-    cp = layer.p("clip_param")
+    cp = layer.param_msg("clip_param")
 
     def fn(bottoms, blobs, training):
         return [torch.clamp(bottoms[0], min=float(cp.min), max=float(cp.max))]
@@ -411,7 +411,7 @@ def _op_clip(layer):
 
 
 def _op_crop(layer):
-    cp = layer.p("crop_param")
+    cp = layer.param_msg("crop_param")
 
     def fn(bottoms, blobs, training):
         a, b = bottoms

@@ -1,0 +1,204 @@
+"""Sub-commands ``compress`` and ``verify`` (registered by :mod:`lrprune_caffe.cli.main`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lrprune_caffe.engines.compare import json_safe
+
+
+def _print_summary(report, file=None):
+    from .main import print_table
+    from lrprune_caffe.core.report import layer_table, verification_rows
+    file = file or sys.stdout
+    headers, rows = layer_table(report)
+    print_table(headers, rows, file=file)
+    t = report["totals"]
+    print(f"total: params {t['params_before']:,} -> {t['params_after']:,}, "
+          f"MACs {t['macs_before']:,} -> {t['macs_after']:,}"
+          + (f" ({t['macs_before'] / t['macs_after']:.2f}x fewer)" if t["macs_after"] else ""), file=file)
+    if t.get("nonzero_params") is not None:
+        line = (f"nonzero params {t['nonzero_params']:,} ({100 * t.get('sparsity', 0):.1f}% zeros), "
+                f"caffemodel {t['caffemodel_bytes']:,} bytes")
+        if t.get("onnx_bytes"):
+            line += f", onnx {t['onnx_bytes']:,} bytes"
+        print(line, file=file)
+    if report.get("outcome"):
+        print(f"outcome: {report['outcome']['summary']}", file=file)
+    ver = report.get("verification") or {}
+    if ver and not ver.get("skipped"):
+        print(f"\nverification ({ver['engine']}, {ver['inputs']}, batch {ver['batch']}):", file=file)
+        print_table(*verification_rows(ver), file=file)
+        for name, v in ver.get("blobs", {}).items():
+            if "top1_ref" in v:
+                print(f"{name}: top-1 accuracy {100 * v['top1_ref']:.2f}% (original) -> "
+                      f"{100 * v['top1_test']:.2f}% (compressed)", file=file)
+        for n in ver.get("notes", []):
+            print(f"note: {n}", file=sys.stderr)
+
+
+def _labels(path):
+    if path is None:
+        return None
+    from lrprune_caffe.core.compress import _load_labels
+    return _load_labels(path)
+
+
+def cmd_compress(args) -> int:
+    from lrprune_caffe.core.compress import compress
+    report, _ = compress(args.net, args.weights, args.output, scheme=args.scheme, rank=args.rank,
+                         energy=args.energy, speedup=args.speedup, rank_method=args.rank_method,
+                         layers=args.layers, inputs=args.inputs, train_net=args.train_net, onnx=args.onnx,
+                         engine=args.engine, verify=not args.no_verify, svd=args.svd, seed=args.seed,
+                         hooi=args.hooi, threads=args.threads, progress=not args.json, phase=args.phase,
+                         criterion=args.criterion, prune=args.prune, prune_scope=args.prune_scope,
+                         prune_method=args.prune_method, quality=args.quality,
+                         prune_structured=args.prune_structured, prune_exclude=args.prune_exclude,
+                         sparse=args.sparse, labels=_labels(args.labels), opset=args.opset)
+    if args.json:
+        print(json.dumps(json_safe(report), indent=2))
+        return 0
+    _print_summary(report)
+    for kind, path in report.get("written", {}).items():
+        print(f"wrote {path}")
+    for n in report.get("notes", []):
+        print(f"note: {n}", file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .main import print_table
+    from lrprune_caffe.core.compress import verify
+    from lrprune_caffe.core.report import verification_rows
+    res = verify(args.net, args.weights, args.net2, args.weights2, inputs=args.inputs, engine=args.engine,
+                 seed=args.seed, threads=args.threads, phase=args.phase, labels=args.labels)
+    worst = res.get("worst_rel_l2")
+    failed = bool(res["errors"] or res["missing"]) or (
+        args.max_rel_l2 is not None and (worst is None or worst > args.max_rel_l2))
+    res["passed"] = not failed if args.max_rel_l2 is not None else None
+    if args.json:
+        print(json.dumps(json_safe(res), indent=2))
+    else:
+        print(f"{args.net} vs {args.net2}: engine {res['engine']}, {res['inputs']}, batch {res['batch']}")
+        print_table(*verification_rows(res))
+        for name, v in res["blobs"].items():
+            if "top1_ref" in v:
+                print(f"{name}: top-1 accuracy {100 * v['top1_ref']:.2f}% -> {100 * v['top1_test']:.2f}%")
+        for n in res["notes"]:
+            print(f"note: {n}", file=sys.stderr)
+        if args.max_rel_l2 is not None:
+            print(f"{'FAIL' if failed else 'OK'}: worst relative L2 error {worst} "
+                  f"(limit {args.max_rel_l2})")
+    return 1 if failed else 0
+
+
+def _positive_int(text):
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def register(sub):
+    from lrprune_caffe.core.compress import RANK_METHODS, SCHEMES, SVD_METHODS
+    from lrprune_caffe.engines.runtime import ENGINES
+
+    p = sub.add_parser(
+        "compress", help="factorize conv / FC layers into low-rank pairs and/or prune; write Caffe files and a report",
+        description="Factorize Convolution and InnerProduct layers into low-rank chains (SVD channel or "
+                    "spatial scheme, Tucker-2; FC -> two FCs), check the result against the original on "
+                    "real engines, and write OUTDIR/model.prototxt, model.caffemodel, report.json and "
+                    "report.md (all or nothing). New layers are named LAYER_lr1, LAYER_lr2 (, LAYER_lr3); "
+                    "the last keeps the original top.")
+    p.add_argument("net", metavar="NET.prototxt", help="deploy net definition")
+    p.add_argument("weights", metavar="WEIGHTS.caffemodel", help="trained weights")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("--scheme", choices=SCHEMES, default="channel",
+                   help="conv factorization: channel (KxK C->r, 1x1 r->N), spatial (Kx1 then 1xK), "
+                        "tucker2 (1x1, KxK core, 1x1). InnerProduct layers always become two FCs "
+                        "(default: channel)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--rank", metavar="R|LAYER=R,...",
+                     help="fixed rank per group: '16' for every selected layer, 'conv2=16,ip1=64' per layer "
+                          "(or both: '16,conv2=8'); tucker2 takes 'R' or 'RinxRout' (e.g. 8x16)")
+    how.add_argument("--energy", type=float, metavar="E",
+                     help="smallest rank keeping this share (0..1] of the squared singular values")
+    how.add_argument("--speedup", type=float, metavar="S",
+                     help="whole-net budget: MACs of the selected layers fall by this factor; components "
+                          "are cut where they cost least per MAC saved (see --criterion)")
+    p.add_argument("--rank-method", choices=RANK_METHODS, default="svd",
+                   help="svd: ranks from --rank/--energy/--speedup; vbmf: Kim et al.'s rank choice by "
+                        "empirical VBMF (Nakajima et al. 2013) on each unfolding (default: svd)")
+    p.add_argument("--criterion", choices=["log-energy", "energy"], default="log-energy",
+                   help="--speedup cost of a cut: log-energy = -log(share of the layer's energy kept), "
+                        "Zhang et al. 2015 (default); energy = discarded share of sigma^2")
+    p.add_argument("--layers", metavar="NAMES|REGEX",
+                   help="comma-separated layer names or regular expressions (full match); default: every "
+                        "Convolution and InnerProduct layer")
+    g = p.add_argument_group("pruning (after factorizing, or alone)")
+    g.add_argument("--prune", metavar="F|LAYER=F,...",
+                   help="zero this fraction [0, 1) of the weights of every conv/FC layer ('0.9'), or per layer "
+                        "('conv1=0.3,ip1=0.9', or '0.8,conv1=0.3'); a factorized layer's name means its new "
+                        "layers. Biases, BatchNorm and Scale blobs are never pruned. Writes OUTDIR/masks.npz")
+    g.add_argument("--prune-scope", choices=["layer", "global"], default=None,
+                   help="layer: the fraction in each layer (default); global: one magnitude threshold over "
+                        "all layers")
+    g.add_argument("--prune-method", choices=["magnitude", "std"], default=None,
+                   help="magnitude: smallest |w| (default); std: Han et al. 2015, zero |w| < Q x std(W)")
+    g.add_argument("--quality", type=float, metavar="Q", help="--prune-method std: the quality parameter Q")
+    g.add_argument("--prune-structured", action="store_true",
+                   help="remove whole output filters / rank components with the smallest norms and shrink "
+                        "their consumers: a smaller dense net")
+    g.add_argument("--prune-exclude", metavar="NAMES", help="comma-separated layers never to prune")
+    g.add_argument("--sparse", action="store_true",
+                   help="with --onnx: store pruned weights as ONNX sparse_initializers (values + int64 "
+                        "indices) where that is smaller")
+    p.add_argument("--inputs", metavar="INPUTS.npz",
+                   help="inputs for the check, keyed by input blob name (default: seeded random)")
+    p.add_argument("--labels", metavar="LABELS.npz",
+                   help="labels of the --inputs (first array): the check also reports top-1 accuracy of both")
+    p.add_argument("--train-net", metavar="TRAIN_VAL.prototxt",
+                   help="also rewrite this training net the same way -> OUTDIR/train_val.prototxt")
+    p.add_argument("--onnx", action="store_true", help="also export OUTDIR/model.onnx")
+    p.add_argument("--opset", type=int, default=13, metavar="N",
+                   help="with --onnx: the ONNX opset (default 13; 11 to the installed onnx's newest)")
+    p.add_argument("--engine", choices=ENGINES, default="onnxruntime",
+                   help="engine for the check (default onnxruntime; falls back to opencv with a note "
+                        "when the net cannot be exported)")
+    p.add_argument("--no-verify", action="store_true", help="skip running the nets")
+    p.add_argument("--svd", choices=SVD_METHODS, default="auto",
+                   help="SVD back end: auto/gram (eigh of the smaller Gram matrix), exact (LAPACK gesdd), "
+                        "randomized (Halko et al. 2011, seeded; fixed --rank only)")
+    p.add_argument("--hooi", type=int, default=0, metavar="N", help="tucker2: N HOOI refinement sweeps (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs and randomized SVD (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="engine threads for the check")
+    p.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST", help=__import__("argparse").SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print report.json to stdout")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
+        "verify", help="run two nets on the same inputs and compare their outputs",
+        description="Run NET and NET2 on the same inputs (an .npz, or seeded random of NET's input shape) "
+                    "and report per output blob: max abs error, relative L2 error, SNR in dB, and top-1 "
+                    "agreement for class outputs.")
+    p.add_argument("net", metavar="NET.prototxt")
+    p.add_argument("weights", metavar="WEIGHTS.caffemodel")
+    p.add_argument("net2", metavar="NET2.prototxt")
+    p.add_argument("weights2", metavar="WEIGHTS2.caffemodel")
+    p.add_argument("--inputs", metavar="INPUTS.npz", help="inputs keyed by input blob name")
+    p.add_argument("--labels", metavar="LABELS.npz",
+                   help="labels for top-1 accuracy of both: the array y (or labels, else the first array) of an .npz")
+    p.add_argument("--engine", choices=ENGINES, default="onnxruntime",
+                   help="default onnxruntime; falls back to opencv with a note when a net cannot be exported")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--max-rel-l2", type=float, default=None, metavar="X",
+                   help="exit 1 when an output's relative L2 error exceeds X")
+    p.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST", help=__import__("argparse").SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_verify)

@@ -1,0 +1,102 @@
+"""``export-onnx`` and ``bench`` sub-commands (picked up by :mod:`lrprune_caffe.cli.main`).
+
+They parse arguments and call :mod:`lrprune_caffe.export.onnx` /
+:mod:`lrprune_caffe.engines.bench`; nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lrprune_caffe.errors import UserError
+
+
+def _shape(s) -> str:
+    return "x".join(str(d) for d in s) if s else "?"
+
+
+def cmd_export_onnx(args) -> int:
+    from lrprune_caffe.export.onnx import export_files
+    rep = export_files(args.net, args.weights, args.output, phase=args.phase, opset=args.opset,
+                       dynamic_batch=args.dynamic_batch, fold_bn=args.fold_bn)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(f"wrote {rep['path']}: opset {rep['opset']} (IR {rep['ir_version']}), {rep['nodes']} nodes, "
+          f"{rep['params']:,} weights, {rep['bytes']:,} bytes"
+          + (", dynamic batch N" if rep["dynamic_batch"] else ""))
+    print(f"inputs: {', '.join(rep['inputs'])}   outputs: {', '.join(rep['outputs'])}")
+    fb = rep.get("fold_bn")
+    if fb is not None:
+        folded = [d for d in fb["details"] if d.get("folded")]
+        kept = [d for d in fb["details"] if not d.get("folded")]
+        if folded:
+            print(f"fold-bn: folded {len(folded)} BatchNorm layer(s) into their convolutions")
+        else:
+            print(f"fold-bn: nothing folded ({fb['reason']})")
+        for d in kept:
+            print(f"fold-bn: kept '{d['layer']}': {d['reason']}")
+    for note in rep.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lrprune_caffe.engines.bench import bench_nets
+    from lrprune_caffe.io.caffe import load_net
+    files = list(args.files)
+    if len(files) not in (2, 4):
+        raise UserError(f"bench takes NET WEIGHTS [NET2 WEIGHTS2], got {len(files)} path(s)")
+    pairs = [(files[i], files[i + 1]) for i in range(0, len(files), 2)]
+    nets = [load_net(p, w) for p, w in pairs]
+    labels = [p for p, _ in pairs]
+    if len(labels) == 2 and labels[0] == labels[1]:
+        labels = [f"A:{labels[0]}", f"B:{labels[1]}"]
+    res = bench_nets(nets, runtime=args.runtime, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                     labels=labels)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    v = res["versions"]
+    rt_version = v.get("onnxruntime") or v.get("opencv")
+    print(f"runtime {res['runtime']} {rt_version}, threads {res['threads']}, batch 1, "
+          f"{res['runs']} runs after {res['warmup']} warmup; python {v['python']}, numpy {v['numpy']}, "
+          f"{v['machine']} with {v['cpu_count']} cpus")
+    for n in res["nets"]:
+        print(f"{n['label']}: median {n['median_ms']:.3f} ms (min {n['min_ms']:.3f}, "
+              f"p90 {n['p90_ms']:.3f})")
+    if "ratio" in res:
+        print(f"ratio B/A {res['ratio']:.3f} (paired median {res['paired_ratio']:.3f}); "
+              f"speedup A/B {res['speedup']:.2f}x")
+    return 0
+
+
+def register(sub) -> None:
+    from lrprune_caffe.export.onnx import DEFAULT_OPSET, MIN_OPSET
+    p = sub.add_parser("export-onnx", help="write an ONNX model (Caffe semantics exactly)",
+                       description="Export a Caffe net to ONNX for onnxruntime, MNN and other mobile runtimes.")
+    p.add_argument("net", metavar="NET.prototxt", help="deploy net definition")
+    p.add_argument("weights", metavar="WEIGHTS.caffemodel", help="trained weights")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset to pin (default {DEFAULT_OPSET}; {MIN_OPSET} up to what the installed onnx knows)")
+    p.add_argument("--dynamic-batch", action="store_true", help="make dim 0 of inputs and outputs symbolic ('N')")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="fold BatchNorm (+Scale) into the preceding convolutions first")
+    p.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST", help="view of a net with phase rules")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("bench", help="median batch-1 latency of one net, or two side by side",
+                       description="Time NET (and NET2, interleaved with it) on a real runtime; "
+                                   "reports the median latency, the ratio, versions and threads.")
+    p.add_argument("files", nargs="+", metavar="NET WEIGHTS [NET2 WEIGHTS2]",
+                   help="prototxt and caffemodel of one net, or of two nets to compare")
+    p.add_argument("--runtime", choices=["onnxruntime", "opencv"], default="onnxruntime",
+                   help="onnxruntime (via our ONNX export) or OpenCV's Caffe reader")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per net (default 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per net first (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench)

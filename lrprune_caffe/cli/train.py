@@ -1,0 +1,300 @@
+"""``evaluate`` and ``finetune`` sub-commands (picked up by :mod:`lrprune_caffe.cli.main`).
+
+This module must stay importable without torch: torch is imported only when
+``finetune`` runs (through :mod:`lrprune_caffe.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lrprune_caffe.errors import UserError
+
+
+def _add_data_args(p, what="labelled data"):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="DATA", help=f"{what}: an .npz with x (N x C x H x W float32, already "
+                   "preprocessed) and y (N int labels), or an image folder with one subfolder per class")
+    g.add_argument("--data-split", metavar="SPLIT.npz",
+                   help="an MNIST-style split (x_train/y_train/x_test/y_test uint8 digits) read as "
+                        "pixels / 256; evaluate uses x_test, finetune trains on x_train and validates "
+                        "on x_test (unless --val)")
+    g = p.add_argument_group("image folder preprocessing (Caffe style: (pixel - mean) * scale)")
+    g.add_argument("--mean", help="per-channel mean in the net's channel order, e.g. 104,117,123 (BGR)")
+    g.add_argument("--scale", type=float, default=None, help="multiply after subtracting the mean, e.g. 0.017")
+    order = g.add_mutually_exclusive_group()
+    order.add_argument("--bgr", dest="bgr", action="store_true", default=True,
+                       help="feed channels as BGR (default, as Caffe models expect)")
+    order.add_argument("--rgb", dest="bgr", action="store_false", help="feed channels as RGB")
+    g.add_argument("--resize", type=int, metavar="N",
+                   help="resize the shorter side to N, then center-crop to the net's input size")
+    g.add_argument("--gray", action="store_true", help="read images as one gray channel")
+
+
+def _preprocess(args):
+    from lrprune_caffe.data.datasets import Preprocess, parse_mean
+    return Preprocess(mean=parse_mean(args.mean), scale=1.0 if args.scale is None else args.scale,
+                      bgr=args.bgr, resize=args.resize, gray=args.gray)
+
+
+def _net_input_shape(net):
+    from lrprune_caffe.engines.evaluate import single_input
+    return single_input(net)[1]
+
+
+def _load_eval_data(args, net):
+    from lrprune_caffe.data.datasets import load_data, load_mnist_split
+    if bool(args.data) == bool(args.data_split):
+        raise UserError("give the data with exactly one of --data DATA or --data-split SPLIT.npz")
+    if args.data_split:
+        return load_mnist_split(args.data_split)[1]
+    return load_data(args.data, _net_input_shape(net), _preprocess(args))
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- evaluate -----------------------------------------------------------------
+
+def cmd_evaluate(args):
+    from lrprune_caffe.io.caffe import load_net
+    from lrprune_caffe.engines.evaluate import evaluate
+    net = load_net(args.net, args.weights, phase=args.phase)
+    ds = _load_eval_data(args, net)
+    res = evaluate(net, ds, output=args.output, batch_size=args.batch_size, engine=args.engine,
+                   threads=args.threads)
+    res["net"] = args.net
+    res["weights"] = args.weights
+    res["notes"] = list(net.notes) + list(getattr(ds, "notes", [])) + res["notes"]
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    line = f"top-1 {res['top1']:.4f} ({res['correct_top1']}/{res['n']})"
+    if "top5" in res:
+        line += f"   top-5 {res['top5']:.4f} ({res['correct_top5']}/{res['n']})"
+    print(line)
+    print(f"{res['n']} samples, {res['classes']} classes, scores from '{res['output']}', "
+          f"engine {res['engine']}")
+    for note in res["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+# ---- finetune -------------------------------------------------------------------
+
+def _load_train_data(args, net):
+    from lrprune_caffe.data.datasets import load_data, load_mnist_split
+    if bool(args.data) == bool(args.data_split):
+        raise UserError("give the training data with exactly one of --data TRAIN or --data-split SPLIT.npz")
+    if args.data_split:
+        train, test = load_mnist_split(args.data_split)
+        val = test
+        if args.val:
+            val = load_data(args.val, _net_input_shape(net), _preprocess(args))
+        return train, val
+    shape = _net_input_shape(net)
+    train = load_data(args.data, shape, _preprocess(args))
+    val = load_data(args.val, shape, _preprocess(args)) if args.val else None
+    return train, val
+
+
+def solver_from_args(args):
+    from lrprune_caffe.train.solver import SolverSettings, read_solver
+    base = read_solver(args.solver) if args.solver else SolverSettings()
+    return base.with_overrides(base_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                               lr_policy=args.lr_policy, gamma=args.gamma, power=args.power,
+                               stepsize=args.stepsize, max_iter=args.max_iter, type=args.solver_type)
+
+
+def cmd_finetune(args):
+    from lrprune_caffe.train import require_torch
+    require_torch()  # say how to install it before reading anything
+    from lrprune_caffe.api import write_net
+    from lrprune_caffe.io.caffe import load_net
+    from lrprune_caffe.engines.evaluate import evaluate
+    from lrprune_caffe.train.finetune import check_masks, finetune, load_masks
+    import numpy as np
+    import io
+
+    solver = solver_from_args(args)
+    for note in solver.notes:
+        _log(f"note: {note}")
+    net = load_net(args.net, args.weights, phase=args.phase)
+    train, val = _load_train_data(args, net)
+    masks = None
+    if args.masks:
+        masks = check_masks(net, load_masks(args.masks), args.masks)
+    seed = args.seed if args.seed is not None else (solver.random_seed if solver.random_seed is not None else 0)
+    trained, history = finetune(net, train, val, masks=masks, solver=solver, epochs=args.epochs,
+                                batch_size=args.batch_size, seed=seed, output=args.output,
+                                threads=args.threads, progress=None if not args.quiet else False,
+                                log=None if (args.quiet or args.json) else _log)
+    if val is not None and not args.no_final_eval:
+        # the written model, on an independent engine
+        try:
+            res = evaluate(trained, val, output=args.output, threads=args.threads, progress=False)
+            history["final_eval"] = {k: res[k] for k in ("engine", "top1", "top5", "n") if k in res}
+        except Exception as e:  # never lose a finished training to an engine problem
+            history["final_eval"] = {"error": f"{type(e).__name__}: {e}"}
+            _log(f"note: could not evaluate the trained net with onnxruntime/OpenCV: {e}")
+    history["net_file"], history["weights_file"] = args.net, args.weights
+    history["masks_file"] = args.masks
+    extra = {"history.json": json.dumps(history, indent=2) + "\n"}
+    if masks:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **masks)
+        extra["masks.npz"] = buf.getvalue()
+    written = write_net(trained, args.outdir, extra=extra)
+    if args.json:
+        print(json.dumps({"written": written, "history": history}, indent=2))
+        return 0
+    for path in written.values():
+        print(f"wrote {path}")
+    fin = history.get("final", {})
+    msg = f"trained {history['iterations']} iterations, final loss {fin.get('loss', float('nan')):.4f}"
+    if "top1" in history.get("final_eval", {}):
+        fe = history["final_eval"]
+        msg += f", val top-1 {fe['top1']:.4f} ({fe['engine']})"
+    print(msg)
+    return 0
+
+
+# ---- pipeline -------------------------------------------------------------------
+
+def cmd_pipeline(args):
+    from lrprune_caffe.train import require_torch
+    require_torch()
+    from lrprune_caffe.io.caffe import load_net
+    from lrprune_caffe.core.pipeline import pipeline_files, parse_steps
+    steps = parse_steps(args.prune_steps, args.sparsity)
+    if args.speedup is not None and args.speedup <= 1:
+        raise UserError(f"--speedup {args.speedup} must be above 1 (a MAC reduction factor)")
+    if args.schedule == "han" and (args.speedup is not None or args.scheme != "channel"):
+        raise UserError("--speedup and --scheme choose the factorization of --schedule lowrank-prune; "
+                        "the han schedule only prunes")
+    solver = solver_from_args(args)
+    if solver.max_iter is not None:  # rounds run by epochs, until the tolerance is met
+        _log(f"note: the pipeline ignores max_iter ({solver.max_iter}) of the solver settings: each round "
+             f"trains at most --max-epochs epochs")
+        import dataclasses
+        solver = dataclasses.replace(solver, max_iter=None)
+    if args.lr is None and not args.solver:
+        solver = solver.with_overrides(base_lr=0.005)
+    net = load_net(args.net, args.weights, phase=args.phase)
+    train, val = _load_train_data(args, net)
+    report, _ = pipeline_files(args.net, args.weights, train, val, args.outdir, onnx=args.onnx,
+                               log=None if (args.quiet or args.json) else _log,
+                               schedule=args.schedule, prune_steps=steps, speedup=args.speedup or 2.0,
+                               scheme=args.scheme, prune_scope=args.prune_scope, tolerance=args.tolerance,
+                               max_epochs=args.max_epochs,
+                               batch_size=args.batch_size, seed=args.seed or 0, threads=args.threads,
+                               progress=False if (args.quiet or args.json) else None, solver=solver)
+    if args.json:
+        from lrprune_caffe.engines.compare import json_safe
+        print(json.dumps(json_safe(report), indent=2))
+        return 0
+    from lrprune_caffe.core.pipeline import pipeline_markdown
+    print(pipeline_markdown(report))
+    for path in report.get("written", {}).values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_solver_args(p, default_lr, solver_help, max_iter_help):
+    """The solver flags of finetune and pipeline (read by :func:`solver_from_args`);
+    ``max_iter_help=None`` hides --max-iter (the pipeline ignores it)."""
+    import argparse
+    p.add_argument("--solver", metavar="solver.prototxt", help=solver_help)
+    p.add_argument("--lr", type=float, default=None, help=f"base learning rate (default {default_lr})")
+    p.add_argument("--momentum", type=float, default=None, help="momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 0.0005)")
+    p.add_argument("--lr-policy", choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
+                   default=None, help="Caffe lr policy (default fixed)")
+    p.add_argument("--gamma", type=float, default=None, help="lr policy gamma")
+    p.add_argument("--power", type=float, default=None, help="lr policy power")
+    p.add_argument("--stepsize", type=int, default=None, help="lr policy stepsize")
+    p.add_argument("--max-iter", type=int, default=None, help=max_iter_help or argparse.SUPPRESS)
+    p.add_argument("--solver-type", choices=["SGD", "Nesterov", "Adam"], default=None,
+                   help="update rule (default SGD)")
+
+
+def register(sub):
+    from .main import _add_net_args
+
+    p = sub.add_parser("evaluate", help="top-1 / top-5 accuracy on labelled data (onnxruntime or OpenCV)")
+    _add_net_args(p, weights_required=True)
+    _add_data_args(p)
+    p.add_argument("--output", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per engine call (default 256)")
+    p.add_argument("--engine", choices=["onnxruntime", "opencv"], default="onnxruntime",
+                   help="onnxruntime (default; falls back to opencv if the net cannot be exported) or opencv")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("finetune", help="train the net with PyTorch (pruning masks held at zero)")
+    _add_net_args(p, weights_required=True)
+    _add_data_args(p, "training data")
+    p.add_argument("--val", metavar="VAL", help="validation data (npz or image folder), accuracy per epoch")
+    p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR",
+                   help="folder for model.prototxt, model.caffemodel and history.json")
+    p.add_argument("--masks", metavar="MASKS.npz",
+                   help="pruning masks (bool, True = keep, keys '<layer>/<blob idx>'): masked weights stay 0")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training data (default 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per iteration (default 64)")
+    _add_solver_args(p, default_lr=0.001,
+                     solver_help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, "
+                                 "max_iter...); flags below override it; max_iter overrides --epochs",
+                     max_iter_help="iterations (batches); overrides --epochs")
+    p.add_argument("--seed", type=int, default=None, help="shuffling / dropout seed (default 0)")
+    p.add_argument("--output", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-final-eval", action="store_true",
+                   help="skip evaluating the trained net on --val with onnxruntime/OpenCV")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--json", action="store_true", help="print what was written and the history as JSON")
+    p.set_defaults(func=cmd_finetune)
+
+    from lrprune_caffe.core.compress import SCHEMES
+    p = sub.add_parser(
+        "pipeline", help="compress and fine-tune in rounds (schedules han, lowrank-prune); count the rounds",
+        description="Run a compression schedule with fine-tuning (PyTorch) after each step. han: prune "
+                    "to each --prune-steps sparsity in turn (magnitude, per layer or with --prune-scope "
+                    "global over the net), fine-tuning after each; "
+                    "lowrank-prune: factorize first (--scheme, --speedup), fine-tune, then the same pruning "
+                    "rounds. Each round fine-tunes until validation top-1 is within --tolerance of the "
+                    "original's, at most --max-epochs epochs. Writes OUTDIR/model.prototxt, model.caffemodel, "
+                    "masks.npz, report.json, report.md.")
+    _add_net_args(p, weights_required=True)
+    _add_data_args(p, "training data")
+    p.add_argument("--val", metavar="VAL", help="validation data (npz or image folder); default with "
+                   "--data-split: its test digits")
+    p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("--schedule", choices=["han", "lowrank-prune"], default="lowrank-prune",
+                   help="han: iterative magnitude pruning (Han et al. 2015); lowrank-prune: factorize, "
+                        "then prune (default)")
+    p.add_argument("--sparsity", type=float, default=None, metavar="S",
+                   help="final sparsity of every conv/FC layer (default 0.9); the steps are 0.5, 0.7, "
+                        "0.8, 0.9 cut at S")
+    p.add_argument("--prune-steps", metavar="S1,S2,...", help="explicit increasing sparsity steps")
+    p.add_argument("--prune-scope", choices=["layer", "global"], default="layer",
+                   help="layer: each conv/FC layer to the step's sparsity (default); global: one magnitude "
+                        "threshold over all of them")
+    p.add_argument("--speedup", type=float, default=None, help="lowrank-prune: whole-net MAC reduction of "
+                   "the factorization (default 2)")
+    p.add_argument("--scheme", choices=SCHEMES, default="channel", help="lowrank-prune: conv scheme")
+    p.add_argument("--tolerance", type=float, default=0.005,
+                   help="a round ends once val top-1 >= original - TOL (default 0.005 = 0.5 points)")
+    p.add_argument("--max-epochs", type=int, default=5, help="epochs at most per round (default 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per iteration (default 64)")
+    _add_solver_args(p, default_lr=0.005, solver_help="Caffe solver settings (flags override; its max_iter "
+                     "is ignored: rounds run by epochs)", max_iter_help=None)
+    p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch / engine threads")
+    p.add_argument("--onnx", action="store_true", help="also write OUTDIR/model.onnx")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-round lines")
+    p.add_argument("--json", action="store_true", help="print report.json")
+    p.set_defaults(func=cmd_pipeline)
+

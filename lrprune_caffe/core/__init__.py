@@ -1,0 +1,2 @@
+"""The net-in, net-out jobs: compress (``compress.py``), the fine-tuning schedules (``pipeline.py``),
+reports (``report.py``)."""

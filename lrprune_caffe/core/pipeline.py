@@ -1,0 +1,285 @@
+"""API: ``pipeline``: compress and fine-tune in rounds, and count what it took.
+
+Two schedules (``schedule=``):
+
+``han``
+    Iterative magnitude pruning after Han, Pool, Tran & Dally 2015 ("Learning
+    both Weights and Connections for Efficient Neural Networks", NIPS, sec. 3.3:
+    "iterative pruning ... prune, retrain, repeat"). For each sparsity step
+    s_1 < s_2 < ... < s_k (``prune_steps``; s_k is the target) one round:
+    zero the ``round(s_i x size)`` smallest-magnitude weights of every conv/FC
+    layer (per layer; a weight pruned in an earlier round is zero, hence among
+    the smallest, so masks only grow), then fine-tune with the masks held.
+
+``lowrank-prune``
+    The method of the 2018 paper the project follows (low-rank approximation
+    concentrates a layer's information in few weights; pruning then removes
+    the rest): round 1 factorizes every conv/FC layer for a whole-net MAC
+    reduction (``speedup``, ``scheme``; see :func:`lrprune_caffe.core.compress.compress`)
+    and fine-tunes; then the same pruning rounds as ``han``, on the factorized
+    net's layers.
+
+Fine-tuning in a round stops as soon as validation top-1 is back within
+``tolerance`` of the original net's (measured on the same validation data
+with onnxruntime before anything changes), or after ``max_epochs``. A round
+whose compression step leaves accuracy within tolerance needs no epoch at
+all; a *fine-tuning round* is a round that needed at least one epoch. The
+report records, per round: the step, sparsity, params, nonzero params, MACs,
+accuracy right after the step and after fine-tuning, epochs, iterations and
+whether the tolerance was reached.
+
+Accuracy in the report is measured on the written net by onnxruntime (or
+OpenCV), not by the torch model that was trained.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from lrprune_caffe.version import __version__
+from lrprune_caffe.ir.analysis import layer_stats, totals, validate
+from lrprune_caffe.io.caffe import load_net
+from lrprune_caffe.engines.compare import json_safe
+from lrprune_caffe.errors import UserError
+
+SCHEDULES = ("han", "lowrank-prune")
+DEFAULT_PRUNE_STEPS = (0.5, 0.7, 0.8, 0.9)
+
+
+def parse_steps(text, target=None) -> tuple:
+    """Sparsity steps from '0.5,0.7,0.9' (increasing, each in [0, 1)); with ``target`` and no
+    text, the default steps below the target followed by the target itself."""
+    if text is None or text == "":
+        if target is None:
+            return DEFAULT_PRUNE_STEPS
+        t = float(target)
+        if not 0 < t < 1:
+            raise UserError(f"--sparsity {target} must be in (0, 1)")
+        return tuple(s for s in DEFAULT_PRUNE_STEPS if s < t) + (t,)
+    if isinstance(text, (list, tuple)):
+        items = [float(v) for v in text]
+    else:
+        try:
+            items = [float(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--prune-steps: '{text}' is not a comma-separated list of fractions") from None
+    if not items:
+        raise UserError("--prune-steps: no step given")
+    for v in items:
+        if not 0 <= v < 1:
+            raise UserError(f"--prune-steps: {v} is outside [0, 1)")
+    if any(b <= a for a, b in zip(items, items[1:])):
+        raise UserError(f"--prune-steps: {text} must increase")
+    if target is not None and abs(items[-1] - float(target)) > 1e-12:
+        raise UserError(f"--prune-steps ends at {items[-1]}, but --sparsity is {target}")
+    return tuple(items)
+
+
+@dataclass
+class PipelineOptions:
+    schedule: str = "lowrank-prune"
+    prune_steps: tuple = DEFAULT_PRUNE_STEPS
+    speedup: float = 2.0
+    scheme: str = "channel"
+    criterion: str = "log-energy"
+    prune_scope: str = "layer"  # "global": one magnitude threshold over all conv/FC layers
+    tolerance: float = 0.005
+    max_epochs: int = 5
+    batch_size: int = 64
+    seed: int = 0
+    threads: int = None
+    engine: str = "onnxruntime"
+    progress: object = None
+    solver: object = None  # train.SolverSettings
+
+
+def _masks_str(masks: dict) -> dict:
+    return {f"{k[0]}/{k[1]}": v for k, v in masks.items()}
+
+
+def _grow_masks(old: dict, new: dict) -> dict:
+    """Union of the pruned sets (keep = keep in both)."""
+    out = dict(new)
+    for k, m in old.items():
+        out[k] = out[k] & m if k in out else m
+    return out
+
+
+def net_numbers(net) -> dict:
+    """params, nonzero_params, sparsity (over every blob) and MACs of ``net``."""
+    from lrprune_caffe.transforms.prune import sparsity_rows, sparsity_totals
+    return {**sparsity_totals(sparsity_rows(net)), "macs": int(totals(layer_stats(net))["macs"])}
+
+
+def run_pipeline(net, train, val, opts: PipelineOptions, log=None, prototxt=None, weights=None):
+    """Run ``opts.schedule`` on ``net`` (an IR net with weights; not modified).
+
+    ``train`` / ``val``: Datasets (see :mod:`lrprune_caffe.data.datasets`). Returns ``(final_net,
+    masks, report)``; masks = {"layer/blob": keep bool array} held at the end.
+    """
+    from lrprune_caffe.engines.evaluate import evaluate
+    from lrprune_caffe.transforms.prune import PruneSpec, prune_net
+    from lrprune_caffe.train import require_torch
+    from lrprune_caffe.train.finetune import finetune
+    from lrprune_caffe.train.solver import SolverSettings
+
+    require_torch()
+    if opts.schedule not in SCHEDULES:
+        raise UserError(f"--schedule: unknown schedule '{opts.schedule}' (choose from {', '.join(SCHEDULES)})")
+    if not 0 <= float(opts.tolerance) < 1:
+        raise UserError(f"--tolerance {opts.tolerance} must be in [0, 1) (a top-1 fraction, e.g. 0.005)")
+    if int(opts.max_epochs) < 1:
+        raise UserError(f"--max-epochs {opts.max_epochs} must be >= 1")
+    if val is None:
+        raise UserError("the pipeline needs validation data (--val, or --data-split) to know when a round "
+                        "has won accuracy back")
+    solver = opts.solver or SolverSettings(base_lr=0.005)
+    say = log or (lambda m: None)
+
+    def acc(n):
+        return evaluate(n, val, engine=opts.engine, threads=opts.threads, progress=False)["top1"]
+
+    t_start = time.perf_counter()
+    base_acc = acc(net)
+    goal = base_acc - float(opts.tolerance)
+    say(f"original: val top-1 {base_acc:.4f}; each round fine-tunes until >= {goal:.4f} "
+        f"(at most {opts.max_epochs} epochs)")
+    rounds = []
+    cur = net.copy()
+    masks: dict = {}
+    steps = []
+    if opts.schedule == "lowrank-prune":
+        steps.append(("factorize", None))
+    steps += [("prune", s) for s in opts.prune_steps]
+    factorize_report = None
+
+    for i, (kind, s) in enumerate(steps, 1):
+        if kind == "factorize":
+            factorize_report, cur = _factorize(cur, opts, prototxt, weights)
+            what = f"factorize ({opts.scheme}, {opts.speedup:g}x MACs)"
+        else:
+            pruned = cur.copy()
+            new_masks, _ = prune_net(pruned, PruneSpec(fraction=float(s), scope=opts.prune_scope))
+            masks = _grow_masks(masks, new_masks)
+            from lrprune_caffe.transforms.prune import apply_masks
+            apply_masks(pruned, masks)
+            cur = pruned
+            what = f"prune to {s:.0%} " + ("per layer" if opts.prune_scope == "layer" else "over the net")
+        validate(cur)
+        before = acc(cur)
+        rec = {"round": i, "step": what, **net_numbers(cur), "top1_after_step": before, "epochs": 0,
+               "iterations": 0}
+        say(f"round {i}: {what}: val top-1 {before:.4f}")
+        if before < goal:
+            smasks = _masks_str(masks)
+            trained, hist = finetune(cur, train, val, masks=smasks, solver=solver, epochs=int(opts.max_epochs),
+                                     batch_size=opts.batch_size, seed=opts.seed + i, threads=opts.threads,
+                                     progress=opts.progress, log=None, check=(i == 1),
+                                     stop=lambda r: r.get("val_top1", 0.0) >= goal)
+            cur = trained
+            rec["epochs"] = len(hist["epochs"])
+            rec["iterations"] = int(hist["iterations"])
+            rec["train_time_s"] = hist.get("time_s")
+            rec["val_top1_per_epoch"] = [e.get("val_top1") for e in hist["epochs"]]
+        rec["top1"] = acc(cur) if rec["epochs"] else before
+        rec["reached"] = rec["top1"] >= goal
+        rounds.append(rec)
+        say(f"round {i}: {rec['epochs']} epoch(s) -> val top-1 {rec['top1']:.4f}"
+            + ("" if rec["reached"] else f" (tolerance NOT reached after {opts.max_epochs} epochs)"))
+
+    final = net_numbers(cur)
+    report = {
+        "tool": f"lrprune-caffe {__version__}",
+        "net": net.name,
+        "schedule": opts.schedule,
+        "options": {"prune_steps": list(opts.prune_steps), "prune_scope": opts.prune_scope,
+                    "speedup": opts.speedup if opts.schedule != "han" else None,
+                    "scheme": opts.scheme if opts.schedule != "han" else None,
+                    "tolerance": opts.tolerance, "max_epochs": opts.max_epochs, "batch_size": opts.batch_size,
+                    "seed": opts.seed, "solver": solver.as_dict(), "engine": opts.engine, "threads": opts.threads},
+        "original": {"top1": base_acc, **net_numbers(net)},
+        "goal_top1": goal,
+        "rounds": rounds,
+        "final": {"top1": rounds[-1]["top1"] if rounds else base_acc, **final,
+                  "reached": bool(rounds[-1]["reached"]) if rounds else True},
+        "summary": {"rounds": len(rounds),
+                    "finetune_rounds": sum(1 for r in rounds if r["epochs"] > 0),
+                    "epochs": sum(r["epochs"] for r in rounds),
+                    "iterations": sum(r["iterations"] for r in rounds),
+                    "all_reached": all(r["reached"] for r in rounds)},
+        "time_s": round(time.perf_counter() - t_start, 2),
+        "val": getattr(val, "source", None), "train": getattr(train, "source", None),
+    }
+    if factorize_report is not None:
+        report["factorize"] = {"layers": [{k: r.get(k) for k in ("name", "action", "scheme", "rank", "reason")}
+                                          for r in factorize_report["layers"]],
+                               "totals": factorize_report["totals"]}
+    return cur, _masks_str(masks), report
+
+
+def _factorize(net, opts, prototxt, weights):
+    """compress() works from files: write the current net to a temporary folder first."""
+    import tempfile
+    from pathlib import Path
+
+    from lrprune_caffe.io.caffe import save_net
+    from .compress import compress
+    with tempfile.TemporaryDirectory() as d:
+        p, w = Path(d) / "in.prototxt", Path(d) / "in.caffemodel"
+        save_net(net, p, w)
+        report, new = compress(p, w, None, scheme=opts.scheme, speedup=float(opts.speedup), verify=False,
+                               criterion=opts.criterion, seed=opts.seed)
+    return report, new
+
+
+def pipeline_markdown(report: dict) -> str:
+    o = report["original"]
+    lines = [f"# Pipeline `{report['schedule']}` on {report.get('net') or 'the net'}", "",
+             f"- tool: {report['tool']}; validation: {report.get('val')}; training: {report.get('train')}",
+             f"- original top-1 {o['top1']:.4f}; goal per round: >= {report['goal_top1']:.4f} "
+             f"(tolerance {report['options']['tolerance']}), at most {report['options']['max_epochs']} "
+             f"epochs per round", "",
+             "| round | step | params | nonzero | sparsity | MACs | top-1 after step | epochs | top-1 | reached |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["rounds"]:
+        lines.append(f"| {r['round']} | {r['step']} | {r['params']:,} | {r['nonzero_params']:,} | "
+                     f"{r['sparsity']:.1%} | {r['macs']:,} | {r['top1_after_step']:.4f} | {r['epochs']} | "
+                     f"{r['top1']:.4f} | {'yes' if r['reached'] else 'NO'} |")
+    s = report["summary"]
+    lines += ["", f"{s['rounds']} rounds, {s['finetune_rounds']} needed fine-tuning, {s['epochs']} epochs "
+                  f"({s['iterations']} iterations) in all; {report['time_s']} s."]
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, log=None, **kw):
+    """Load, run :func:`run_pipeline`, and (with ``outdir``) write model.prototxt,
+    model.caffemodel, masks.npz, report.json, report.md (+ model.onnx), all or nothing."""
+    net = load_net(prototxt, weights)
+    opts = PipelineOptions(**kw)
+    if outdir is not None:
+        from lrprune_caffe.fileutil import check_outdir
+        check_outdir(outdir)  # before the training, not after
+    final, masks, report = run_pipeline(net, train, val, opts, log=log, prototxt=prototxt, weights=weights)
+    report["source"] = {"prototxt": str(prototxt), "weights": str(weights)}
+    if outdir is not None:
+        from lrprune_caffe.api import write_net
+        extra = {"report.json": json.dumps(json_safe(report), indent=2) + "\n",
+                 "report.md": pipeline_markdown(report)}
+        if masks:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **masks)
+            extra["masks.npz"] = buf.getvalue()
+        if onnx:
+            from lrprune_caffe.export.onnx import export_model
+            extra["model.onnx"] = export_model(final).SerializeToString()
+        report["written"] = write_net(final, outdir, extra=extra)
+    return report, final
+
+
+__all__ = ["run_pipeline", "pipeline_files", "PipelineOptions", "SCHEDULES", "parse_steps", "pipeline_markdown",
+           "net_numbers", "DEFAULT_PRUNE_STEPS"]

@@ -1,0 +1,1 @@
+"""Datasets: npz files and image folders with Caffe-style preprocessing (``datasets.py``)."""

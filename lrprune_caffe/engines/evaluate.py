@@ -1,0 +1,211 @@
+"""Top-1 / top-5 accuracy of a net on labelled data, run by a real engine (no torch).
+
+``evaluate(net, data)`` exports the net to ONNX once (dynamic batch) and runs
+it with onnxruntime in batches; if the net cannot be exported (no exporter,
+a layer without lowering) it runs OpenCV's Caffe reader on the written Caffe
+files instead, and says so in the result (``engine``, ``notes``).
+
+Which blob holds the class scores: the net's single output, or ``output=``.
+Scores are N x C, or N x C x 1 x 1 (a 1x1 conv classifier); for a Softmax
+output the class axis is the Softmax's axis. Ties rank the lower class first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from lrprune_caffe.ir.analysis import validate
+from lrprune_caffe.data.datasets import as_dataset, check_against_net
+from lrprune_caffe.errors import LrpruneError, UserError
+
+ENGINES = ("onnxruntime", "opencv")
+
+
+@dataclass
+class ScoreBlob:
+    blob: str  # where the class scores are read
+    logits: str  # the blob to train on (the Softmax's bottom when blob is a Softmax output)
+    softmax: bool  # blob is a Softmax output (train with log_softmax + NLL on logits)
+    axis: int  # class axis
+    classes: int
+    input: str  # the net's (single) input blob
+    input_shape: tuple
+
+
+def single_input(net):
+    names = net.inputs()
+    if len(names) != 1:
+        raise UserError(f"{net.source or 'the net'}: evaluate and finetune need a net with one input, "
+                        f"this one has {len(names)}: {', '.join(names) or '(none)'}")
+    return names[0], net.input_shapes()[names[0]]
+
+
+def resolve_scores(net, output=None) -> ScoreBlob:
+    """Find the class-score blob (the single net output, or ``output``) and its class count."""
+    where = net.source or "the net"
+    inp, in_shape = single_input(net)
+    if output is None:
+        outs = net.outputs()
+        if len(outs) != 1:
+            raise UserError(f"{where}: the net has {len(outs)} outputs ({', '.join(outs)}); "
+                            f"choose the class scores with --output BLOB")
+        output = outs[0]
+    idx = None
+    for i, layer in enumerate(net.layers):
+        if output in layer.tops:
+            idx = i
+    if idx is None:
+        raise UserError(f"{where}: no layer produces blob '{output}'")
+    layer = net.layers[idx]
+    shapes = validate(net, input_shapes={inp: (1, *in_shape[1:])} if in_shape else None, weights=False)
+    shape = shapes.blobs.get(output)
+    softmax = layer.type == "Softmax" and len(layer.bottoms) == 1
+    axis = 1
+    if softmax:
+        from lrprune_caffe.ir.layers.base import canon_axis
+        axis = canon_axis(int(layer.param_msg("softmax_param").axis), len(shape)) if shape else 1
+    if shape is None:
+        raise UserError(f"{where}: the shape of output '{output}' is unknown")
+    rest = [d for i, d in enumerate(shape) if i not in (0, axis)]
+    if len(shape) < 2 or any(d != 1 for d in rest):
+        raise UserError(f"{where}: output '{output}' has shape {tuple(shape)}, not N x classes "
+                        f"(class axis {axis}); choose the class scores with --output BLOB")
+    logits = layer.bottoms[0] if softmax else output
+    return ScoreBlob(output, logits, softmax, axis, int(shape[axis]), inp, tuple(in_shape) if in_shape else None)
+
+
+def class_scores(arr, axis: int = 1) -> np.ndarray:
+    """(N, C) scores from an output blob whose other axes are all 1."""
+    arr = np.asarray(arr)
+    arr = np.moveaxis(arr, axis, 1)
+    return arr.reshape(arr.shape[0], arr.shape[1])
+
+
+def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per sample: is the label among the k best scores? (ties: lower class first)."""
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.any(order == labels[:, None], axis=1)
+
+
+# ---- batched runners ---------------------------------------------------------
+
+class _OrtRunner:
+    def __init__(self, net, blob, threads):
+        from lrprune_caffe.export.onnx import export_model  # may be absent: ImportError
+        from .runtime import ort_session
+        extra = [] if blob in net.outputs() else [blob]
+        model = export_model(net, extra_outputs=extra, dynamic_batch=True)
+        self.sess = ort_session(model.SerializeToString(), threads)
+        self.input = self.sess.get_inputs()[0].name
+        self.blob = blob
+
+    def __call__(self, x):
+        return self.sess.run([self.blob], {self.input: x})[0]
+
+
+class _OpenCVRunner:
+    def __init__(self, net, blob, threads):
+        try:
+            import cv2
+        except ImportError:
+            raise UserError("the opencv engine needs opencv-python-headless<5 "
+                            "(pip install 'opencv-python-headless<5')") from None
+        from lrprune_caffe.io.caffe import save_net
+        self.cv2 = cv2
+        with tempfile.TemporaryDirectory() as d:
+            proto, model = os.path.join(d, "m.prototxt"), os.path.join(d, "m.caffemodel")
+            save_net(net, proto, model)
+            self.net = cv2.dnn.readNetFromCaffe(proto, model)
+        if threads:
+            cv2.setNumThreads(int(threads))
+        self.input = net.inputs()[0]
+        self.blob = blob
+
+    def __call__(self, x):
+        self.net.setInput(x, self.input)
+        return np.asarray(self.net.forward(self.blob)).copy()
+
+
+def make_runner(net, blob, engine="onnxruntime", threads=None):
+    """(runner, engine used, notes). onnxruntime falls back to opencv when export is unavailable."""
+    notes = []
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
+    if engine == "onnxruntime":
+        try:
+            return _OrtRunner(net, blob, threads), "onnxruntime", notes
+        except (ImportError, NotImplementedError, LrpruneError) as e:
+            notes.append(f"ONNX export not available ({type(e).__name__}: {e}); evaluated with OpenCV's "
+                         f"Caffe reader instead")
+    return _OpenCVRunner(net, blob, threads), "opencv", notes
+
+
+def predict_scores(net, x, output=None, batch_size=256, engine="onnxruntime", threads=None,
+                   progress=False):
+    """(N, C) class scores of ``x`` in batches; returns (scores, ScoreBlob, engine, notes)."""
+    sb = resolve_scores(net, output)
+    runner, used, notes = make_runner(net, sb.blob, engine, threads)
+    parts = []
+    bar = _bar(len(x), "evaluate", progress)
+    for s in range(0, len(x), batch_size):
+        xb = np.ascontiguousarray(x[s:s + batch_size], dtype=np.float32)
+        parts.append(class_scores(runner(xb), sb.axis))
+        bar.update(len(xb))
+    bar.close()
+    return np.concatenate(parts, axis=0), sb, used, notes
+
+
+def _bar(total, desc, progress):
+    from tqdm import tqdm
+    import sys
+    disable = (not progress) if progress is not None else not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False, file=sys.stderr)
+
+
+def evaluate(net, data, output=None, batch_size=256, engine="onnxruntime", threads=None,
+             progress=None) -> dict:
+    """Top-1 (and top-5 with more than 5 classes) accuracy of ``net`` on ``data``.
+
+    ``data``: a :class:`~lrprune_caffe.data.datasets.Dataset`, an (x, y) pair or {'x', 'y'}.
+    Returns {"n", "classes", "top1", "top5"?, "correct_top1", "correct_top5"?,
+    "output", "engine", "batch_size", "notes"}.
+    """
+    ds = as_dataset(data)
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    sb = resolve_scores(net, output)
+    check_against_net(ds, sb.input_shape, sb.classes, sb.input)
+    scores, sb, used, notes = predict_scores(net, ds.x, sb.blob, batch_size, engine, threads, progress)
+    res = {"n": len(ds), "classes": sb.classes, "output": sb.blob, "engine": used,
+           "batch_size": int(batch_size), "data": ds.source}
+    c1 = topk_correct(scores, ds.y, 1)
+    res["correct_top1"] = int(c1.sum())
+    res["top1"] = float(c1.mean())
+    if sb.classes > 5:
+        c5 = topk_correct(scores, ds.y, 5)
+        res["correct_top5"] = int(c5.sum())
+        res["top5"] = float(c5.mean())
+    res["notes"] = notes
+    return res
+
+
+def evaluate_files(prototxt, weights, data_path, output=None, batch_size=256, engine="onnxruntime",
+                   threads=None, preprocess=None, phase="TEST", progress=None) -> dict:
+    """Load a net and its weights and a data file/folder, then :func:`evaluate`."""
+    from lrprune_caffe.io.caffe import load_net
+    from lrprune_caffe.data.datasets import load_data
+    net = load_net(prototxt, weights, phase=phase)
+    _, in_shape = single_input(net)
+    ds = load_data(data_path, in_shape, preprocess)
+    res = evaluate(net, ds, output, batch_size, engine, threads, progress)
+    res["notes"] = list(net.notes) + res["notes"]
+    return res
+
+
+__all__ = ["evaluate", "evaluate_files", "resolve_scores", "class_scores", "topk_correct",
+           "predict_scores", "make_runner", "ScoreBlob", "single_input", "ENGINES"]

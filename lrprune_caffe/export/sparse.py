@@ -1,0 +1,223 @@
+"""Sparse storage: ONNX sparse initializers and what each layout costs in bytes.
+
+* :func:`sparsify_model` rewrites an ONNX model's float initializers that are
+  smaller sparse as ``sparse_initializer`` entries (``SparseTensorProto``:
+  the nonzero values + their int64 *linear* indices into the dense tensor,
+  ascending - the form ``onnx.checker.check_model`` accepts; int32 indices
+  load in onnxruntime but fail the checker). onnxruntime densifies them at
+  load, so outputs are unchanged. Each nonzero costs 4 + 8 = 12 bytes
+  against 4 per dense element: a tensor below ~67 % zeros stays dense.
+  (``check_model(full_check=True)`` fails on any sparse initializer feeding
+  a regular op - onnx's shape inference types it ``sparse_tensor`` - which is
+  a limitation of onnx's shape inference, not of the file.)
+* :func:`csr_relative_bytes`: Han et al.'s relative-index CSR (Deep Compression).
+* :func:`storage_report`: per layer and in total, the params, nonzeros, and
+  the bytes of the dense float32 data, the written caffemodel, the written
+  ONNX file and the relative-index CSR layout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+#: bytes per nonzero of a sparse initializer: float32 value + int64 linear index
+SPARSE_BYTES_PER_NONZERO = 12
+DENSE_BYTES_PER_ELEMENT = 4
+_FLOAT_TYPES = None
+
+
+def _float_types():
+    global _FLOAT_TYPES
+    if _FLOAT_TYPES is None:
+        from onnx import TensorProto
+        _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    return _FLOAT_TYPES
+
+
+def break_even_sparsity(value_bytes: int = 4, index_bytes: int = 8) -> float:
+    """Sparsity above which values + linear indices take fewer bytes than dense:
+    ``1 - value_bytes / (value_bytes + index_bytes)`` (2/3 for float32 + int64)."""
+    return 1.0 - value_bytes / (value_bytes + index_bytes)
+
+
+def to_sparse_tensor(tensor):
+    """A ``SparseTensorProto`` (values + int64 linear indices, ascending) of a dense
+    ``TensorProto``, with the same name, dtype and dims."""
+    from onnx import helper, numpy_helper
+    arr = numpy_helper.to_array(tensor)
+    flat = arr.reshape(-1)
+    idx = np.flatnonzero(flat).astype(np.int64)
+    values = numpy_helper.from_array(np.ascontiguousarray(flat[idx]), tensor.name)
+    indices = numpy_helper.from_array(idx, f"{tensor.name}_indices")
+    return helper.make_sparse_tensor(values, indices, list(arr.shape))
+
+
+def sparsify_model(model, min_sparsity: Optional[float] = None):
+    """A copy of ``model`` where each floating-point initializer that is smaller as a
+    ``SparseTensorProto`` becomes a ``sparse_initializer`` (see the module docstring).
+
+    An initializer stays dense when the sparse form is not smaller (below the
+    break-even, :func:`break_even_sparsity`), when ``min_sparsity`` is given and
+    its zero fraction is below it, when it is 0-d, stored externally, or also a
+    graph input. The IR version is raised to 6 if lower (sparse initializers
+    need it).
+    """
+    import onnx
+    from onnx import TensorProto
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    graph_inputs = {i.name for i in g.input}
+    keep, sparse = [], []
+    for t in g.initializer:
+        if (t.data_type not in _float_types() or len(t.dims) == 0 or t.name in graph_inputs
+                or t.data_location == TensorProto.EXTERNAL):
+            keep.append(t)
+            continue
+        from onnx import numpy_helper
+        arr = numpy_helper.to_array(t)
+        size = arr.size
+        nnz = int(np.count_nonzero(arr))
+        sparsity = 1.0 - nnz / size if size else 0.0
+        if min_sparsity is not None and sparsity < float(min_sparsity):
+            keep.append(t)
+            continue
+        itemsize = arr.dtype.itemsize
+        if nnz * (itemsize + 8) >= size * itemsize:  # cheap pre-check: not smaller
+            keep.append(t)
+            continue
+        st = to_sparse_tensor(t)
+        if st.ByteSize() >= t.ByteSize():
+            keep.append(t)
+            continue
+        sparse.append(st)
+    if sparse:
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        g.sparse_initializer.extend(sparse)
+        if out.ir_version < 6:
+            out.ir_version = 6
+    return out
+
+
+def csr_relative_bytes(array, index_bits: int = 8, value_bytes: int = 4) -> int:
+    """Bytes of ``array`` in compressed sparse row form with *relative* indices.
+
+    Han, Mao & Dally 2016, "Deep Compression: Compressing Deep Neural Networks
+    with Pruning, Trained Quantization and Huffman Coding", ICLR, sec. 2 and
+    fig. 2: the sparse structure is stored as CSR, each nonzero with the
+    *difference* of its index from the previous nonzero encoded in
+    ``index_bits`` bits (8 for conv layers, 5 for FC in the paper); "when we
+    need an index difference larger than the bound, we use the zero padding
+    solution": a filler zero entry is inserted every ``2**index_bits - 1``
+    positions of a gap.
+
+    Rows are ``array.shape[0]`` (output filters; a 0-d/1-d array is one row),
+    each row is the rest flattened in C order. With ``gap`` = position -
+    previous position in the row (the first nonzero's previous position is
+    -1, so ``gap >= 1``) and ``m = 2**index_bits - 1`` the largest gap one
+    entry spans::
+
+        entries = sum over nonzeros of ceil(gap / m)      (ceil - 1 fillers each)
+        bytes   = ceil(entries * (8 * value_bytes + index_bits) / 8) + 4 * (rows + 1)
+
+    where ``4 * (rows + 1)`` are the int32 row pointers.
+    """
+    a = np.asarray(array)
+    rows = a.shape[0] if a.ndim >= 2 else 1
+    mat = a.reshape(rows, -1)
+    m = (1 << int(index_bits)) - 1
+    if np.count_nonzero(mat) == mat.size:
+        entries = mat.size  # dense: every gap is 1, one entry each
+    else:
+        # rows in blocks of ~4M elements: np.nonzero's int64 indices of a VGG fc6 would be 1.6 GB
+        step = max(1, (1 << 22) // max(1, mat.shape[1]))
+        entries = 0
+        for start in range(0, rows, step):
+            r, c = np.nonzero(mat[start:start + step])  # row-major order
+            if not r.size:
+                continue
+            prev = np.empty_like(c)
+            prev[0] = -1
+            prev[1:] = c[:-1]
+            prev[1:][r[1:] != r[:-1]] = -1  # a new row starts at -1
+            gaps = c - prev
+            entries += int(((gaps + m - 1) // m).sum())
+    bits = entries * (8 * int(value_bytes) + int(index_bits))
+    return (bits + 7) // 8 + 4 * (rows + 1)
+
+
+# ---------------------------------------------------------------------------
+# per-layer bytes of the written files
+
+def caffemodel_layer_bytes(net) -> dict:
+    """{layer name: bytes of its LayerParameter (with blobs) in the caffemodel}, plus
+    ``""`` for the net-level fields; the values sum to the caffemodel's size exactly
+    (mirrors :func:`lrprune_caffe.io.caffe.caffemodel_chunks`)."""
+    from lrprune_caffe.io import wire
+    out = {"": 0}
+    if net.name:
+        b = net.name.encode("utf-8")
+        out[""] = len(wire.len_prefix(1, len(b))) + len(b)
+    for layer in net.layers:
+        head = layer.to_proto(with_blobs=False).ByteSize()
+        blob_size = sum(wire.blob_chunks(arr, 7)[1] for arr in layer.blobs)
+        out[layer.name] = len(wire.len_prefix(100, head + blob_size)) + head + blob_size
+    return out
+
+
+def _owner(name: str, layer_names) -> Optional[str]:
+    """The layer an ONNX value belongs to: the longest layer name L with name == L or
+    name starting with ``L/`` (the exporter names values ``layer/suffix``)."""
+    best = None
+    for ln in layer_names:
+        if (name == ln or name.startswith(ln + "/")) and (best is None or len(ln) > len(best)):
+            best = ln
+    return best
+
+
+def onnx_layer_bytes(model, net) -> dict:
+    """{layer name: serialized bytes of its (sparse) initializers in ``model``};
+    initializers that belong to no layer are under ``""``."""
+    names = [layer.name for layer in net.layers]
+    out = {}
+    g = model.graph
+    for t in g.initializer:
+        k = _owner(t.name, names) or ""
+        out[k] = out.get(k, 0) + t.ByteSize()
+    for st in g.sparse_initializer:
+        k = _owner(st.values.name, names) or ""
+        out[k] = out.get(k, 0) + st.ByteSize()
+    return out
+
+
+def storage_report(net, onnx_model=None, index_bits: int = 8) -> dict:
+    """Per layer with blobs and in total: ``params``, ``nonzero_params``, ``sparsity``,
+    ``dense_bytes`` (4 per param), ``caffemodel_bytes`` (its share of the written
+    caffemodel; the total is the file size), ``onnx_bytes`` (its initializers in
+    ``onnx_model``, a ModelProto, if given; the total is the file size) and
+    ``csr_bytes`` (:func:`csr_relative_bytes` with ``index_bits``, summed over blobs).
+    Counts are of the zeros actually in the blobs, i.e. in the written caffemodel."""
+    cm = caffemodel_layer_bytes(net)
+    from lrprune_caffe.transforms.prune import sparsity_rows, sparsity_totals
+    ox = onnx_layer_bytes(onnx_model, net) if onnx_model is not None else None
+    rows = sparsity_rows(net)
+    for row in rows:
+        layer = net.layer(row["name"])
+        row.update({"dense_bytes": DENSE_BYTES_PER_ELEMENT * row["params"],
+                    "caffemodel_bytes": cm[layer.name],
+                    "csr_bytes": sum(csr_relative_bytes(b, index_bits) for b in layer.blobs)})
+        if ox is not None:
+            row["onnx_bytes"] = ox.get(layer.name, 0)
+    totals = {**sparsity_totals(rows), "dense_bytes": DENSE_BYTES_PER_ELEMENT * sum(r["params"] for r in rows),
+              "caffemodel_bytes": sum(cm.values()), "csr_bytes": sum(r["csr_bytes"] for r in rows)}
+    if onnx_model is not None:
+        totals["onnx_bytes"] = onnx_model.ByteSize()
+    return {"layers": rows, "totals": totals, "csr_index_bits": int(index_bits)}
+
+
+__all__ = ["sparsify_model", "to_sparse_tensor", "break_even_sparsity", "csr_relative_bytes",
+           "caffemodel_layer_bytes", "onnx_layer_bytes", "storage_report",
+           "SPARSE_BYTES_PER_NONZERO"]

@@ -1,0 +1,545 @@
+"""Caffe files in and out: prototxt (text) and caffemodel (binary), no Caffe needed.
+
+Reading accepts what Caffe's own upgrade path accepts:
+
+* the current ``layer {}`` form and the legacy V1 ``layers {}`` form with enum
+  types (upgraded as Caffe's ``UpgradeV1Net`` does: type names, ``blobs_lr`` /
+  ``weight_decay`` / ``param`` names into ParamSpecs);
+* ``input:`` + ``input_dim:`` / ``input_shape {}`` headers, turned into an
+  ``Input`` layer (Caffe's ``UpgradeNetInput``);
+* phase rules (``include`` / ``exclude`` with phase, stage, level), giving the
+  TEST (deploy) view by default (Caffe's ``Net::FilterNet``);
+* caffemodels in the current and V1 forms, 4-D legacy blob shapes and
+  ``double_data``; weights merge into layers by name as in Caffe's
+  ``CopyTrainedLayersFrom``; weight layers no layer claims are reported.
+
+Writing produces the current format. Weight blobs go through :mod:`.wire`, so
+a 500 MB model reads and writes in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+
+from . import wire
+from lrprune_caffe.ir.analysis import check_weights, expected_weight_shapes, infer_shapes, check_structure
+from lrprune_caffe.errors import BadFileError, UserError
+from lrprune_caffe.fileutil import atomic_open
+from lrprune_caffe.ir.net import Layer, Net
+from lrprune_caffe.schema.proto import pb
+
+PROTOBUF_LIMIT = 2**31 - 1  # Caffe reads binary protos with a 2 GB (INT_MAX) limit
+
+# Caffe's UpgradeV1LayerType
+V1_TYPE_NAMES = {
+    "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
+    "CONCAT": "Concat", "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution",
+    "DECONVOLUTION": "Deconvolution", "DATA": "Data", "DROPOUT": "Dropout",
+    "DUMMY_DATA": "DummyData", "EUCLIDEAN_LOSS": "EuclideanLoss", "ELTWISE": "Eltwise",
+    "EXP": "Exp", "FLATTEN": "Flatten", "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output",
+    "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col", "IMAGE_DATA": "ImageData",
+    "INFOGAIN_LOSS": "InfogainLoss", "INNER_PRODUCT": "InnerProduct", "LRN": "LRN",
+    "MEMORY_DATA": "MemoryData", "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss",
+    "MVN": "MVN", "POOLING": "Pooling", "POWER": "Power", "RELU": "ReLU", "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence",
+    "SOFTMAX": "Softmax", "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice",
+    "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+}
+
+
+# ---------------------------------------------------------------------------
+# files
+
+def _read_bytes(path, what: str) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise BadFileError(f"no such file (expected {what})", path=path)
+    if p.is_dir():
+        raise BadFileError(f"is a folder, expected {what}", path=path)
+    try:
+        size = p.stat().st_size
+        if size > PROTOBUF_LIMIT:
+            raise BadFileError(f"is {size:,} bytes, over protobuf's 2 GB limit that Caffe reads "
+                               f"binary protos with (expected {what} under 2 GB)", path=path)
+        with open(p, "rb") as fh:
+            buf = bytearray(size)
+            n = fh.readinto(buf)
+            if n != size:
+                del buf[n:]
+            return buf
+    except PermissionError:
+        raise BadFileError(f"cannot be read (permission denied; expected {what})", path=path) from None
+    except OSError as e:
+        raise BadFileError(f"cannot be read ({e.strerror}; expected {what})", path=path) from None
+
+
+def _looks_binary(data) -> bool:
+    head = bytes(data[:4096])
+    if b"\x00" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(head) - 4  # a cut multi-byte char at the end is fine
+    return False
+
+
+def _looks_like_prototxt(data) -> bool:
+    head = bytes(data[:4096])
+    if _looks_binary(head):
+        return False
+    text = head.decode("utf-8", "replace")
+    return any(k in text for k in ("layer", "name:", "input", "type:"))
+
+
+# ---------------------------------------------------------------------------
+# prototxt
+
+def parse_prototxt(path):
+    """The NetParameter of a text prototxt, as written (no upgrade, no filter)."""
+    data = _read_bytes(path, "a text .prototxt")
+    if _looks_binary(data):
+        raise BadFileError("is a binary file (a .caffemodel?), expected a text .prototxt net "
+                           "definition", path=path)
+    text = data.decode("utf-8")
+    msg = pb.NetParameter()
+    try:
+        text_format.Parse(text, msg, allow_unknown_field=False)
+    except text_format.ParseError as e:
+        line, col = e.GetLine(), e.GetColumn()
+        reason = str(e)
+        # protobuf prefixes "line:col : " itself; keep the reason only
+        if line is not None and reason.startswith(f"{line}:"):
+            reason = reason.split(" : ", 1)[-1]
+        # the tokenizer also echoes the whole source line ("'<line>': reason"); a
+        # one-line prototxt would make that the whole file, so drop it
+        lines = text.splitlines()
+        if line is not None and 0 < line <= len(lines) and reason.startswith("'"):
+            for echo in (lines[line - 1], lines[line - 1] + "\n"):
+                if reason.startswith(f"'{echo}': "):
+                    reason = reason[len(echo) + 4:]
+                    break
+        where = f"{path}:{line}:{col}" if line is not None else str(path)
+        raise BadFileError(f"prototxt syntax error: {reason}", path=where) from None
+    _check_required(msg, path)
+    return msg
+
+
+def _check_required(msg, path):
+    """proto2 'required' fields (e.g. clip_param's min and max) must be set: name the layer."""
+    import re
+    missing = msg.FindInitializationErrors()
+    if not missing:
+        return
+    first = missing[0]
+    m = re.match(r"(layers?)\[(\d+)\]\.(.*)", first)
+    if m:
+        lp = getattr(msg, m.group(1))[int(m.group(2))]
+        ltype = lp.type if m.group(1) == "layer" else pb.V1LayerParameter.LayerType.Name(lp.type)
+        raise BadFileError(f"required field '{m.group(3)}' is not set", path=path, layer=lp.name, layer_type=ltype)
+    raise BadFileError(f"required field '{first}' is not set", path=path)
+
+
+def upgrade_net(msg, path=None):
+    """Upgrade a NetParameter in place to the current form (V1 layers, input headers)."""
+    if len(msg.layers):
+        if len(msg.layer):
+            raise BadFileError("mixes current 'layer {}' and legacy V1 'layers {}' entries", path=path)
+        for v1 in msg.layers:
+            msg.layer.add().CopyFrom(upgrade_v1_layer(v1, path))
+        msg.ClearField("layers")
+    _upgrade_input_header(msg, path)
+    return msg
+
+
+def upgrade_v1_layer(v1, path=None):
+    """Caffe's UpgradeV1LayerParameter."""
+    if v1.HasField("layer"):
+        raise BadFileError("uses the V0 (pre-2014) layer format, which this tool does not read; "
+                           "upgrade it once with Caffe's upgrade_net_proto_text/binary",
+                           path=path, layer=v1.layer.name or None)
+    lp = pb.LayerParameter()
+    lp_fields = lp.DESCRIPTOR.fields_by_name
+    for fd, value in v1.ListFields():
+        name = fd.name
+        if name == "type":
+            enum_name = fd.enum_type.values_by_number[value].name
+            if enum_name == "NONE" or enum_name not in V1_TYPE_NAMES:
+                raise BadFileError(f"V1 layer type {enum_name} has no current equivalent",
+                                   path=path, layer=v1.name)
+            lp.type = V1_TYPE_NAMES[enum_name]
+        elif name == "param":
+            for i, pname in enumerate(value):
+                _param_spec(lp, i).name = pname
+        elif name == "blob_share_mode":
+            for i, mode in enumerate(value):
+                _param_spec(lp, i).share_mode = mode
+        elif name == "blobs_lr":
+            for i, v in enumerate(value):
+                _param_spec(lp, i).lr_mult = v
+        elif name == "weight_decay":
+            for i, v in enumerate(value):
+                _param_spec(lp, i).decay_mult = v
+        elif name in lp_fields:
+            target = lp_fields[name]
+            if _is_repeated(fd):
+                getattr(lp, name).extend(value) if fd.message_type is None else \
+                    [getattr(lp, name).add().CopyFrom(v) for v in value]
+            elif fd.message_type is not None:
+                if target.message_type.full_name != fd.message_type.full_name:
+                    raise BadFileError(f"V1 field {name} cannot be upgraded", path=path, layer=v1.name)
+                getattr(lp, name).CopyFrom(value)
+            else:
+                setattr(lp, name, value)
+        else:
+            raise BadFileError(f"V1 field '{name}' has no current equivalent", path=path, layer=v1.name)
+    return lp
+
+
+def _is_repeated(fd) -> bool:
+    rep = getattr(fd, "is_repeated", None)  # protobuf >= 6; .label is deprecated there
+    return rep if rep is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _param_spec(lp, i):
+    while len(lp.param) <= i:
+        lp.param.add()
+    return lp.param[i]
+
+
+def _upgrade_input_header(msg, path):
+    """Caffe's UpgradeNetInput: ``input``/``input_dim``/``input_shape`` -> an Input layer."""
+    if not len(msg.input):
+        if len(msg.input_dim) or len(msg.input_shape):
+            raise BadFileError("has input_dim/input_shape but no 'input:' name", path=path)
+        return
+    names = list(msg.input)
+    layer = pb.LayerParameter(name="input", type="Input")
+    layer.top.extend(names)
+    if len(msg.input_shape):
+        if len(msg.input_shape) not in (1, len(names)):
+            raise BadFileError(f"{len(msg.input_shape)} input_shape entries for {len(names)} inputs", path=path)
+        for s in msg.input_shape:
+            layer.input_param.shape.add().CopyFrom(s)
+    elif len(msg.input_dim):
+        dims = list(msg.input_dim)
+        if len(dims) != 4 * len(names):
+            raise BadFileError(f"{len(dims)} input_dim values for {len(names)} inputs "
+                               f"(need 4 per input)", path=path)
+        for i in range(len(names)):
+            layer.input_param.shape.add().dim.extend(dims[4 * i:4 * i + 4])
+    else:
+        raise BadFileError("declares inputs without input_dim or input_shape", path=path)
+    layers = [layer] + [pb.LayerParameter.FromString(lp.SerializeToString()) for lp in msg.layer]
+    msg.ClearField("layer")
+    for lp in layers:
+        msg.layer.add().CopyFrom(lp)
+    for f in ("input", "input_dim", "input_shape"):
+        msg.ClearField(f)
+
+
+def _state_meets_rule(state, rule) -> bool:
+    """Caffe's Net::StateMeetsRule."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def filter_phase(msg, phase="TEST", stages=(), level=0, path=None):
+    """Caffe's Net::FilterNet: keep the layers the given state includes."""
+    state = pb.NetState()
+    state.CopyFrom(msg.state)
+    state.phase = pb.Phase.Value(phase) if isinstance(phase, str) else phase
+    state.level = level or state.level
+    state.stage.extend(s for s in stages if s not in state.stage)
+    kept = []
+    for lp in msg.layer:
+        if len(lp.include) and len(lp.exclude):
+            raise BadFileError("has both include and exclude rules", path=path, layer=lp.name,
+                               layer_type=lp.type)
+        if len(lp.include):
+            keep = any(_state_meets_rule(state, r) for r in lp.include)
+        else:
+            keep = not any(_state_meets_rule(state, r) for r in lp.exclude)
+        if keep:
+            kept.append(lp.SerializeToString())
+    msg.ClearField("layer")
+    for b in kept:
+        msg.layer.add().ParseFromString(b)
+    return msg
+
+
+def read_net(path, phase="TEST", stages=(), level=0) -> Net:
+    """A prototxt as an IR Net (upgraded, phase-filtered, structure-checked; no weights)."""
+    msg = parse_prototxt(path)
+    upgrade_net(msg, path)
+    filter_phase(msg, phase, stages, level, path)
+    header = pb.NetParameter()
+    header.CopyFrom(msg)
+    for f in ("layer", "layers", "name", "state"):
+        header.ClearField(f)
+    net = Net(name=msg.name, layers=[Layer.from_proto(lp) for lp in msg.layer], header=header,
+              source=str(path))
+    check_structure(net)
+    return net
+
+
+# ---------------------------------------------------------------------------
+# caffemodel
+
+class WeightLayer:
+    __slots__ = ("name", "type", "blobs", "legacy")
+
+    def __init__(self, name, type_, blobs, legacy):
+        self.name, self.type, self.blobs, self.legacy = name, type_, blobs, legacy
+
+
+_NET_FIELDS = {1: wire.LEN, 2: wire.LEN, 3: wire.LEN, 4: None, 5: wire.VARINT, 6: wire.LEN,
+               7: wire.VARINT, 8: wire.LEN, 100: wire.LEN}
+
+
+def read_caffemodel(path) -> list:
+    """The weight-bearing layers of a caffemodel: [WeightLayer(name, type, [arrays], legacy)]."""
+    buf = _read_bytes(path, "a binary .caffemodel")
+    if not len(buf):
+        raise BadFileError("is empty, expected a binary .caffemodel", path=path)
+    try:
+        return _parse_caffemodel(buf, path)
+    except wire.WireError as e:
+        if _looks_like_prototxt(buf):
+            raise BadFileError("is a text prototxt, expected a binary .caffemodel with weights",
+                               path=path) from None
+        raise BadFileError(f"is not a valid caffemodel (truncated or corrupt: {e})", path=path) from None
+
+
+def _parse_caffemodel(buf, path):
+    end = len(buf)
+    layers = []
+    for field, wt, value in wire.iter_fields(buf, 0, end):
+        expected = _NET_FIELDS.get(field, -1)
+        if expected == -1 or (expected is not None and wt != expected):
+            raise wire.WireError(f"unexpected field {field} (wire type {wt}) for a NetParameter")
+        if field == 100:
+            layers.append(_parse_layer(buf, value, name_f=1, type_f=2, blobs_f=7, v1=False))
+        elif field == 2:
+            layers.append(_parse_layer(buf, value, name_f=4, type_f=5, blobs_f=6, v1=True))
+    if not layers:
+        if _looks_like_prototxt(buf):
+            raise BadFileError("is a text prototxt, expected a binary .caffemodel with weights", path=path)
+        raise BadFileError("holds no layers: not a caffemodel", path=path)
+    return layers
+
+
+def _parse_layer(buf, span, name_f, type_f, blobs_f, v1):
+    name, type_, blobs, legacy = "", "", [], []
+    for field, wt, value in wire.iter_fields(buf, *span):
+        if field == name_f and wt == wire.LEN:
+            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif field == type_f:
+            if v1 and wt == wire.VARINT:
+                desc = pb.V1LayerParameter.DESCRIPTOR.enum_types_by_name["LayerType"]
+                ev = desc.values_by_number.get(value)
+                type_ = V1_TYPE_NAMES.get(ev.name, ev.name) if ev else f"V1:{value}"
+            elif wt == wire.LEN:
+                type_ = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif field == blobs_f and wt == wire.LEN:
+            arr, is_legacy = _parse_blob(buf, value)
+            blobs.append(arr)
+            legacy.append(is_legacy)
+        elif v1 and field == 1 and wt == wire.LEN:  # V0 layer inside V1: name=1, type=2, blobs=50
+            inner = _parse_layer(buf, value, name_f=1, type_f=2, blobs_f=50, v1=False)
+            name, type_, blobs, legacy = inner.name, inner.type, inner.blobs, inner.legacy
+    return WeightLayer(name, type_, blobs, legacy)
+
+
+def _parse_blob(buf, span):
+    legacy = [0, 0, 0, 0]
+    shape = None
+    chunks32, chunks64 = [], []
+    for field, wt, value in wire.iter_fields(buf, *span):
+        if field in (1, 2, 3, 4) and wt == wire.VARINT:
+            legacy[field - 1] = wire.to_int64(value)
+        elif field == 5:
+            if wt == wire.LEN:
+                s, e = value
+                if (e - s) % 4:
+                    raise wire.WireError(f"packed float data of {e - s} bytes is not a multiple of 4")
+                chunks32.append(np.frombuffer(buf, dtype="<f4", count=(e - s) // 4, offset=s))
+            elif wt == wire.I32:
+                chunks32.append(np.frombuffer(buf, dtype="<f4", count=1, offset=value[0]))
+        elif field == 8:
+            if wt == wire.LEN:
+                s, e = value
+                if (e - s) % 8:
+                    raise wire.WireError(f"packed double data of {e - s} bytes is not a multiple of 8")
+                chunks64.append(np.frombuffer(buf, dtype="<f8", count=(e - s) // 8, offset=s))
+            elif wt == wire.I64:
+                chunks64.append(np.frombuffer(buf, dtype="<f8", count=1, offset=value[0]))
+        elif field == 7 and wt == wire.LEN:
+            shape = []
+            for f2, wt2, v2 in wire.iter_fields(buf, *value):
+                if f2 == 1 and wt2 == wire.LEN:
+                    shape.extend(wire.to_int64(v) for v in wire.packed_varints(buf, v2))
+                elif f2 == 1 and wt2 == wire.VARINT:
+                    shape.append(wire.to_int64(v2))
+    if chunks64 and not chunks32:
+        data = np.concatenate(chunks64).astype(np.float32) if len(chunks64) > 1 else chunks64[0].astype(np.float32)
+    elif len(chunks32) == 1:
+        data = chunks32[0]
+    elif chunks32:
+        data = np.concatenate(chunks32)
+    else:
+        data = np.zeros(0, np.float32)
+    is_legacy = shape is None
+    dims = tuple(legacy) if is_legacy else tuple(shape)
+    if any(d < 0 for d in dims):
+        raise wire.WireError(f"blob shape {dims} has negative dimensions")
+    count = int(np.prod(dims)) if dims else 1
+    if count != data.size:
+        raise wire.WireError(f"blob of shape {dims} holds {data.size} values, expected {count}")
+    if data.dtype.byteorder == ">" or data.dtype != np.float32:
+        data = data.astype(np.float32)
+    return data.reshape(dims), is_legacy
+
+
+def _legacy_without_input_shape(layer, i, arr):
+    """A legacy 4-D blob of a layer whose input shape is unknown (a train net whose
+    Data layers we do not model): the shapes Caffe gives conv / IP blobs regardless
+    of the input, so that the blob is written in the shape Caffe will expect."""
+    if arr.ndim != 4 or arr.shape[:2] != (1, 1):
+        return arr
+    if layer.type in ("Convolution", "Deconvolution", "InnerProduct") and i == 1 and arr.shape[2] == 1:
+        return arr.reshape(arr.shape[3])  # bias (1,1,1,N) -> (N,)
+    if layer.type == "InnerProduct" and i == 0:
+        return arr.reshape(arr.shape[2], arr.shape[3])  # weights (1,1,N,K) -> (N,K)
+    return arr
+
+
+def merge_weights(net: Net, weight_layers, path=None, strict=True):
+    """Give each layer the blobs of the same-named layer in the caffemodel (Caffe's rule)."""
+    by_name = {}
+    for wl in weight_layers:
+        by_name.setdefault(wl.name, wl)
+    shapes = infer_shapes(net)
+    used = set()
+    matched_any = False
+    for layer in net.layers:
+        wl = by_name.get(layer.name)
+        if wl is None:
+            continue
+        used.add(layer.name)
+        if not wl.blobs:
+            continue
+        matched_any = True
+        expected = expected_weight_shapes(net, layer, shapes)
+        blobs = []
+        for i, (arr, is_legacy) in enumerate(zip(wl.blobs, wl.legacy)):
+            if expected is not None and i < len(expected) and is_legacy and tuple(arr.shape) != tuple(expected[i]):
+                e = tuple(expected[i])
+                if len(e) <= 4 and (1,) * (4 - len(e)) + e == tuple(arr.shape):
+                    arr = arr.reshape(e)  # Caffe's LegacyShape comparison
+            elif expected is None and is_legacy:
+                arr = _legacy_without_input_shape(layer, i, arr)
+            blobs.append(arr)
+        layer.blobs = blobs
+    needing = [layer for layer in net.layers if (expected_weight_shapes(net, layer, shapes) or [])]
+    missing = [layer.name for layer in needing if not layer.blobs]
+    unmatched = [wl.name for wl in weight_layers if wl.name not in used and wl.blobs]
+    if strict and needing and not matched_any:
+        raise BadFileError(f"no layer of this weights file matches a layer of {net.source} "
+                           f"(weights for: {', '.join(unmatched[:5])}{'...' if len(unmatched) > 5 else ''}); "
+                           f"does it belong to this net?", path=path)
+    if unmatched:
+        net.notes.append(f"{path}: weights for {len(unmatched)} layer(s) not in the net were ignored: "
+                         + ", ".join(unmatched))
+    if missing:
+        net.notes.append(f"{path}: no weights for {len(missing)} layer(s): " + ", ".join(missing))
+    net.weights_source = str(path) if path else None
+    try:
+        check_weights(net, shapes)
+    except BadFileError as e:
+        if path is None:
+            raise
+        err = BadFileError(f"{e} (weights from {path})")
+        err.path, err.layer, err.layer_type = e.path, e.layer, e.layer_type
+        raise err from None
+    return net
+
+
+def load_net(prototxt, weights=None, phase="TEST", stages=(), level=0) -> Net:
+    """Read a net (and optionally its weights) into the IR, validated."""
+    net = read_net(prototxt, phase, stages, level)
+    infer_shapes(net)
+    if weights is not None:
+        merge_weights(net, read_caffemodel(weights), path=weights)
+    return net
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+def net_to_prototxt(net: Net) -> str:
+    return text_format.MessageToString(net.to_proto(with_blobs=False), as_utf8=True)
+
+
+def save_prototxt(net: Net, path) -> None:
+    text = net_to_prototxt(net)
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+def caffemodel_chunks(net: Net):
+    """(chunks, total_size) of the caffemodel; chunks are bytes / memoryviews."""
+    chunks = []
+    total = 0
+    if net.name:
+        b = net.name.encode("utf-8")
+        chunks.append(wire.len_prefix(1, len(b)) + b)
+        total += len(chunks[-1])
+    for layer in net.layers:
+        head = layer.to_proto(with_blobs=False).SerializeToString()
+        blob_parts, blob_size = [], 0
+        for arr in layer.blobs:
+            parts, n = wire.blob_chunks(arr, 7)
+            blob_parts.extend(parts)
+            blob_size += n
+        prefix = wire.len_prefix(100, len(head) + blob_size)
+        chunks.append(prefix + head)
+        chunks.extend(blob_parts)
+        total += len(prefix) + len(head) + blob_size
+    return chunks, total
+
+
+def save_caffemodel(net: Net, path) -> int:
+    """Write the weights as a current-format caffemodel; returns its size in bytes."""
+    chunks, total = caffemodel_chunks(net)
+    if total > PROTOBUF_LIMIT:
+        raise UserError(f"{path}: the caffemodel would be {total:,} bytes, over the 2 GB limit "
+                        f"that Caffe can read")
+    with atomic_open(path, "wb") as fh:
+        for c in chunks:
+            fh.write(c)
+    return total
+
+
+def save_net(net: Net, prototxt_path, caffemodel_path=None) -> None:
+    save_prototxt(net, prototxt_path)
+    if caffemodel_path is not None:
+        save_caffemodel(net, caffemodel_path)
+
+
+def file_size(path) -> int:
+    return os.path.getsize(path)

@@ -1,0 +1,1 @@
+"""The Caffe schema: our caffe.proto, loaded from a serialized descriptor (``proto.py``)."""
