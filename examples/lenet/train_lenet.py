@@ -19,9 +19,11 @@ What it does, all seeded:
    ParamSpec lr_mult 1 / 2 for weights / biases) for ``--max-iter``
    iterations;
 4. outputs (next to this script unless ``-o``), written together or not at all:
-   ``lenet.prototxt``, ``lenet.caffemodel`` and ``digits_test.npz`` (the
+   ``lenet.prototxt``, ``lenet.caffemodel``, ``digits_test.npz`` (the
    held-out 1,000 digits: ``x`` float32 N x 1 x 28 x 28 = pixels / 256, ``y``
-   int64; ready for ``lrprune-caffe evaluate --data``);
+   int64; ready for ``lrprune-caffe evaluate --data``) and ``digits_train.npz``
+   (the 4,000 digits it was trained on, same layout: what ``finetune`` and
+   ``pipeline`` train on);
 5. test accuracy, measured by onnxruntime on the written files (and by
    OpenCV's Caffe reader, a stand-in for Caffe), printed at the end.
 
@@ -150,10 +152,13 @@ def main(argv=None) -> int:
                                 threads=args.threads, log=lambda m: print(m, file=sys.stderr))
     took = time.perf_counter() - t0
 
-    buf = io.BytesIO()
-    np.savez_compressed(buf, x=test.x, y=test.y)
+    def npz(ds):
+        buf = io.BytesIO()
+        np.savez_compressed(buf, x=ds.x, y=ds.y)
+        return buf.getvalue()
     out = Path(args.outdir)
-    written = write_net(trained, out, name="lenet", extra={"digits_test.npz": buf.getvalue()})
+    written = write_net(trained, out, name="lenet",
+                        extra={"digits_test.npz": npz(test), "digits_train.npz": npz(train)})
 
     back = load_net(out / "lenet.prototxt", out / "lenet.caffemodel")  # the files, read back
     assert back.params() == 431_080
