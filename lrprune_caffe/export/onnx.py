@@ -238,8 +238,8 @@ def _check_lowerings(net):
         if layer.type == "Input":
             continue
         spec = get_spec(layer.type)
-        if not spec.lowers(layer.type):
-            why = spec.unlowered_types.get(layer.type)
+        if not spec.lowers():
+            why = spec.no_lowering
             raise UserError(_where(net) + f"layer '{layer.name}' ({layer.type}): no ONNX lowering for "
                             f"layer type '{layer.type}'" + (f": {why}" if why else "")
                             + f" (lowered types: {', '.join(lowered_types())})")
@@ -248,7 +248,7 @@ def _check_lowerings(net):
 def lowered_types() -> list:
     """Registered layer types the exporter lowers (``LayerSpec.lowers``), and Input."""
     from lrprune_caffe.ir.layers import known_types, get_spec
-    return [t for t in known_types() if t == "Input" or get_spec(t).lowers(t)]
+    return [t for t in known_types() if t == "Input" or get_spec(t).lowers()]
 
 
 def _where(net) -> str:

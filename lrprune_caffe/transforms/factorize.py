@@ -45,13 +45,14 @@ import numpy as np
 
 from lrprune_caffe.ir.analysis import infer_shapes
 from lrprune_caffe.ir.net import Layer, clone_msg
-from lrprune_caffe.ir.layers import ShapeError
+from lrprune_caffe.ir.layers import ShapeError, factorizable_types, get_spec
 from lrprune_caffe.ir.layers.base import canon_axis, prod
 from lrprune_caffe.ir.layers.conv import conv_geometry, set_conv_geometry
 from lrprune_caffe.lowrank import decompose as dec
 from . import PassResult, Precondition, graph_pass
 
-FACTORIZABLE = ("Convolution", "InnerProduct")
+#: types with a ``LayerSpec.factorize_kind`` (the registry says how each is factorized)
+FACTORIZABLE = factorizable_types()
 SUFFIX = "_lr"
 
 
@@ -130,8 +131,9 @@ class LayerInfo:
 
 def layer_info(layer, in_shape, out_shape) -> LayerInfo:
     """A :class:`LayerInfo`, or raise :class:`Precondition` saying why the layer cannot be factorized."""
-    if layer.type not in FACTORIZABLE:
-        raise Precondition(f"layer type {layer.type} is not factorized (only Convolution and InnerProduct)")
+    kind = get_spec(layer.type).factorize_kind
+    if kind is None:
+        raise Precondition(f"layer type {layer.type} is not factorized (only {' and '.join(FACTORIZABLE)})")
     if not layer.blobs:
         raise Precondition("has no weights")
     if len(layer.bottoms) != 1 or len(layer.tops) != 1:
@@ -144,7 +146,7 @@ def layer_info(layer, in_shape, out_shape) -> LayerInfo:
         raise Precondition(f"shares its weights with other layers (param name '{shared[0]}')")
     if in_shape is None or out_shape is None:
         raise Precondition("its input shape is unknown")
-    if layer.type == "InnerProduct":
+    if kind == "ip":
         ip = layer.param_msg("inner_product_param")
         axis = canon_axis(int(ip.axis), len(in_shape))
         k = prod(in_shape[axis:])

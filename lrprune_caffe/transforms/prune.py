@@ -46,9 +46,10 @@ from typing import Optional
 import numpy as np
 
 from lrprune_caffe.errors import BadFileError, UserError
+from lrprune_caffe.ir.layers import prunable_types
 
-#: layer types whose blob 0 (the weights) may be pruned
-PRUNABLE_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
+#: layer types whose blob 0 (the weights) may be pruned (``LayerSpec.prunable``)
+PRUNABLE_TYPES = prunable_types()
 SCOPES = ("layer", "global")
 METHODS = ("magnitude", "std")
 

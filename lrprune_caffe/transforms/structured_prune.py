@@ -60,15 +60,8 @@ from __future__ import annotations
 import numpy as np
 
 from lrprune_caffe.errors import UserError
+from lrprune_caffe.ir.layers import CannotShrink, get_spec
 from . import PassResult, Precondition, graph_pass
-
-#: layers that map each channel to itself, shape-preserving, no blobs
-_ELEMENTWISE = {"ReLU", "Sigmoid", "TanH", "AbsVal", "Power", "Exp", "Log", "BNLL", "Threshold",
-                "Dropout", "ELU", "Clip", "Swish", "ReLU6", "HardSigmoid"}
-
-
-class _Cannot(Exception):
-    """The selected layer's outputs cannot be removed; the message says why."""
 
 
 
@@ -77,48 +70,28 @@ def _writes_later(net, blob, index):
 
 
 def _cannot(reader, why=""):
-    return _Cannot(f"its consumer '{reader.name}' ({reader.type}) cannot be shrunk"
-                   + (f": {why}" if why else ""))
+    return CannotShrink(f"its consumer '{reader.name}' ({reader.type}) cannot be shrunk"
+                        + (f": {why}" if why else ""))
 
 
 def _producer_check(layer, shapes):
-    """(number of outputs, out-channel axis of blob 0) or raise _Cannot."""
-    from lrprune_caffe.ir.layers.conv import conv_geometry
-    from lrprune_caffe.ir.layers.dense import ip_dims
+    """(number of outputs, out-channel axis of blob 0) or raise CannotShrink."""
     if len(layer.bottoms) != 1 or len(layer.tops) != 1:
-        raise _Cannot("it has several bottoms or tops")
+        raise CannotShrink("it has several bottoms or tops")
     if layer.in_place:
-        raise _Cannot("it works in place")
+        raise CannotShrink("it works in place")
     in_shape = shapes.inputs[layer.name][0]
     if in_shape is None:
-        raise _Cannot("its input shape is unknown")
-    if layer.type == "Convolution":
-        g = conv_geometry(layer, len(in_shape) - 2)
-        if g.group != 1:
-            raise _Cannot(f"it is a grouped convolution (group {g.group})")
-        if g.axis != 1:
-            raise _Cannot(f"it convolves axis {g.axis}, not 1")
-        if len(layer.blobs) != (2 if g.bias else 1):
-            raise _Cannot("its weights are not loaded")
-        return g.num_output, 0
-    if layer.type == "InnerProduct":
-        axis, _, _, n = ip_dims(layer, in_shape)
-        ip = layer.param_msg("inner_product_param")
-        if axis != 1:
-            raise _Cannot(f"its axis is {axis}: its outputs are not channels (axis 1)")
-        if len(layer.blobs) != (2 if ip.bias_term else 1):
-            raise _Cannot("its weights are not loaded")
-        return n, 1 if ip.transpose else 0
-    raise _Cannot(f"only Convolution and InnerProduct outputs can be removed, not {layer.type}")
+        raise CannotShrink("its input shape is unknown")
+    return get_spec(layer.type).removable_outputs(layer, in_shape)
 
 
 def _plan(net, index, shapes):
     """Edits (layer, blob index, axis, block) that removing outputs of layer ``index``
-    implies downstream, the notes, and the direct consumer (for rank-pair scoring)."""
-    from lrprune_caffe.ir.layers.conv import conv_geometry
-    from lrprune_caffe.ir.layers.dense import ip_dims
+    implies downstream (each reader's spec says how it follows: ``LayerSpec.shrink_input``),
+    the notes, and the second half of a rank pair with its input axis (for scoring)."""
     producer = net.layers[index]
-    n_out, _ = _producer_check(producer, shapes)
+    n_out, out_axis = _producer_check(producer, shapes)
     outputs = set(net.outputs())
     edits, notes, weight_consumers = [], [], []
     direct = net.version_readers(producer.tops[0], index)
@@ -131,7 +104,7 @@ def _plan(net, index, shapes):
         visited.add((blob, wi))
         readers = net.version_readers(blob, wi)
         if not any(blob in r.tops for r in readers) and not _writes_later(net, blob, wi) and blob in outputs:
-            raise _Cannot(f"its output reaches '{blob}', which is a net output")
+            raise CannotShrink(f"its output reaches '{blob}', which is a net output")
         for r in readers:
             ri = net.index(r.name)
             shape = shapes.inputs[r.name][r.bottoms.index(blob)]
@@ -139,83 +112,23 @@ def _plan(net, index, shapes):
                 raise _cannot(r, "its input shape is unknown")
             if len(r.bottoms) > 1:
                 raise _cannot(r, "it has several bottoms")
-            in_place = blob in r.tops
-            t = r.type
-            if t in ("Convolution", "Deconvolution") and not in_place:
-                g = conv_geometry(r, len(shape) - 2)
-                if g.group != 1:
-                    raise _cannot(r, f"it is a grouped{' (depthwise)' if g.group == shape[1] else ''} "
-                                     f"convolution, group {g.group}")
-                if g.axis != 1 or block != 1:
-                    raise _cannot(r, "it does not convolve the channel axis")
-                if not r.blobs:
-                    raise _cannot(r, "its weights are not loaded")
-                edits.append((r, 0, 1 if t == "Convolution" else 0, 1))
-                weight_consumers.append((r, 1))
-                continue
-            if t == "InnerProduct" and not in_place:
-                axis, _, k, _ = ip_dims(r, shape)
-                if axis != 1:
-                    raise _cannot(r, f"its axis is {axis}, not 1")
-                if not r.blobs:
-                    raise _cannot(r, "its weights are not loaded")
-                per_channel = block * int(np.prod(shape[2:], dtype=np.int64))
-                ip = r.param_msg("inner_product_param")
-                edits.append((r, 0, 0 if ip.transpose else 1, per_channel))
-                weight_consumers.append((r, per_channel))
-                continue
-            if t in _ELEMENTWISE:
-                pass
-            elif t == "Pooling":
-                if block != 1:
-                    raise _cannot(r, "it pools a flattened blob")
-            elif t == "LRN":
-                lp = r.param_msg("lrn_param")
-                if lp.norm_region == lp.ACROSS_CHANNELS:
-                    notes.append(f"LRN '{r.name}' normalizes across channels: removing channels changes "
-                                 f"its neighbourhoods (not exact)")
-            elif t == "MVN":
-                if r.param_msg("mvn_param").across_channels:
-                    raise _cannot(r, "it normalizes across channels")
-            elif t == "BatchNorm":
-                if len(r.blobs) == 3:
-                    edits.extend([(r, 0, 0, block), (r, 1, 0, block)])
-            elif t in ("Scale", "Bias"):
-                p = r.param_msg("scale_param" if t == "Scale" else "bias_param")
-                if len(r.bottoms) != 1:
-                    raise _cannot(r, "its operand is a second bottom")
-                if int(p.axis) not in (1, 1 - len(shape)) or int(p.num_axes) != 1:
-                    raise _cannot(r, f"axis {p.axis}, num_axes {p.num_axes} (needs axis 1, num_axes 1)")
-                edits.extend((r, j, 0, block) for j in range(len(r.blobs)))
-            elif t == "PReLU":
-                if not r.param_msg("prelu_param").channel_shared and r.blobs:
-                    edits.append((r, 0, 0, block))
-            elif t == "Split" and not in_place:
-                for top in r.tops:
-                    stack.append((top, ri, block))
-                continue
-            elif t == "Flatten" and not in_place:
-                fp = r.param_msg("flatten_param")
-                nd = len(shape)
-                a, e = int(fp.axis) % nd, int(fp.end_axis) % nd
-                if a != 1 or e != nd - 1:
-                    raise _cannot(r, f"it flattens axes {fp.axis}..{fp.end_axis}, not 1 to the end")
-                stack.append((r.tops[0], ri, block * int(np.prod(shape[2:], dtype=np.int64))))
-                continue
-            elif t == "Silence":
-                continue
-            else:
-                raise _cannot(r)
-            # a pass-through / per-channel layer: follow what it writes
-            if len(r.tops) != 1:
-                raise _cannot(r, "it has several tops")
-            stack.append((r.tops[0], ri, block))
+            try:
+                rule = get_spec(r.type).shrink_input(r, shape, block, blob in r.tops)
+            except CannotShrink as e:
+                raise _cannot(r, str(e)) from None
+            edits.extend((r, j, axis, b) for j, axis, b in rule.edits)
+            if rule.consumes:
+                weight_consumers.append((r, *rule.edits[0][1:]))
+            if rule.note:
+                notes.append(rule.note)
+            stack.extend((top, ri, b) for top, b in rule.follow)
     pair = None
+    # a rank pair: P (no bias) read by exactly one layer of a factorizable type, with whole channels
     if (len(producer.blobs) == 1 and len(direct) == 1 and len(weight_consumers) == 1
-            and direct[0] is weight_consumers[0][0] and weight_consumers[0][1] == 1
-            and direct[0].type in ("Convolution", "InnerProduct")):
-        pair = direct[0]
-    return {"n_out": n_out, "edits": edits, "notes": notes, "pair": pair}
+            and direct[0] is weight_consumers[0][0] and weight_consumers[0][2] == 1
+            and get_spec(direct[0].type).factorizable):
+        pair = weight_consumers[0][:2]
+    return {"n_out": n_out, "out_axis": out_axis, "edits": edits, "notes": notes, "pair": pair}
 
 
 def _expand(keep, block):
@@ -227,17 +140,11 @@ def _expand(keep, block):
 
 def _scores(producer, plan):
     """Score per output (see the module formula)."""
-    w = np.asarray(producer.blobs[0], dtype=np.float64)
-    if producer.type == "InnerProduct" and producer.param_msg("inner_product_param").transpose:
-        w = w.T
+    w = np.moveaxis(np.asarray(producer.blobs[0], dtype=np.float64), plan["out_axis"], 0)
     s = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(axis=1))
-    pair = plan["pair"]
-    if pair is not None:
-        w2 = np.asarray(pair.blobs[0], dtype=np.float64)
-        if pair.type == "InnerProduct" and pair.param_msg("inner_product_param").transpose:
-            cols = w2  # (K, N): row i
-        else:
-            cols = np.moveaxis(w2, 1, 0)  # (K or C, N, ...)
+    if plan["pair"] is not None:
+        pair, in_axis = plan["pair"]
+        cols = np.moveaxis(np.asarray(pair.blobs[0], dtype=np.float64), in_axis, 0)  # input i first
         s = s * np.sqrt((cols.reshape(cols.shape[0], -1) ** 2).sum(axis=1))
     return s
 
@@ -265,7 +172,7 @@ def prune_structured(net, spec) -> PassResult:
         layer = net.layers[i]
         try:
             plan = _plan(net, i, shapes)
-        except _Cannot as e:
+        except CannotShrink as e:
             if name in spec.per_layer:
                 raise UserError(f"--prune-structured: cannot remove outputs of layer '{name}' "
                                 f"({layer.type}): {e}") from None
@@ -287,12 +194,10 @@ def prune_structured(net, spec) -> PassResult:
         order = np.argsort(scores, kind="stable")
         removed = np.sort(order[:n_rm])
         keep = np.sort(order[n_rm:])
-        axis_w = 1 if (layer.type == "InnerProduct" and layer.param_msg("inner_product_param").transpose) else 0
-        layer.blobs[0] = _take(layer.blobs[0], axis_w, keep)
+        layer.blobs[0] = _take(layer.blobs[0], plan["out_axis"], keep)
         if len(layer.blobs) > 1:
             layer.blobs[1] = _take(layer.blobs[1], 0, keep)
-        param = layer.param_msg("convolution_param" if layer.type == "Convolution" else "inner_product_param")
-        param.num_output = int(keep.size)
+        get_spec(layer.type).set_num_output(layer, keep.size)
         for consumer, j, axis, block in plan["edits"]:
             consumer.blobs[j] = _take(consumer.blobs[j], axis, _expand(keep, block))
         details.append({"layer": layer.name, "structured": True, "target": f,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LayerSpec, ShapeError, prod, register
+from .base import CannotShrink, ChannelShrink, LayerSpec, ShapeError, no_torch, prod, register
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,15 @@ def _check_input(in_shape, g: ConvGeometry):
 
 @register("Convolution")
 class ConvolutionSpec(LayerSpec):
+    trainable = True
+    torch_needs_blobs = True
+    factorize_kind = "conv"
+    prunable = True
+    #: the torch functions per number of spatial axes
+    torch_funcs = ("conv1d", "conv2d", "conv3d")
+    #: the axis of blob 0 indexed by input channel
+    input_axis = 1
+
     def geometry(self, layer, in_shape):
         return conv_geometry(layer, len(in_shape) - 2)
 
@@ -149,6 +158,57 @@ class ConvolutionSpec(LayerSpec):
                      kernel_shape=list(g.kernel), strides=list(g.stride), pads=list(g.pad) * 2,
                      dilations=list(g.dilation), group=g.group)
 
+    def to_torch(self, layer):
+        """F.conv{n}d / F.conv_transpose{n}d (same weight layouts as Caffe's), 1 to 3 spatial axes."""
+        import torch.nn.functional as F
+        g0 = conv_geometry(layer, 2)  # validates the parameters early
+        if layer.param_msg("convolution_param").axis != 1:
+            raise no_torch(layer, " with axis != 1")
+        funcs = {i + 1: getattr(F, name) for i, name in enumerate(self.torch_funcs)}
+        cache = {2: g0}
+
+        def fn(bottoms, blobs, training):
+            outs = []
+            for x in bottoms:
+                nsp = x.dim() - 2
+                if nsp not in funcs:
+                    raise no_torch(layer, f" on a {x.dim()}-D input")
+                g = cache.get(nsp) or cache.setdefault(nsp, conv_geometry(layer, nsp))
+                b = blobs[1] if g.bias and len(blobs) > 1 else None
+                outs.append(funcs[nsp](x, blobs[0], b, stride=g.stride, padding=g.pad, dilation=g.dilation,
+                                       groups=g.group))
+            return outs
+        return fn
+
+    # -- structured pruning --
+    def removable_outputs(self, layer, in_shape):
+        """Its filters (blob 0 axis 0) and biases, when it is ungrouped over axis 1."""
+        g = conv_geometry(layer, len(in_shape) - 2)
+        if g.group != 1:
+            raise CannotShrink(f"it is a grouped convolution (group {g.group})")
+        if g.axis != 1:
+            raise CannotShrink(f"it convolves axis {g.axis}, not 1")
+        if len(layer.blobs) != (2 if g.bias else 1):
+            raise CannotShrink("its weights are not loaded")
+        return g.num_output, 0
+
+    def set_num_output(self, layer, n):
+        layer.param_msg("convolution_param").num_output = int(n)
+
+    def shrink_input(self, layer, shape, block, in_place):
+        """Ungrouped: the kept channels of blob 0 along its input axis; the path ends here."""
+        if in_place:
+            raise CannotShrink()
+        g = conv_geometry(layer, len(shape) - 2)
+        if g.group != 1:
+            raise CannotShrink(f"it is a grouped{' (depthwise)' if g.group == shape[1] else ''} "
+                               f"convolution, group {g.group}")
+        if g.axis != 1 or block != 1:
+            raise CannotShrink("it does not convolve the channel axis")
+        if not layer.blobs:
+            raise CannotShrink("its weights are not loaded")
+        return ChannelShrink(edits=((0, self.input_axis, 1),), consumes=True)
+
 
 @register("Deconvolution")
 class DeconvolutionSpec(ConvolutionSpec):
@@ -173,3 +233,10 @@ class DeconvolutionSpec(ConvolutionSpec):
         return prod(in_shapes[0]) * (g.num_output // g.group) * prod(g.kernel)
 
     onnx_op = "ConvTranspose"
+    factorize_kind = None
+    torch_funcs = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+    input_axis = 0
+
+    #: its outputs are not removed (only its inputs shrink)
+    removable_outputs = LayerSpec.removable_outputs
+    set_num_output = LayerSpec.set_num_output

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .base import LayerSpec, ShapeError, canon_axis, register
+from .base import (CannotShrink, LayerSpec, ShapeError, broadcast_from, canon_axis, follow_channels,
+                   register)
 
 
 @register("LRN")
@@ -37,10 +40,52 @@ class LRNSpec(LayerSpec):
         t = ctx.node("Pow", [t, ctx.scalar("neg_beta", -beta)], suffix="pow")
         ctx.node("Mul", [x, t], y)
 
+    def to_torch(self, layer):
+        """ACROSS_CHANNELS ``x * (k + alpha/n * sum x^2)^-beta`` over a zero-padded channel
+        window starting at ``c - (n-1)/2``; WITHIN_CHANNEL ``x * (1 + alpha *
+        AVEpool_n,pad=(n-1)/2(x^2))^-beta`` (Caffe's shift 1 there, not k, and its AVE divisor)."""
+        import torch.nn.functional as F
+        from lrprune_caffe.errors import UserError, layer_error
+        from .pooling import caffe_pool2d
+        lp = layer.param_msg("lrn_param")
+        n, alpha, beta, k = int(lp.local_size), float(lp.alpha), float(lp.beta), float(lp.k)
+        if n % 2 == 0:
+            raise layer_error(UserError, layer, f"LRN local_size must be odd (Caffe requires it), got {n}")
+        pre = (n - 1) // 2
+        within = lp.norm_region == lp.WITHIN_CHANNEL
+
+        def fn(bottoms, blobs, training):
+            x = bottoms[0]
+            sq = x * x
+            if within:
+                h, w = int(x.shape[2]), int(x.shape[3])
+                oh = math.ceil((h + 2 * pre - n) / 1) + 1
+                ow = math.ceil((w + 2 * pre - n) / 1) + 1
+                avg = caffe_pool2d(sq, "AVE", (n, n), (1, 1), (pre, pre), (oh, ow))
+                scale = 1.0 + alpha * avg
+            else:
+                padded = F.pad(sq, (0, 0, 0, 0, pre, n - pre - 1))
+                win = F.avg_pool3d(padded.unsqueeze(1), (n, 1, 1), stride=1).squeeze(1)  # sum / n
+                scale = k + alpha * win
+            return [x * scale.pow(-beta)]
+        return fn
+
+    def shrink_input(self, layer, shape, block, in_place):
+        """Passes channels through; ACROSS_CHANNELS is not exact (a channel's neighbours change)."""
+        lp = layer.param_msg("lrn_param")
+        note = ""
+        if lp.norm_region == lp.ACROSS_CHANNELS:
+            note = (f"LRN '{layer.name}' normalizes across channels: removing channels changes "
+                    f"its neighbourhoods (not exact)")
+        return follow_channels(layer, block, note=note)
+
 
 @register("MVN")
 class MVNSpec(LayerSpec):
-    pass
+    def shrink_input(self, layer, shape, block, in_place):
+        if layer.param_msg("mvn_param").across_channels:
+            raise CannotShrink("it normalizes across channels")
+        return follow_channels(layer, block)
 
 
 @register("BatchNorm")
@@ -62,6 +107,35 @@ class BatchNormSpec(LayerSpec):
                  [ctx.bottom(0), ctx.const("scale", np.ones(c)), ctx.const("bias", np.zeros(c)),
                   ctx.const("mean", mean), ctx.const("var", var)],
                  ctx.top(0), epsilon=float(layer.param_msg("batch_norm_param").eps))
+
+    def to_torch(self, layer):
+        """``f = 0 if blob2 == 0 else 1/blob2``, ``(x - f*mean) / sqrt(f*var + eps)``; frozen
+        statistics unless ``use_global_stats: false`` (then batch statistics, biased variance)."""
+        import torch
+        bp = layer.param_msg("batch_norm_param")
+        eps = float(bp.eps)
+        batch_stats = bp.HasField("use_global_stats") and not bp.use_global_stats
+
+        def fn(bottoms, blobs, training):
+            x = bottoms[0]
+            c = int(x.shape[1]) if x.dim() > 1 else 1
+            view = (1, c) + (1,) * (x.dim() - 2)
+            if batch_stats:
+                dims = [d for d in range(x.dim()) if d != 1]
+                mean = x.mean(dim=dims, keepdim=True)
+                var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+            else:
+                f = blobs[2].reshape(-1)[0]
+                sf = torch.where(f == 0, torch.zeros_like(f), 1.0 / f)
+                mean = (blobs[0] * sf).reshape(view)
+                var = (blobs[1] * sf).reshape(view)
+            return [(x - mean) / torch.sqrt(var + eps)]
+        return fn
+
+    def shrink_input(self, layer, shape, block, in_place):
+        """Its mean and variance shrink with the channels (the factor stays)."""
+        edits = [(0, 0, block), (1, 0, block)] if len(layer.blobs) == 3 else []
+        return follow_channels(layer, block, edits)
 
 
 def bn_statistics(layer):
@@ -106,8 +180,34 @@ def scale_param_shape(layer, in_shapes, param_field):
     return tuple(s[axis:axis + num_axes])
 
 
+class _AffineSpec(LayerSpec):
+    """Scale / Bias: a per-axis operand from a blob or from a second bottom."""
+
+    trainable = True
+    #: its parameter message
+    param_field = ""
+
+    def shrink_input(self, layer, shape, block, in_place):
+        """With one bottom, ``axis: 1``, ``num_axes: 1``: its blobs shrink with the channels."""
+        p = layer.param_msg(self.param_field)
+        if len(layer.bottoms) != 1:
+            raise CannotShrink("its operand is a second bottom")
+        if int(p.axis) not in (1, 1 - len(shape)) or int(p.num_axes) != 1:
+            raise CannotShrink(f"axis {p.axis}, num_axes {p.num_axes} (needs axis 1, num_axes 1)")
+        return follow_channels(layer, block, [(j, 0, block) for j in range(len(layer.blobs))])
+
+
+def _operand(bottoms, blobs):
+    """(operand, the remaining blobs) of Scale / Bias in torch: bottom 1 or blob 0."""
+    if len(bottoms) > 1:
+        return bottoms[1], list(blobs)
+    return blobs[0], list(blobs[1:])
+
+
 @register("Scale")
-class ScaleSpec(LayerSpec):
+class ScaleSpec(_AffineSpec):
+    param_field = "scale_param"
+
     def weight_shapes(self, layer, in_shapes):
         shape = scale_param_shape(layer, in_shapes, "scale_param")
         shapes = [] if shape is None else [shape]
@@ -139,9 +239,27 @@ class ScaleSpec(LayerSpec):
         y = ctx.node("Mul", [ctx.bottom(0), gamma])
         ctx.node("Add", [y, beta], ctx.top(0), suffix="bias")
 
+    def to_torch(self, layer):
+        """``x * scale`` (+ bias when bias_term), broadcast from ``axis``."""
+        sp = layer.param_msg("scale_param")
+        bias_term = sp.bias_term
+
+        def fn(bottoms, blobs, training):
+            x = bottoms[0]
+            axis = canon_axis(int(sp.axis), x.dim()) if x.dim() else 0
+            p, rest = _operand(bottoms, blobs)
+            y = x * (broadcast_from(p, x.dim(), axis) if p.dim() else p)
+            if bias_term and rest:
+                b = rest[-1]
+                y = y + (broadcast_from(b, x.dim(), axis) if b.dim() else b)
+            return [y]
+        return fn
+
 
 @register("Bias")
-class BiasSpec(LayerSpec):
+class BiasSpec(_AffineSpec):
+    param_field = "bias_param"
+
     def weight_shapes(self, layer, in_shapes):
         shape = scale_param_shape(layer, in_shapes, "bias_param")
         return [] if shape is None else [shape]
@@ -156,3 +274,14 @@ class BiasSpec(LayerSpec):
         if not isinstance(beta, str):
             beta = ctx.const("bias", beta)
         ctx.node("Add", [ctx.bottom(0), beta], ctx.top(0))
+
+    def to_torch(self, layer):
+        """``x + bias``, broadcast from ``axis``."""
+        bp = layer.param_msg("bias_param")
+
+        def fn(bottoms, blobs, training):
+            x = bottoms[0]
+            axis = canon_axis(int(bp.axis), x.dim()) if x.dim() else 0
+            p, _ = _operand(bottoms, blobs)
+            return [x + (broadcast_from(p, x.dim(), axis) if p.dim() else p)]
+        return fn

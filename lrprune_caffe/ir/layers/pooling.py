@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import LayerSpec, ShapeError, register
+from .base import CannotShrink, LayerSpec, ShapeError, follow_channels, no_torch, register
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,53 @@ def pool_geometry(layer, in_shape) -> PoolGeometry:
         out.append(int(o))
     method = pp.PoolMethod.Name(pp.pool)
     return PoolGeometry(method, kernel, stride, pad, tuple(out), bool(pp.global_pooling), ceil)
+
+
+# ---- Caffe pooling in torch (also LRN's WITHIN_CHANNEL average) ------------------
+
+_DIV_CACHE: dict = {}
+
+
+def _ave_divisor(n, k, s, p, out):
+    """Caffe's AVE pool divisor along one axis: window clipped to the padded input."""
+    import numpy as np
+    starts = np.arange(out) * s - p
+    ends = np.minimum(starts + k, n + p)
+    return (ends - starts).astype(np.float32)
+
+
+def caffe_pool2d(x, method, kernel, stride, pad, out):
+    """Caffe's MAX / AVE pooling of a 4-D torch tensor to the given output size.
+
+    The input is padded explicitly (-inf for MAX, 0 for AVE, extra rows/columns on
+    the bottom/right for ceil mode). AVE divides by the window clipped to the
+    *padded* input, ``(min(start + k, H + pad) - start)`` per axis, not by the
+    number of real pixels and not by ``k*k`` (``pooling_layer.cpp``).
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    h, w = int(x.shape[2]), int(x.shape[3])
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = kernel, stride, pad, out
+    extra_h = max(0, (oh - 1) * sh + kh - (h + 2 * ph))
+    extra_w = max(0, (ow - 1) * sw + kw - (w + 2 * pw))
+    if method == "MAX":
+        if ph or pw or extra_h or extra_w:
+            x = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=-math.inf)
+        y = F.max_pool2d(x, (kh, kw), (sh, sw))
+        return y[:, :, :oh, :ow]
+    # AVE: sum over the zero-padded window, divided by Caffe's clipped window size
+    if ph or pw or extra_h or extra_w:
+        x = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=0.0)
+    y = F.avg_pool2d(x, (kh, kw), (sh, sw), divisor_override=1)[:, :, :oh, :ow]
+    key = (h, w, kh, kw, sh, sw, ph, pw, oh, ow)
+    div = _DIV_CACHE.get(key)
+    if div is None:
+        dh = _ave_divisor(h, kh, sh, ph, oh)
+        dw = _ave_divisor(w, kw, sw, pw, ow)
+        div = torch.from_numpy(np.outer(dh, dw).astype(np.float32)).reshape(1, 1, oh, ow)
+        _DIV_CACHE[key] = div
+    return y / div.to(y.device)
 
 
 @register("Pooling")
@@ -111,3 +158,27 @@ class PoolingSpec(LayerSpec):
             zeros = ctx.ints("pad_pads", [0, 0, *pad, 0, 0, *pad])
             xp = ctx.node("Pad", [x, zeros], suffix="pad", mode="constant")
             ctx.node("AveragePool", [xp], y, pads=[0, 0] + extra, count_include_pad=0, **attrs)
+
+    def to_torch(self, layer):
+        """:func:`caffe_pool2d` with the geometry of each input shape."""
+        pp = layer.param_msg("pooling_param")
+        if pp.pool == pp.STOCHASTIC:
+            raise no_torch(layer, " with pool: STOCHASTIC")
+        if len(layer.tops) > 1:
+            raise no_torch(layer, " with a second (mask) top")
+        cache = {}
+
+        def fn(bottoms, blobs, training):
+            x = bottoms[0]
+            shape = tuple(int(d) for d in x.shape)
+            g = cache.get(shape[1:])
+            if g is None:
+                g = cache.setdefault(shape[1:], pool_geometry(layer, shape))
+            return [caffe_pool2d(x, g.method, g.kernel, g.stride, g.pad, g.out)]
+        return fn
+
+    def shrink_input(self, layer, shape, block, in_place):
+        """Pools each channel by itself (not a flattened blob)."""
+        if block != 1:
+            raise CannotShrink("it pools a flattened blob")
+        return follow_channels(layer, block)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import LayerSpec, ShapeError, canon_axis, prod, register
+from .base import CannotShrink, ChannelShrink, LayerSpec, ShapeError, canon_axis, prod, register
 
 
 @register("Input")
@@ -35,9 +35,25 @@ class SplitSpec(LayerSpec):
         for i in range(len(layer.tops)):
             ctx.node("Identity", [ctx.bottom(0)], ctx.top(i), suffix=None if i == 0 else f"top{i}")
 
+    def to_torch(self, layer):
+        def fn(bottoms, blobs, training):
+            return [bottoms[0]] * len(layer.tops)
+        return fn
 
-@register("Softmax", "LogSoftmax")
+    def shrink_input(self, layer, shape, block, in_place):
+        """Every branch carries the channels on."""
+        if in_place:
+            raise CannotShrink()
+        return ChannelShrink(follow=tuple((top, block) for top in layer.tops))
+
+
+@register("Softmax")
 class SoftmaxSpec(LayerSpec):
+    """``exp(x) / sum exp(x)`` over one axis."""
+
+    #: the ONNX op (same name and ``axis`` semantics from opset 13)
+    onnx_op = "Softmax"
+
     def infer(self, layer, in_shapes):
         canon_axis(int(layer.param_msg("softmax_param").axis), len(in_shapes[0]))
         return [in_shapes[0]]
@@ -48,7 +64,7 @@ class SoftmaxSpec(LayerSpec):
         the axis is moved last by a Transpose and back."""
         s = ctx.in_shapes[0]
         axis = canon_axis(int(layer.param_msg("softmax_param").axis), len(s))
-        op = layer.type
+        op = self.onnx_op
         x, y = ctx.bottom(0), ctx.top(0)
         if ctx.opset >= 13 or prod(s[axis + 1:]) == 1:
             ctx.node(op, [x], y, axis=axis)
@@ -58,6 +74,29 @@ class SoftmaxSpec(LayerSpec):
         t = ctx.node("Transpose", [x], suffix="to_last", perm=perm)
         t = ctx.node(op, [t], axis=len(s) - 1)
         ctx.node("Transpose", [t], y, suffix="from_last", perm=inverse)
+
+    def torch_fn(self):
+        import torch.nn.functional as F
+        return F.softmax
+
+    def to_torch(self, layer):
+        f = self.torch_fn()
+
+        def fn(bottoms, blobs, training):
+            x = bottoms[0]
+            return [f(x, dim=canon_axis(int(layer.param_msg("softmax_param").axis), x.dim()))]
+        return fn
+
+
+@register("LogSoftmax")
+class LogSoftmaxSpec(SoftmaxSpec):
+    """``log(softmax(x))`` over one axis."""
+
+    onnx_op = "LogSoftmax"
+
+    def torch_fn(self):
+        import torch.nn.functional as F
+        return F.log_softmax
 
 
 def _concat_axis(layer):
@@ -85,6 +124,13 @@ class ConcatSpec(LayerSpec):
             ctx.node("Identity", xs, ctx.top(0))
             return
         ctx.node("Concat", xs, ctx.top(0), axis=canon_axis(_concat_axis(layer), len(ctx.in_shapes[0])))
+
+    def to_torch(self, layer):
+        import torch
+
+        def fn(bottoms, blobs, training):
+            return [torch.cat(bottoms, dim=canon_axis(_concat_axis(layer), bottoms[0].dim()))]
+        return fn
 
 
 def slice_sizes(layer, in_shape):
@@ -127,6 +173,15 @@ class SliceSpec(LayerSpec):
         else:
             ctx.node("Split", [ctx.bottom(0)], outs, axis=axis, split=list(sizes))
 
+    def to_torch(self, layer):
+        import torch
+
+        def fn(bottoms, blobs, training):
+            x = bottoms[0]
+            axis, sizes = slice_sizes(layer, tuple(int(d) for d in x.shape))
+            return list(torch.split(x, sizes, dim=axis))
+        return fn
+
 
 @register("Flatten")
 class FlattenSpec(LayerSpec):
@@ -146,6 +201,23 @@ class FlattenSpec(LayerSpec):
             ctx.node("Flatten", [ctx.bottom(0)], ctx.top(0), axis=1)
         else:
             ctx.reshape(ctx.bottom(0), ctx.out_shapes[0], ctx.out_shapes2[0], out=ctx.top(0))
+
+    def to_torch(self, layer):
+        def fn(bottoms, blobs, training):
+            x = bottoms[0]
+            return [x.reshape(self.infer(layer, [tuple(int(d) for d in x.shape)])[0])]
+        return fn
+
+    def shrink_input(self, layer, shape, block, in_place):
+        """Axis 1 to the end: channel ``c`` becomes a block of ``H*W`` features."""
+        if in_place:
+            raise CannotShrink()
+        fp = layer.param_msg("flatten_param")
+        nd = len(shape)
+        a, e = int(fp.axis) % nd, int(fp.end_axis) % nd
+        if a != 1 or e != nd - 1:
+            raise CannotShrink(f"it flattens axes {fp.axis}..{fp.end_axis}, not 1 to the end")
+        return ChannelShrink(follow=((layer.tops[0], block * prod(shape[2:])),))
 
 
 def reshape_target(layer, in_shape):
@@ -194,6 +266,12 @@ class ReshapeSpec(LayerSpec):
         """Reshape to the inferred shape (Caffe's 0 / -1 / axis / num_axes resolved)."""
         ctx.reshape(ctx.bottom(0), ctx.out_shapes[0], ctx.out_shapes2[0], out=ctx.top(0))
 
+    def to_torch(self, layer):
+        def fn(bottoms, blobs, training):
+            x = bottoms[0]
+            return [x.reshape(reshape_target(layer, tuple(int(d) for d in x.shape)))]
+        return fn
+
 
 @register("Crop")
 class CropSpec(LayerSpec):
@@ -239,6 +317,20 @@ class CropSpec(LayerSpec):
             return
         ctx.node("Slice", [ctx.bottom(0), ctx.ints("starts", starts), ctx.ints("ends", ends),
                            ctx.ints("axes", axes)], ctx.top(0))
+
+    def to_torch(self, layer):
+        cp = layer.param_msg("crop_param")
+
+        def fn(bottoms, blobs, training):
+            a, b = bottoms
+            axis = canon_axis(int(cp.axis), a.dim())
+            offs = [int(o) for o in cp.offset]
+            idx = [slice(None)] * a.dim()
+            for i in range(axis, a.dim()):
+                o = offs[0] if len(offs) == 1 else (offs[i - axis] if offs else 0)
+                idx[i] = slice(o, o + int(b.shape[i]))
+            return [a[tuple(idx)]]
+        return fn
 
 
 @register("ArgMax")
