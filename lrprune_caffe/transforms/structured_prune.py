@@ -26,6 +26,10 @@ What lies between ``P`` and the consumers is shrunk to match:
   per channel: channel ``c`` of a ``C x H x W`` bottom owns columns
   ``c*H*W ... (c+1)*H*W - 1``, Caffe's row-major flattening).
 
+Each layer type's rules live in its spec (``LayerSpec.removable_outputs`` for
+``P``, ``LayerSpec.shrink_input`` for what reads the channels; see
+:mod:`lrprune_caffe.ir.layers.base`); this pass walks the graph and asks them.
+
 **Preconditions** (checked for every selected layer before anything changes):
 ``P`` has one bottom, one top and its weights; every path from its output
 ends in a consumer above; no blob on the way is a net output. A layer the
