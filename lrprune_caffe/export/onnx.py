@@ -91,6 +91,11 @@ class OnnxContext:
         self._out_names: list = []
         self._aliases: dict = {}
         self._pinned: set = set()  # tops whose name must be kept (exposed final values)
+        self.top_dims: dict = {}  # blob -> dims (None: unknown) of a data-dependent top
+
+    def set_top_dims(self, i: int, dims) -> None:
+        """Declare top ``i``'s dims when Caffe's shape is data-dependent (None where unknown)."""
+        self.top_dims[self.layer.tops[i]] = list(dims)
 
     # ---- names -------------------------------------------------------
     def unique_value(self, base: str) -> str:
@@ -336,6 +341,9 @@ def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, ex
         if current[o] != o:  # not expected (exposed blobs are pinned), kept as a safety net
             ctx.layer = net.producer(o)
             ctx.node("Identity", [current[o]], o, suffix="output")
+        if shapes.blobs[o] is None:  # data-dependent: the dims its lowering declared
+            graph_outputs.append(helper.make_tensor_value_info(o, 1, ctx.top_dims.get(o)))
+            continue
         graph_outputs.append(_value_info(o, shapes.blobs[o], shapes2.blobs[o], dynamic_batch,
                                          batch_pair or (None, None)))
     graph = helper.make_graph(ctx.nodes, net.name or "caffe_net", graph_inputs, graph_outputs,
