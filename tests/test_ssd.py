@@ -24,6 +24,7 @@ import pytest
 
 from conftest import golden_case, load_npz
 
+from lrprune_caffe.engines.detection import match_detections
 from lrprune_caffe.engines.runtime import ort_session, run_onnxruntime, run_opencv
 from lrprune_caffe.errors import UserError
 from lrprune_caffe.export.onnx import export_model
@@ -433,5 +434,8 @@ def test_golden_ssd_mini_equals_caffe_and_opencv():
         np.testing.assert_allclose(ours[b], blobs[b], atol=TOL * np.abs(blobs[b]).max(), rtol=0)
     assert ours["detection_out"].shape == blobs["detection_out"].shape == (1, 1, 50, 7)
     np.testing.assert_allclose(ours["detection_out"], blobs["detection_out"], atol=TOL, rtol=0)
+    m = match_detections(blobs["detection_out"], ours["detection_out"])
+    assert (m["matched"], m["recall"], m["precision"]) == (50, 1.0, 1.0)
+    assert m["mean_iou"] > 0.9999 and m["max_score_change"] < 1e-5
     pytest.importorskip("cv2")
     assert_same_detections(ours["detection_out"], run_opencv(net, x)["detection_out"])
