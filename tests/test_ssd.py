@@ -7,7 +7,8 @@
   than 0, variance_encoded_in_target, batch 2 (static and dynamic), no detection at all;
 * DetectionOutput alone on seeded loc / conf / prior inputs with many overlapping boxes
   (NMS, top_k, keep_top_k across classes);
-* the golden ssd_mini against the blobs real Caffe (SSD fork) computed;
+* the golden ssd_mini against the blobs real Caffe (SSD fork) computed, at opsets 11, 13
+  and the highest; Flatten's axis / end_axis against OpenCV;
 * what OpenCV does not implement as the fork does (integer min sizes, img_size / img_h /
   img_w, CORNER_SIZE, the empty result, the row order), against values worked out by hand
   from the fork's source.
@@ -27,7 +28,7 @@ from conftest import golden_case, load_npz
 from lrprune_caffe.engines.detection import match_detections
 from lrprune_caffe.engines.runtime import ort_session, run_onnxruntime, run_opencv
 from lrprune_caffe.errors import UserError
-from lrprune_caffe.export.onnx import export_model
+from lrprune_caffe.export.onnx import export_model, max_opset
 from lrprune_caffe.io.caffe import load_net, read_net
 from lrprune_caffe.ir.analysis import expected_weight_shapes, infer_shapes
 
@@ -439,3 +440,27 @@ def test_golden_ssd_mini_equals_caffe_and_opencv():
     assert m["mean_iou"] > 0.9999 and m["max_score_change"] < 1e-5
     pytest.importorskip("cv2")
     assert_same_detections(ours["detection_out"], run_opencv(net, x)["detection_out"])
+
+
+@pytest.mark.parametrize("opset", [11, 13, max_opset()])
+def test_golden_ssd_mini_at_opsets(opset):
+    d = golden_case("ssd_mini")
+    net = load_net(d / "model.prototxt", d / "model.caffemodel")
+    model = export_model(net, opset=opset)
+    onnx.checker.check_model(model, full_check=True)
+    out = ort_session(model.SerializeToString(), 1).run(None, load_npz(d / "inputs.npz"))[0]
+    np.testing.assert_allclose(out, load_npz(d / "blobs.npz")["detection_out"], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("param", ["axis: 1 end_axis: 2", "axis: 2", "axis: 0 end_axis: -2", "axis: -3 end_axis: -1"])
+def test_flatten_axis_end_axis_matches_opencv(tmp_path, param):
+    pytest.importorskip("cv2")
+    path = tmp_path / "flat.prototxt"
+    path.write_text('name: "f"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 '
+                    'dim: 4 dim: 5 } } }\n'
+                    f'layer {{ name: "flat" type: "Flatten" bottom: "data" top: "flat" flatten_param {{ {param} }} }}\n')
+    net = read_net(path)
+    x = {"data": np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)}
+    ours, cv = run_ours(net, x)["flat"], run_opencv(net, x)["flat"]
+    assert ours.shape == cv.shape
+    np.testing.assert_array_equal(ours, cv)
