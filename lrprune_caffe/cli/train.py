@@ -15,7 +15,10 @@ from lrprune_caffe.errors import UserError
 def _add_data_args(p, what="labelled data"):
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="DATA", help=f"{what}: an .npz with x (N x C x H x W float32, already "
-                   "preprocessed) and y (N int labels), or an image folder with one subfolder per class")
+                   "preprocessed) and y (N int labels), an image folder with one subfolder per class, an "
+                   "LMDB/LevelDB folder of Caffe Datum records, an ImageData list (.txt of 'path label' "
+                   "lines), or an HDF5 file / HDF5 source list. Not needed with a train_val NET: its "
+                   "data layer gives the data and the preprocessing")
     g.add_argument("--data-split", metavar="SPLIT.npz",
                    help="an MNIST-style split (x_train/y_train/x_test/y_test uint8 digits) read as "
                         "pixels / 256; evaluate uses x_test, finetune trains on x_train and validates "
@@ -44,12 +47,23 @@ def _net_input_shape(net):
 
 
 def _load_eval_data(args, net):
-    from lrprune_caffe.data.datasets import load_data, load_mnist_split
+    from lrprune_caffe.data.datasets import load_mnist_split
+    from lrprune_caffe.data.stream import open_data
     if bool(args.data) == bool(args.data_split):
-        raise UserError("give the data with exactly one of --data DATA or --data-split SPLIT.npz")
+        raise UserError("give the data with exactly one of --data DATA or --data-split SPLIT.npz "
+                        "(or a train_val NET with a data layer)")
     if args.data_split:
         return load_mnist_split(args.data_split)[1]
-    return load_data(args.data, _net_input_shape(net), _preprocess(args))
+    return open_data(args.data, input_shape=_net_input_shape(net), pre=_preprocess(args))
+
+
+def _uses_data_layer(args) -> bool:
+    """No data flags and the net's phase view has a data layer: a train_val gives the data."""
+    if args.data or args.data_split:
+        return False
+    from lrprune_caffe.io.caffe import read_net
+    from lrprune_caffe.data.trainval import has_data_layer
+    return has_data_layer(read_net(args.net, phase=args.phase))
 
 
 def _log(msg):
@@ -60,14 +74,23 @@ def _log(msg):
 
 def cmd_evaluate(args):
     from lrprune_caffe.io.caffe import load_net
-    from lrprune_caffe.engines.evaluate import evaluate
-    net = load_net(args.net, args.weights, phase=args.phase)
-    ds = _load_eval_data(args, net)
-    res = evaluate(net, ds, output=args.output, batch_size=args.batch_size, engine=args.engine,
-                   threads=args.threads)
+    from lrprune_caffe.engines.evaluate import evaluate, evaluate_files
+    progress = False if args.json else None
+    if _uses_data_layer(args):
+        res = evaluate_files(args.net, args.weights, None, output=args.output, engine=args.engine,
+                             threads=args.threads, phase=args.phase, progress=progress,
+                             iterations=args.iterations)
+        if args.batch_size is not None and args.batch_size != res["batch_size"]:
+            res["notes"].append(f"--batch-size {args.batch_size} ignored: the data layer's batch_size "
+                                f"{res['batch_size']} is used")
+    else:
+        net = load_net(args.net, args.weights, phase=args.phase)
+        ds = _load_eval_data(args, net)
+        res = evaluate(net, ds, output=args.output, batch_size=args.batch_size or 256, engine=args.engine,
+                       threads=args.threads, progress=progress, iterations=args.iterations)
+        res["notes"] = list(net.notes) + list(getattr(ds, "notes", [])) + res["notes"]
     res["net"] = args.net
     res["weights"] = args.weights
-    res["notes"] = list(net.notes) + list(getattr(ds, "notes", [])) + res["notes"]
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -227,7 +250,11 @@ def register(sub):
     _add_net_args(p, weights_required=True)
     _add_data_args(p)
     p.add_argument("--output", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per engine call (default 256)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per engine call (default 256; a train_val's data layer gives its own)")
+    p.add_argument("--iterations", type=int, default=None, metavar="K",
+                   help="K batches, wrapping around the data at its end, as Caffe's caffe test "
+                        "--iterations K (default: one pass over the data)")
     p.add_argument("--engine", choices=["onnxruntime", "opencv"], default="onnxruntime",
                    help="onnxruntime (default; falls back to opencv if the net cannot be exported) or opencv")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's)")

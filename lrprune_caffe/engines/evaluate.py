@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from lrprune_caffe.ir.analysis import validate
-from lrprune_caffe.data.datasets import as_dataset, check_against_net
-from lrprune_caffe.errors import LrpruneError, UserError
+from lrprune_caffe.data.datasets import Dataset, as_dataset, check_against_net
+from lrprune_caffe.data.sources import ArraySource
+from lrprune_caffe.data.stream import StreamDataset, as_stream
+from lrprune_caffe.errors import BadFileError, LrpruneError, UserError
 
 ENGINES = ("onnxruntime", "opencv")
 
@@ -167,45 +170,114 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False, file=sys.stderr)
 
 
+def _check_stream(ds, input_shape, input_name):
+    if input_shape is None:
+        return
+    want = tuple(int(d) for d in input_shape[1:])
+    got = tuple(ds.sample_shape)
+    if got != want:
+        raise BadFileError(f"samples have shape {got} after preprocessing, but the net's input "
+                           f"'{input_name}' takes {want} per sample", path=ds.source)
+
+
+def _check_labels(y, classes, source):
+    bad = (y < 0) | (y >= classes)
+    if bad.any():
+        raise BadFileError(f"label {int(y[bad][0])} out of range: the net has {classes} classes, so labels "
+                           f"must be 0..{classes - 1}", path=source)
+
+
 def evaluate(net, data, output=None, batch_size=256, engine="onnxruntime", threads=None,
-             progress=None) -> dict:
+             progress=None, iterations=None) -> dict:
     """Top-1 (and top-5 with more than 5 classes) accuracy of ``net`` on ``data``.
 
-    ``data``: a :class:`~lrprune_caffe.data.datasets.Dataset`, an (x, y) pair or {'x', 'y'}.
+    ``data``: a :class:`~lrprune_caffe.data.stream.StreamDataset` (streamed: one batch in
+    memory at a time), a :class:`~lrprune_caffe.data.datasets.Dataset`, an (x, y) pair or
+    {'x', 'y'}. ``iterations``: that many batches of ``batch_size``, wrapping around the data
+    at its end (Caffe's ``caffe test --iterations``); default one pass.
     Returns {"n", "classes", "top1", "top5"?, "correct_top1", "correct_top5"?,
-    "output", "engine", "batch_size", "notes"}.
+    "output", "engine", "batch_size", "notes", "images_per_s"}.
     """
-    ds = as_dataset(data)
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
+    if iterations is not None and iterations < 1:
+        raise UserError(f"iterations must be >= 1, got {iterations}")
     sb = resolve_scores(net, output)
-    check_against_net(ds, sb.input_shape, sb.classes, sb.input)
-    scores, sb, used, notes = predict_scores(net, ds.x, sb.blob, batch_size, engine, threads, progress)
-    res = {"n": len(ds), "classes": sb.classes, "output": sb.blob, "engine": used,
-           "batch_size": int(batch_size), "data": ds.source}
-    c1 = topk_correct(scores, ds.y, 1)
-    res["correct_top1"] = int(c1.sum())
-    res["top1"] = float(c1.mean())
+    if isinstance(data, StreamDataset) and not isinstance(data.records, ArraySource):
+        stream = data
+        _check_stream(stream, sb.input_shape, sb.input)
+    elif isinstance(data, StreamDataset):  # arrays in memory: check them whole
+        stream = data
+        check_against_net(Dataset(data.records.x, data.records.y, data.source), sb.input_shape,
+                          sb.classes, sb.input)
+    else:
+        ds = as_dataset(data)
+        check_against_net(ds, sb.input_shape, sb.classes, sb.input)
+        stream = as_stream(ds)
+    runner, used, notes = make_runner(net, sb.blob, engine, threads)
+    total = len(stream) if iterations is None else int(iterations) * int(batch_size)
+    bar = _bar(total, "evaluate", progress)
+    n = c1 = c5 = 0
+    t0 = time.perf_counter()
+    try:
+        for xb, yb in stream.batches(batch_size, iterations):
+            _check_labels(yb, sb.classes, stream.source)
+            scores = class_scores(runner(np.ascontiguousarray(xb, dtype=np.float32)), sb.axis)
+            c1 += int(topk_correct(scores, yb, 1).sum())
+            if sb.classes > 5:
+                c5 += int(topk_correct(scores, yb, 5).sum())
+            n += len(yb)
+            bar.update(len(yb))
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    res = {"n": n, "classes": sb.classes, "output": sb.blob, "engine": used,
+           "batch_size": int(batch_size), "data": stream.source}
+    if iterations is not None:
+        res["iterations"] = int(iterations)
+    res["correct_top1"] = c1
+    res["top1"] = c1 / n
     if sb.classes > 5:
-        c5 = topk_correct(scores, ds.y, 5)
-        res["correct_top5"] = int(c5.sum())
-        res["top5"] = float(c5.mean())
+        res["correct_top5"] = c5
+        res["top5"] = c5 / n
+    res["images_per_s"] = round(n / elapsed, 1) if elapsed > 0 else None
     res["notes"] = notes
     return res
 
 
-def evaluate_files(prototxt, weights, data_path, output=None, batch_size=256, engine="onnxruntime",
-                   threads=None, preprocess=None, phase="TEST", progress=None) -> dict:
-    """Load a net and its weights and a data file/folder, then :func:`evaluate`."""
+def load_train_val(prototxt, weights, phase="TEST", seed=0):
+    """(deploy net, PhaseData, score blob) from a train_val prototxt with a data layer in ``phase``."""
     from lrprune_caffe.io.caffe import load_net
-    from lrprune_caffe.data.datasets import load_data
+    from lrprune_caffe.data.trainval import deploy_view, phase_data
+    full = load_net(prototxt, weights, phase=phase)
+    pdata = phase_data(full, phase, seed)
+    net, scores = deploy_view(full, pdata)
+    return net, pdata, scores
+
+
+def evaluate_files(prototxt, weights, data_path=None, output=None, batch_size=256, engine="onnxruntime",
+                   threads=None, preprocess=None, phase="TEST", progress=None, iterations=None) -> dict:
+    """Load a net and its weights and a data file/folder, then :func:`evaluate`.
+
+    Without ``data_path`` the net must be a train_val whose ``phase`` data layer gives the
+    data, its preprocessing and the batch size (``batch_size`` is then ignored)."""
+    from lrprune_caffe.io.caffe import load_net
+    from lrprune_caffe.data.stream import open_data
+    from lrprune_caffe.data.datasets import Preprocess
+    if data_path is None:
+        net, pdata, scores = load_train_val(prototxt, weights, phase)
+        res = evaluate(net, pdata.dataset, output or scores, pdata.batch_size, engine, threads, progress,
+                       iterations)
+        res["notes"] = list(net.notes) + pdata.notes + res["notes"]
+        res["data_layer"] = pdata.layer
+        return res
     net = load_net(prototxt, weights, phase=phase)
     _, in_shape = single_input(net)
-    ds = load_data(data_path, in_shape, preprocess)
-    res = evaluate(net, ds, output, batch_size, engine, threads, progress)
-    res["notes"] = list(net.notes) + res["notes"]
+    ds = open_data(data_path, input_shape=in_shape, pre=preprocess or Preprocess())
+    res = evaluate(net, ds, output, batch_size, engine, threads, progress, iterations)
+    res["notes"] = list(net.notes) + ds.notes + res["notes"]
     return res
 
 
 __all__ = ["evaluate", "evaluate_files", "resolve_scores", "class_scores", "topk_correct",
-           "predict_scores", "make_runner", "ScoreBlob", "single_input", "ENGINES"]
+           "predict_scores", "make_runner", "load_train_val", "ScoreBlob", "single_input", "ENGINES"]
