@@ -108,19 +108,82 @@ def cmd_evaluate(args):
 # ---- finetune -------------------------------------------------------------------
 
 def _load_train_data(args, net):
-    from lrprune_caffe.data.datasets import load_data, load_mnist_split
+    from lrprune_caffe.data.datasets import load_mnist_split
+    from lrprune_caffe.data.stream import open_data
     if bool(args.data) == bool(args.data_split):
-        raise UserError("give the training data with exactly one of --data TRAIN or --data-split SPLIT.npz")
+        raise UserError("give the training data with exactly one of --data TRAIN or --data-split SPLIT.npz "
+                        "(or a train_val NET with data layers)")
+    shape = _net_input_shape(net)
     if args.data_split:
         train, test = load_mnist_split(args.data_split)
         val = test
         if args.val:
-            val = load_data(args.val, _net_input_shape(net), _preprocess(args))
+            val = open_data(args.val, input_shape=shape, pre=_preprocess(args))
         return train, val
-    shape = _net_input_shape(net)
-    train = load_data(args.data, shape, _preprocess(args))
-    val = load_data(args.val, shape, _preprocess(args)) if args.val else None
+    train = open_data(args.data, input_shape=shape, pre=_preprocess(args))
+    val = open_data(args.val, input_shape=shape, pre=_preprocess(args)) if args.val else None
     return train, val
+
+
+def _train_val_given(args) -> bool:
+    """No --data/--data-split and the net has a data layer in TRAIN or TEST: it is a train_val."""
+    if args.data or args.data_split:
+        return False
+    from lrprune_caffe.io.caffe import read_net
+    from lrprune_caffe.data.trainval import has_data_layer
+    return any(has_data_layer(read_net(args.net, phase=ph)) for ph in ("TRAIN", "TEST"))
+
+
+def _net_and_data(args, default_batch=64):
+    """(deploy net, train, val, batch size, notes): from a train_val's data layers, or from the flags."""
+    from lrprune_caffe.io.caffe import load_net
+    if _train_val_given(args):
+        from lrprune_caffe.data.stream import open_data
+        from lrprune_caffe.data.trainval import load_train_val
+        tv = load_train_val(args.net, args.weights, seed=args.seed or 0)
+        if tv.train is None:
+            raise UserError(f"{args.net}: no data layer in the TRAIN phase to train on (give --data)")
+        val = tv.val.dataset if tv.val is not None else None
+        if args.val:
+            val = open_data(args.val, input_shape=_net_input_shape(tv.net), pre=_preprocess(args))
+        if args.output is None and tv.scores:
+            args.output = tv.scores
+        return tv.net, tv.train.dataset, val, args.batch_size or tv.train.batch_size, tv.notes
+    net = load_net(args.net, args.weights, phase=args.phase)
+    train, val = _load_train_data(args, net)
+    return net, train, val, args.batch_size or default_batch, []
+
+
+def _spawn_processes(args) -> int:
+    """--nproc-per-node N: run this command under torch's launcher (torchrun) in N processes."""
+    import os
+    import subprocess
+    argv = list(sys.argv[1:])
+    if args.command not in argv:
+        raise UserError("--nproc-per-node needs the lrprune-caffe command line; or start the processes "
+                        "yourself: torchrun --nproc-per-node N -m lrprune_caffe ...")
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        out.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc_per_node}", "-m", "lrprune_caffe", *out]
+    env = dict(os.environ)
+    return subprocess.call(cmd, env=env)
+
+
+def _checkpoint_path(args):
+    import os
+    if args.checkpoint:
+        return args.checkpoint
+    return os.path.join(args.outdir, "checkpoint.pt")
 
 
 def solver_from_args(args):
@@ -135,25 +198,35 @@ def cmd_finetune(args):
     from lrprune_caffe.train import require_torch
     require_torch()  # say how to install it before reading anything
     from lrprune_caffe.api import write_net
-    from lrprune_caffe.io.caffe import load_net
     from lrprune_caffe.engines.evaluate import evaluate
     from lrprune_caffe.train.finetune import check_masks, finetune, load_masks
     import numpy as np
     import io
+    import os
 
     solver = solver_from_args(args)
     for note in solver.notes:
         _log(f"note: {note}")
-    net = load_net(args.net, args.weights, phase=args.phase)
-    train, val = _load_train_data(args, net)
+    if args.nproc_per_node and args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return _spawn_processes(args)
+    from lrprune_caffe.train.loop import process_rank
+    main = process_rank() == 0
+    net, train, val, batch_size, notes = _net_and_data(args)
+    for note in notes:
+        if main:
+            _log(f"note: {note}")
     masks = None
     if args.masks:
         masks = check_masks(net, load_masks(args.masks), args.masks)
     seed = args.seed if args.seed is not None else (solver.random_seed if solver.random_seed is not None else 0)
+    ckpt = _checkpoint_path(args)
     trained, history = finetune(net, train, val, masks=masks, solver=solver, epochs=args.epochs,
-                                batch_size=args.batch_size, seed=seed, output=args.output,
+                                batch_size=batch_size, seed=seed, output=args.output,
                                 threads=args.threads, progress=None if not args.quiet else False,
-                                log=None if (args.quiet or args.json) else _log)
+                                log=None if (args.quiet or args.json) else _log,
+                                workers=args.workers, device=args.device, checkpoint=ckpt, resume=args.resume)
+    if not main:
+        return 0  # only rank 0 writes
     if val is not None and not args.no_final_eval:
         # the written model, on an independent engine
         try:
@@ -170,6 +243,8 @@ def cmd_finetune(args):
         np.savez_compressed(buf, **masks)
         extra["masks.npz"] = buf.getvalue()
     written = write_net(trained, args.outdir, extra=extra)
+    if not args.checkpoint and os.path.exists(ckpt):
+        os.remove(ckpt)  # the run is written: its default checkpoint has served
     if args.json:
         print(json.dumps({"written": written, "history": history}, indent=2))
         return 0
@@ -189,7 +264,6 @@ def cmd_finetune(args):
 def cmd_pipeline(args):
     from lrprune_caffe.train import require_torch
     require_torch()
-    from lrprune_caffe.io.caffe import load_net
     from lrprune_caffe.core.pipeline import pipeline_files, parse_steps
     steps = parse_steps(args.prune_steps, args.sparsity)
     if args.speedup is not None and args.speedup <= 1:
@@ -205,14 +279,15 @@ def cmd_pipeline(args):
         solver = dataclasses.replace(solver, max_iter=None)
     if args.lr is None and not args.solver:
         solver = solver.with_overrides(base_lr=0.005)
-    net = load_net(args.net, args.weights, phase=args.phase)
-    train, val = _load_train_data(args, net)
-    report, _ = pipeline_files(args.net, args.weights, train, val, args.outdir, onnx=args.onnx,
+    net, train, val, batch_size, notes = _net_and_data(args)
+    for note in notes:
+        _log(f"note: {note}")
+    report, _ = pipeline_files(args.net, args.weights, train, val, args.outdir, onnx=args.onnx, net=net,
                                log=None if (args.quiet or args.json) else _log,
                                schedule=args.schedule, prune_steps=steps, speedup=args.speedup or 2.0,
                                scheme=args.scheme, prune_scope=args.prune_scope, tolerance=args.tolerance,
                                max_epochs=args.max_epochs,
-                               batch_size=args.batch_size, seed=args.seed or 0, threads=args.threads,
+                               batch_size=batch_size, seed=args.seed or 0, threads=args.threads,
                                progress=False if (args.quiet or args.json) else None, solver=solver)
     if args.json:
         from lrprune_caffe.engines.compare import json_safe
@@ -243,6 +318,23 @@ def _add_solver_args(p, default_lr, solver_help, max_iter_help):
                    help="update rule (default SGD)")
 
 
+def _add_run_args(p):
+    """Data loading, devices, processes and checkpoints of finetune."""
+    g = p.add_argument_group("processes and checkpoints")
+    g.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="DataLoader worker processes decoding the training data (default 0: in the trainer)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train on cpu (default) or cuda")
+    g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="train in N processes with DistributedDataParallel (gloo on CPU, NCCL on CUDA), "
+                        "started for you by torch's launcher; --batch-size is per process. "
+                        "'torchrun --nproc-per-node N -m lrprune_caffe finetune ...' works too")
+    g.add_argument("--checkpoint", metavar="FILE",
+                   help="checkpoint written after every epoch (default OUTDIR/checkpoint.pt, removed once "
+                        "the model is written)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its checkpoint (same data, batch size, seed, processes)")
+
+
 def register(sub):
     from .main import _add_net_args
 
@@ -270,7 +362,10 @@ def register(sub):
     p.add_argument("--masks", metavar="MASKS.npz",
                    help="pruning masks (bool, True = keep, keys '<layer>/<blob idx>'): masked weights stay 0")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data (default 1)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per iteration (default 64)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per iteration and process (default 64; a train_val's TRAIN data layer "
+                        "gives its own)")
+    _add_run_args(p)
     _add_solver_args(p, default_lr=0.001,
                      solver_help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, "
                                  "max_iter...); flags below override it; max_iter overrides --epochs",
@@ -315,7 +410,8 @@ def register(sub):
     p.add_argument("--tolerance", type=float, default=0.005,
                    help="a round ends once val top-1 >= original - TOL (default 0.005 = 0.5 points)")
     p.add_argument("--max-epochs", type=int, default=5, help="epochs at most per round (default 5)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per iteration (default 64)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per iteration (default 64; a train_val's TRAIN data layer gives its own)")
     _add_solver_args(p, default_lr=0.005, solver_help="Caffe solver settings (flags override; its max_iter "
                      "is ignored: rounds run by epochs)", max_iter_help=None)
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")

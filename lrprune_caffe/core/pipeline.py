@@ -256,10 +256,11 @@ def pipeline_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, log=None, **kw):
+def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, log=None, net=None, **kw):
     """Load, run :func:`run_pipeline`, and (with ``outdir``) write model.prototxt,
-    model.caffemodel, masks.npz, report.json, report.md (+ model.onnx), all or nothing."""
-    net = load_net(prototxt, weights)
+    model.caffemodel, masks.npz, report.json, report.md (+ model.onnx), all or nothing.
+    ``net``: the net already loaded (a train_val's deploy view) instead of reading ``prototxt``."""
+    net = net if net is not None else load_net(prototxt, weights)
     opts = PipelineOptions(**kw)
     if outdir is not None:
         from lrprune_caffe.fileutil import check_outdir

@@ -73,6 +73,15 @@ class StreamDataset:
         return self.transformer(x, self._rng(i), where=f"{self.source} (record {i})")
 
     def __getitem__(self, i):
+        """Sample ``i``, or ``(epoch, i)``: sample i with that epoch's random crop / mirror."""
+        if isinstance(i, tuple):
+            epoch, i = i
+            x, y = self.records.get(int(i))
+            saved, self.epoch = self.epoch, int(epoch)
+            try:
+                return self._apply(x, i), np.int64(y)
+            finally:
+                self.epoch = saved
         x, y = self.records.get(int(i))
         return self._apply(x, i), np.int64(y)
 

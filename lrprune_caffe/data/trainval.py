@@ -160,5 +160,37 @@ def deploy_view(net, pdata: PhaseData):
     return out, scores
 
 
-__all__ = ["PhaseData", "phase_data", "open_layer", "deploy_view", "score_blob", "data_layers",
-           "has_data_layer", "DATA_TYPES"]
+@dataclass
+class TrainVal:
+    net: object  # the deploy net (weights loaded)
+    train: PhaseData  # the TRAIN data layer (random crop, mirror) or None
+    val: PhaseData  # the TEST data layer (center crop) or None
+    scores: str  # the Accuracy layer's score blob, or None
+    notes: list = field(default_factory=list)
+
+
+def load_train_val(prototxt, weights=None, seed=0) -> TrainVal:
+    """A train_val's deploy net and its TRAIN and TEST data (either may be missing, not both)."""
+    from lrprune_caffe.io.caffe import load_net, read_net
+    views = {}
+    for phase in ("TEST", "TRAIN"):
+        full = load_net(prototxt, weights, phase=phase) if phase == "TEST" else read_net(prototxt, phase=phase)
+        views[phase] = (full, phase_data(full, phase, seed) if has_data_layer(full) else None)
+    (test_net, val), train = views["TEST"], views["TRAIN"][1]
+    if val is None and train is None:
+        raise UserError(f"{prototxt}: no Data, ImageData or HDF5Data layer in the TRAIN or TEST phase")
+    if val is not None:
+        net, scores = deploy_view(test_net, val)
+    else:
+        full = load_net(prototxt, weights, phase="TRAIN")
+        net, scores = deploy_view(full, train)
+    if train is not None and val is not None and train.dataset.sample_shape != val.dataset.sample_shape:
+        raise UserError(f"{prototxt}: the TRAIN data layer '{train.layer}' gives samples of "
+                        f"{train.dataset.sample_shape}, the TEST one '{val.layer}' {val.dataset.sample_shape}; "
+                        f"the net takes one shape")
+    notes = (train.notes if train else []) + (val.notes if val else [])
+    return TrainVal(net, train, val, scores, notes)
+
+
+__all__ = ["PhaseData", "TrainVal", "load_train_val", "phase_data", "open_layer", "deploy_view", "score_blob",
+           "data_layers", "has_data_layer", "DATA_TYPES"]

@@ -26,6 +26,7 @@ Runs are reproducible for a given seed, torch version and thread count.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -126,32 +127,57 @@ def preflight(net, model, x, blob, tol=1e-4):
 def _progress(total, desc, progress):
     from tqdm import tqdm
     disable = (not progress) if progress is not None else not sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="it", disable=disable, leave=False, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False, file=sys.stderr)
 
 
-def _accuracy(model, logits_blob, ds, axis, batch_size=256):
-    """Top-1 / top-5 of the torch model in eval mode (for the training log)."""
+def _accuracy(model, logits_blob, ds, axis, batch_size=256, dist=None, device="cpu"):
+    """Top-1 / top-5 of the torch model in eval mode (for the training log), streamed; with
+    several processes each takes every world-th batch and the counts are summed."""
     torch = require_torch()
     from lrprune_caffe.engines.evaluate import class_scores, topk_correct
     model.eval()
-    c1 = c5 = 0
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    c1 = c5 = n = 0
     with torch.no_grad():
-        for s in range(0, len(ds), batch_size):
-            xb = torch.from_numpy(ds.x[s:s + batch_size])
-            sc = class_scores(model(xb, outputs=[logits_blob])[logits_blob].numpy(), axis)
-            yb = ds.y[s:s + batch_size]
+        for b, (xb, yb) in enumerate(ds.batches(batch_size)):
+            if b % world != rank:
+                continue
+            out = model(torch.from_numpy(xb).to(device), outputs=[logits_blob])[logits_blob]
+            sc = class_scores(out.cpu().numpy(), axis)
             c1 += int(topk_correct(sc, yb, 1).sum())
             c5 += int(topk_correct(sc, yb, 5).sum())
-    n = len(ds)
+            n += len(yb)
+    if world > 1:
+        c1, c5, n = dist.all_sum([c1, c5, n])
     return c1 / n, c5 / n
+
+
+def _as_training_stream(data, what, sb):
+    """A StreamDataset checked against the net (in-memory data is checked whole first)."""
+    from lrprune_caffe.data.datasets import Dataset
+    from lrprune_caffe.data.sources import ArraySource
+    from lrprune_caffe.data.stream import StreamDataset, as_stream
+    from lrprune_caffe.engines.evaluate import _check_stream
+    if isinstance(data, StreamDataset) and isinstance(data.records, ArraySource):
+        check_against_net(Dataset(data.records.x, data.records.y, data.source), sb.input_shape, sb.classes,
+                          sb.input)
+        return data
+    if isinstance(data, StreamDataset):
+        _check_stream(data, sb.input_shape, sb.input)
+        return data
+    ds = as_dataset(data, what)
+    check_against_net(ds, sb.input_shape, sb.classes, sb.input)
+    return as_stream(ds)
 
 
 def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings = None, epochs: int = 1,
              batch_size: int = 64, seed: int = 0, output: str = None, threads: int = None,
-             progress=None, log=None, check: bool = True, stop=None):
+             progress=None, log=None, check: bool = True, stop=None, workers: int = 0, device: str = "cpu",
+             checkpoint=None, resume: bool = False, val_batch_size: int = 256):
     """Train ``net`` (a copy; the argument is untouched) and return ``(trained_net, history)``.
 
-    * ``train_data`` / ``val_data``: Dataset, (x, y) or {'x', 'y'}; x N x C x H x W float32.
+    * ``train_data`` / ``val_data``: a :class:`~lrprune_caffe.data.stream.StreamDataset`
+      (streamed), a Dataset, (x, y) or {'x', 'y'}; x N x C x H x W float32.
     * ``masks``: {"<layer>/<blob idx>": bool (keep=True)} or None.
     * ``solver``: SolverSettings (default: SGD lr 0.001, momentum 0.9, weight decay 5e-4, fixed);
       its ``max_iter`` overrides ``epochs``; its ``random_seed`` is used when ``seed`` is None.
@@ -160,12 +186,17 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     * ``check``: compare the torch forward with OpenCV/onnxruntime first (see :func:`preflight`).
     * ``stop``: callable(epoch record) -> bool, asked after each epoch; True ends training
       early (the pipeline stops a round once validation accuracy is back within tolerance).
+    * ``workers``: DataLoader worker processes decoding batches (0: this process).
+    * ``device``: cpu or cuda. Under torchrun (WORLD_SIZE > 1) the processes train one model with
+      DistributedDataParallel, ``batch_size`` per process (see :mod:`lrprune_caffe.train.loop`).
+    * ``checkpoint``: a file written after every epoch (by rank 0); ``resume``: continue from it.
 
     history: {"epochs": [{"epoch", "iterations", "lr", "loss", "train_top1", "val_top1"?, ...}],
     "initial": {...}, "iterations", "solver", "batch_size", "seed", "torch", "threads", ...}.
     """
     torch = require_torch()
     from lrprune_caffe.engines.evaluate import resolve_scores
+    from . import loop
     from .torch_model import build_torch_model
 
     solver = solver or SolverSettings()
@@ -175,24 +206,25 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     if solver.max_iter is None and epochs < 1:
         raise UserError(f"epochs must be >= 1, got {epochs}")
-    train = as_dataset(train_data, "training data")
-    val = as_dataset(val_data, "validation data") if val_data is not None else None
+    if resume and not checkpoint:
+        raise UserError("resume needs a checkpoint file")
     sb = resolve_scores(net, output)
-    check_against_net(train, sb.input_shape, sb.classes, sb.input)
-    if val is not None:
-        check_against_net(val, sb.input_shape, sb.classes, sb.input)
+    train = _as_training_stream(train_data, "training data", sb)
+    val = _as_training_stream(val_data, "validation data", sb) if val_data is not None else None
     masks = check_masks(net, masks or {}, "masks")
 
     net = net.copy()
     apply_masks(net, masks)
     validate(net)
 
+    dist = loop.dist_context(device)
+    if not dist.main:
+        log, progress = None, False
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
     try:
         torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
         model = build_torch_model(net)
         history = {"net": net.name, "score_blob": sb.blob, "loss_blob": sb.logits,
                    "loss": f"softmax cross-entropy on '{sb.logits}'", "classes": sb.classes,
@@ -200,12 +232,16 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
                    "val": val.source if val is not None else None, "n_val": len(val) if val is not None else 0,
                    "batch_size": int(batch_size), "seed": int(seed), "solver": solver.as_dict(),
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "workers": int(workers), "device": dist.device, "processes": dist.world,
                    "masks": {"blobs": len(masks), "masked": int(sum(int((~m).sum()) for m in masks.values()))},
                    "epochs": []}
-        if check:
-            history["preflight"] = preflight(net, model, train.x[:8], sb.logits)
+        if check and dist.main:
+            x8 = next(train.batches(8))[0]
+            history["preflight"] = preflight(net, model, x8, sb.logits)
             if log and history["preflight"].get("engine") is None:
                 log(f"pre-flight check skipped: {history['preflight']['skipped']}")
+        model.to(dist.device)
+        trainer = loop.wrap_ddp(model, dist)
 
         # parameters, their ParamSpecs, and masks on the Parameters
         params = [(p, *model.specs[i]) for i, p in enumerate(model.params)]
@@ -213,33 +249,50 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
         for key, m in masks.items():
             pi = model.blob_param.get(key)
             if pi is not None:
-                pmask[pi] = torch.from_numpy(m)
-        per_epoch = math.ceil(len(train) / batch_size)
+                pmask[pi] = torch.from_numpy(m).to(dist.device)
+        sampler = loop.EpochBatches(len(train), batch_size, seed, dist.rank, dist.world)
+        per_epoch = len(sampler)
         total = solver.max_iter or per_epoch * int(epochs)
         opt = CaffeOptimizer(params, solver, total_iters=total)
+        key = loop.run_key(n_train=len(train), batch_size=int(batch_size), seed=int(seed), processes=dist.world,
+                           total_iterations=int(total), net=net.name)
 
-        if val is not None:
-            v1, v5 = _accuracy(model, sb.logits, val, sb.axis)
+        it, epoch = 0, 0
+        if resume and os.path.exists(str(checkpoint)):
+            state = loop.load_checkpoint(checkpoint, key)
+            loop.restore(state, model, opt)
+            it, epoch = state["iteration"], state["epoch"]
+            history["epochs"] = list(state["log"].get("epochs", []))
+            if "initial" in state["log"]:
+                history["initial"] = state["log"]["initial"]
+            history["resumed"] = {"from": str(checkpoint), "epoch": epoch, "iteration": it}
+            if log:
+                log(f"resumed from {checkpoint}: epoch {epoch}, iteration {it}")
+        elif val is not None:
+            v1, v5 = _accuracy(model, sb.logits, val, sb.axis, val_batch_size, dist, dist.device)
             history["initial"] = {"val_top1": v1, **({"val_top5": v5} if sb.classes > 5 else {})}
             if log:
                 log(f"epoch 0: val top-1 {v1:.4f}")
-        x_all = torch.from_numpy(train.x)
-        y_all = torch.from_numpy(train.y)
-        it, epoch = 0, 0
+        loader = loop.train_loader(train, sampler, workers)
         t0 = time.perf_counter()
         F = torch.nn.functional
         while it < total:
             epoch += 1
-            perm = torch.from_numpy(rng.permutation(len(train)))
+            sampler.set_epoch(epoch)
+            train.set_epoch(epoch)
             n_it = min(per_epoch, total - it)
-            bar = _progress(n_it, f"epoch {epoch}", progress)
+            bar = _progress(n_it * batch_size * dist.world, f"epoch {epoch}", progress)
             model.train()
             loss_sum, correct, seen = 0.0, 0, 0
             lr = solver.lr_at(it, total)
-            for b in range(n_it):
-                idx = perm[b * batch_size:(b + 1) * batch_size]
-                xb, yb = x_all[idx], y_all[idx]
-                out = model(xb, outputs=[sb.logits])[sb.logits]
+            for b, (xb, yb) in enumerate(loader):
+                if b >= n_it:
+                    break
+                if len(yb) and (int(yb.min()) < 0 or int(yb.max()) >= sb.classes):
+                    raise BadFileError(f"a label out of range ({int(yb.min())}..{int(yb.max())}): the net has "
+                                       f"{sb.classes} classes", path=train.source)
+                xb, yb = xb.to(dist.device), yb.to(dist.device)
+                out = trainer(xb, outputs=[sb.logits])[sb.logits]
                 logits = torch.movedim(out, sb.axis, 1).reshape(out.shape[0], -1)
                 loss = F.cross_entropy(logits, yb)
                 lv = float(loss.detach())
@@ -258,20 +311,23 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
                     for pi, m in pmask.items():
                         model.params[pi].masked_fill_(~m, 0.0)
                 it += 1
-                loss_sum += lv * len(idx)
+                loss_sum += lv * len(yb)
                 correct += int((logits.detach().argmax(1) == yb).sum())
-                seen += len(idx)
-                bar.update(1)
+                seen += len(yb)
+                bar.update(len(yb) * dist.world)
                 bar.set_postfix(loss=f"{lv:.4f}", lr=f"{lr:.3g}")
             bar.close()
+            loss_sum, correct, seen = dist.all_sum([loss_sum, correct, seen])
             rec = {"epoch": epoch, "iterations": it, "lr": lr, "loss": loss_sum / seen,
                    "train_top1": correct / seen, "time_s": round(time.perf_counter() - t0, 3)}
             if val is not None:
-                v1, v5 = _accuracy(model, sb.logits, val, sb.axis)
+                v1, v5 = _accuracy(model, sb.logits, val, sb.axis, val_batch_size, dist, dist.device)
                 rec["val_top1"] = v1
                 if sb.classes > 5:
                     rec["val_top5"] = v5
             history["epochs"].append(rec)
+            if checkpoint and dist.main:
+                loop.save_checkpoint(checkpoint, model, opt, it, epoch, history, key)
             if log:
                 log(f"epoch {epoch}: {it} iterations, lr {lr:.3g}, loss {rec['loss']:.4f}, "
                     f"train top-1 {rec['train_top1']:.4f}"
@@ -281,12 +337,13 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
                 break
         history["iterations"] = it
         history["time_s"] = round(time.perf_counter() - t0, 3)
+        model.to("cpu")
         model.write_back(net)
     finally:
         torch.set_num_threads(old_threads)
-    for key, m in masks.items():  # the promise: masked entries are exactly zero
-        lname, _, idx = key.rpartition("/")
-        assert not np.any(net.layer(lname).blobs[int(idx)][~m]), key
+    for key_, m in masks.items():  # the promise: masked entries are exactly zero
+        lname, _, idx = key_.rpartition("/")
+        assert not np.any(net.layer(lname).blobs[int(idx)][~m]), key_
     validate(net)
     if history["epochs"]:
         history["final"] = {k: v for k, v in history["epochs"][-1].items()

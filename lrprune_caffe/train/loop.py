@@ -1,0 +1,204 @@
+"""What :func:`~lrprune_caffe.train.finetune.finetune` runs on: data loaders, processes, checkpoints.
+
+* **Batches.** :class:`EpochBatches` is a torch batch sampler. Epoch ``e`` visits
+  the ``e``-th permutation drawn from ``numpy.random.default_rng(seed)``
+  (replayed on resume), cut into *global* batches of ``batch_size x world``;
+  process ``rank`` takes its contiguous slice of each. So ``world`` processes
+  at ``batch_size`` see, step by step, exactly the samples one process sees at
+  ``batch_size x world``, and (DistributedDataParallel averaging the processes'
+  mean-loss gradients) take the same steps, up to float summation order. A last
+  global batch not divisible by ``world`` is topped up from the permutation's
+  start, as torch's DistributedSampler pads.
+* **Loaders.** :func:`train_loader`: a ``torch.utils.data.DataLoader`` over a
+  :class:`~lrprune_caffe.data.stream.StreamDataset` with ``workers`` decoding
+  processes (spawned, persistent); memory holds a few batches, not the dataset.
+  The sampler yields ``(epoch, index)`` pairs, so a TRAIN crop/mirror depends on
+  the sample and the epoch only, not on which process decodes it.
+* **Processes.** :func:`dist_context` joins the process group torchrun set up
+  (``WORLD_SIZE``/``RANK`` in the environment): gloo on CPU, NCCL on CUDA.
+* **Checkpoints.** :func:`save_checkpoint` writes parameters, solver history,
+  iteration, epoch, RNG state and the history so far, atomically (a kill during
+  the write leaves the previous checkpoint); :func:`load_checkpoint` checks that
+  it belongs to the same run settings.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from lrprune_caffe.errors import BadFileError, UserError
+from . import require_torch
+
+
+class EpochBatches:
+    """Batch sampler: this process's index lists of one epoch (see the module doc)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = int(n), int(batch_size), int(seed), rank, world
+        self.epoch = 1
+        self._rng, self._drawn, self._perm = None, 0, None
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def permutation(self) -> np.ndarray:
+        if self._rng is None or self._drawn > self.epoch:
+            self._rng, self._drawn = np.random.default_rng(self.seed), 0
+        while self._drawn < self.epoch:
+            self._perm = self._rng.permutation(self.n)
+            self._drawn += 1
+        return self._perm
+
+    def __len__(self):
+        return math.ceil(self.n / (self.batch_size * self.world))
+
+    def __iter__(self):
+        perm = self.permutation()
+        gb = self.batch_size * self.world
+        for s in range(0, self.n, gb):
+            chunk = perm[s:s + gb]
+            if len(chunk) % self.world:
+                need = self.world - len(chunk) % self.world
+                chunk = np.concatenate([chunk, np.resize(perm, need)])
+            k = len(chunk) // self.world
+            yield [(self.epoch, int(i)) for i in chunk[self.rank * k:(self.rank + 1) * k]]
+
+
+def collate(samples):
+    torch = require_torch()
+    xs, ys = zip(*samples)
+    return torch.from_numpy(np.stack(xs).astype(np.float32, copy=False)), torch.from_numpy(np.asarray(ys, np.int64))
+
+
+def train_loader(ds, sampler: EpochBatches, workers: int = 0):
+    """A DataLoader over ``ds`` with ``sampler``; ``workers`` processes decode (0: this process)."""
+    torch = require_torch()
+    if workers and not ds.multiprocess:
+        raise UserError(f"{ds.source}: a LevelDB can be open in one process at a time; run with --workers 0 "
+                        f"(or convert it to LMDB)")
+    if not workers:
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=collate)
+    # spawned, not forked: LMDB environments and HDF5 files must not cross a fork; kept for the whole
+    # run (the sampler hands each index with its epoch, so the workers need no other state)
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=int(workers), collate_fn=collate,
+                                       persistent_workers=True, multiprocessing_context="spawn")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    backend: str = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values):
+        """Sum of a list of numbers over the processes."""
+        if self.world == 1:
+            return list(values)
+        torch = require_torch()
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                         device="cuda" if self.backend == "nccl" else "cpu")
+        torch.distributed.all_reduce(t)
+        return t.cpu().tolist()
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.all_sum([1.0 if flag else 0.0])[0] > 0)
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def dist_context(device: str = "cpu") -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
+    torch = require_torch()
+    device = device or "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Dist(0, 1, device)
+    dist = torch.distributed
+    backend = "nccl" if device == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return Dist(rank, dist.get_world_size(), device, backend)
+
+
+def wrap_ddp(model, d: Dist):
+    """The module to call for training: DistributedDataParallel over ``model`` with several processes."""
+    if d.world == 1:
+        return model
+    torch = require_torch()
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=None if d.backend == "gloo" else [torch.device(d.device).index],
+        broadcast_buffers=False, find_unused_parameters=True)
+
+
+# ---- checkpoints -------------------------------------------------------------
+
+def run_key(**settings) -> dict:
+    """The settings a checkpoint must share with the run that resumes it."""
+    return {k: settings[k] for k in sorted(settings)}
+
+
+def save_checkpoint(path, model, opt, it, epoch, history, key: dict):
+    torch = require_torch()
+    state = {"format": "lrprune-caffe finetune checkpoint 1", "key": key, "iteration": int(it),
+             "epoch": int(epoch), "params": [p.detach().cpu() for p in model.params],
+             "history": [h.detach().cpu() for h in opt.history],
+             "history2": None if opt.history2 is None else [h.detach().cpu() for h in opt.history2],
+             "torch_rng": torch.get_rng_state(), "log": history}
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, key: dict) -> dict:
+    torch = require_torch()
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise BadFileError(f"cannot read the checkpoint: {e}", path=path) from None
+    if not isinstance(state, dict) or state.get("format") != "lrprune-caffe finetune checkpoint 1":
+        raise BadFileError("not a finetune checkpoint", path=path)
+    diff = [k for k in key if state["key"].get(k) != key[k]]
+    if diff:
+        was = ", ".join(f"{k} {state['key'].get(k)!r} (now {key[k]!r})" for k in diff)
+        raise UserError(f"{path}: the checkpoint is of another run: {was}")
+    return state
+
+
+def restore(state, model, opt):
+    torch = require_torch()
+    with torch.no_grad():
+        for p, v in zip(model.params, state["params"]):
+            p.copy_(v.to(p.device))
+        for h, v in zip(opt.history, state["history"]):
+            h.copy_(v.to(h.device))
+        if opt.history2 is not None and state["history2"] is not None:
+            for h, v in zip(opt.history2, state["history2"]):
+                h.copy_(v.to(h.device))
+    torch.set_rng_state(state["torch_rng"])
+
+
+__all__ = ["EpochBatches", "train_loader", "collate", "Dist", "dist_context", "wrap_ddp", "process_rank",
+           "save_checkpoint", "load_checkpoint", "restore", "run_key"]
