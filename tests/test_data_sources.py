@@ -170,3 +170,14 @@ def test_missing_extra_and_bad_db(tmp_path):
         open_data(tmp_path / "empty.txt")
     with pytest.raises((UserError, BadFileError)):
         open_data(tmp_path / "empty")  # neither a database nor an image folder with classes
+
+
+def test_lmdb_pass_remaps_and_keeps_order(tmp_path, monkeypatch):
+    import lrprune_caffe.data.sources as sources
+    x, y = _images(9)
+    _write_lmdb(tmp_path / "db", [array_to_datum(a, lab) for a, lab in zip(x, y)])
+    monkeypatch.setattr(sources, "REMAP_BYTES", 200)  # remap every record or two
+    ds = open_data(tmp_path / "db")
+    xs, ys = _all(ds, 4)
+    np.testing.assert_array_equal(xs, x.astype(np.float32))
+    np.testing.assert_array_equal(ds[8][0], x[8])  # random access after the remaps

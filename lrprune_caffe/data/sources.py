@@ -62,6 +62,9 @@ class _Lazy:
         return d
 
 
+#: bytes of LMDB values read through one memory map before it is remapped (see DBSource.iterate)
+REMAP_BYTES = 8 << 20
+
 #: one handle per database and process: LMDB and LevelDB refuse a second open in one process
 _OPEN: dict = {}
 
@@ -122,7 +125,11 @@ class DBSource(_Lazy):
             raise BadFileError("the database holds no records", path=path)
 
     def _open(self):
-        if not self._fresh() and (self._env is not None or self._db is not None):
+        self._fresh()
+        key = (self.backend, os.path.realpath(self.path), os.getpid())
+        if self._env is not None and _OPEN.get(key) is self._env:
+            return
+        if self._db is not None:
             return
         if self.backend == "lmdb":
             lmdb = _need("lmdb")
@@ -177,8 +184,24 @@ class DBSource(_Lazy):
                 cur.set_key(self.keys()[start])
             else:
                 cur.first()
-            for key, value in cur.iternext(keys=True, values=True):
+            mapped = 0
+            while True:
+                key, value = cur.key(), cur.value()
+                if not key:
+                    return
+                mapped += len(value)
                 yield self._parse(value, key)
+                if mapped > REMAP_BYTES:
+                    # the pages read stay in this process's RSS while the map lives: drop the
+                    # map now and then, so a pass over a large database runs in flat memory
+                    self.close()
+                    self._open()
+                    cur = self._txn.cursor()
+                    if not cur.set_key(key):
+                        raise BadFileError(f"record {key!r} vanished while reading", path=self.path)
+                    mapped = 0
+                if not cur.next():
+                    return
         else:
             it = self._db.iterator(start=self.keys()[start]) if start else self._db.iterator()
             for key, value in it:
