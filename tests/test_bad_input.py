@@ -20,7 +20,7 @@ import pytest
 
 from lrprune_caffe.io import caffe as caffe_io
 from lrprune_caffe.cli.main import main
-from lrprune_caffe.errors import BadFileError, UserError
+from lrprune_caffe.errors import UserError
 from lrprune_caffe.ir.net import array_to_blobproto
 from lrprune_caffe.schema.proto import pb
 
@@ -274,9 +274,15 @@ def test_bad_input(case, command, tmp_path, capsys, no_huge_reads):
     assert sorted(p.name for p in files.iterdir()) == before  # nothing beside the inputs either
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(BadFileError, match="no such file"):
-        main(["--debug", "inspect", str(tmp_path / "nope.prototxt")])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_and_still_exits_2(tmp_path, capsys, where):
+    target = str(tmp_path / "nope.prototxt")
+    argv = ["--debug", "inspect", target] if where == "before" else ["inspect", target, "--debug"]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" in err and "BadFileError" in err
+    assert err.rstrip().splitlines()[-1].startswith("lrprune-caffe: error: ")
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read a chmod 000 file")

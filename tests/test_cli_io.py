@@ -156,11 +156,13 @@ def test_convert_json_and_without_weights(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    rc, stdout, _ = run(capsys, "convert", PROTO, "-o", out, "--json")
+    rc, stdout, err = run(capsys, "convert", PROTO, "-o", out, "--json")
+    assert rc == 2 and "not empty" in err and "--force" in err  # an output folder holds one run
+    assert (out / "keep.txt").read_text() == "mine"
+    rc, stdout, _ = run(capsys, "convert", PROTO, "-o", out, "--json", "--force")
     assert rc == 0
     assert json.loads(stdout) == {"written": {"prototxt": str(out / "model.prototxt")}, "notes": []}
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "model.prototxt"]
-    assert (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["model.prototxt"]
     assert load_net(out / "model.prototxt").to_proto() == load_net(PROTO).to_proto()
 
 

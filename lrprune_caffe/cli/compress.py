@@ -1,4 +1,4 @@
-"""Sub-commands ``compress`` and ``verify`` (registered by :mod:`lrprune_caffe.cli.main`)."""
+"""Sub-commands ``compress`` and ``verify`` (registered by :mod:`lrprune_caffe.cli.main`; never imports it)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import json
 import sys
 
 from lrprune_caffe.engines.compare import json_safe
+from .common import add_output
 
 
 def _print_summary(report, file=None):
-    from .main import print_table
+    from .common import print_table
     from lrprune_caffe.core.report import layer_table, verification_rows
     file = file or sys.stdout
     headers, rows = layer_table(report)
@@ -51,7 +52,7 @@ def cmd_compress(args) -> int:
                          energy=args.energy, speedup=args.speedup, rank_method=args.rank_method,
                          layers=args.layers, inputs=args.inputs, train_net=args.train_net, onnx=args.onnx,
                          engine=args.engine, verify=not args.no_verify, svd=args.svd, seed=args.seed,
-                         hooi=args.hooi, threads=args.threads, progress=not args.json, phase=args.phase,
+                         hooi=args.hooi, threads=args.threads, progress=not (args.json or args.quiet), phase=args.phase,
                          criterion=args.criterion, prune=args.prune, prune_scope=args.prune_scope,
                          prune_method=args.prune_method, quality=args.quality,
                          prune_structured=args.prune_structured, prune_exclude=args.prune_exclude,
@@ -68,7 +69,7 @@ def cmd_compress(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .main import print_table
+    from .common import print_table
     from lrprune_caffe.core.compress import verify
     from lrprune_caffe.core.report import verification_rows
     res = verify(args.net, args.weights, args.net2, args.weights2, inputs=args.inputs, engine=args.engine,
@@ -117,7 +118,7 @@ def register(sub):
                     "the last keeps the original top.")
     p.add_argument("net", metavar="NET.prototxt", help="deploy net definition")
     p.add_argument("weights", metavar="WEIGHTS.caffemodel", help="trained weights")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    add_output(p, "dir", "OUTDIR", "output folder")
     p.add_argument("--scheme", choices=SCHEMES, default="channel",
                    help="conv factorization: channel (KxK C->r, 1x1 r->N), spatial (Kx1 then 1xK), "
                         "tucker2 (1x1, KxK core, 1x1). InnerProduct layers always become two FCs "

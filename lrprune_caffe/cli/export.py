@@ -1,4 +1,4 @@
-"""``export-onnx`` and ``bench`` sub-commands (picked up by :mod:`lrprune_caffe.cli.main`).
+"""``export-onnx`` and ``bench`` sub-commands (registered by :mod:`lrprune_caffe.cli.main`; never imports it).
 
 They parse arguments and call :mod:`lrprune_caffe.export.onnx` /
 :mod:`lrprune_caffe.engines.bench`; nothing else.
@@ -10,6 +10,7 @@ import json
 import sys
 
 from lrprune_caffe.errors import UserError
+from .common import add_output
 
 
 def _shape(s) -> str:
@@ -78,7 +79,7 @@ def register(sub) -> None:
                        description="Export a Caffe net to ONNX for onnxruntime, MNN and other mobile runtimes.")
     p.add_argument("net", metavar="NET.prototxt", help="deploy net definition")
     p.add_argument("weights", metavar="WEIGHTS.caffemodel", help="trained weights")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX file to write")
+    add_output(p, "file", "MODEL.onnx", "ONNX file to write")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset to pin (default {DEFAULT_OPSET}; {MIN_OPSET} up to what the installed onnx knows)")
     p.add_argument("--dynamic-batch", action="store_true", help="make dim 0 of inputs and outputs symbolic ('N')")

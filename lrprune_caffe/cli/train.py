@@ -1,4 +1,4 @@
-"""``evaluate`` and ``finetune`` sub-commands (picked up by :mod:`lrprune_caffe.cli.main`).
+"""``evaluate`` and ``finetune`` sub-commands (registered by :mod:`lrprune_caffe.cli.main`; never imports it).
 
 This module must stay importable without torch: torch is imported only when
 ``finetune`` runs (through :mod:`lrprune_caffe.train`).
@@ -10,6 +10,7 @@ import json
 import sys
 
 from lrprune_caffe.errors import UserError
+from .common import _add_net_args, add_output
 
 
 def _add_data_args(p, what="labelled data"):
@@ -77,7 +78,7 @@ def cmd_evaluate(args):
     from lrprune_caffe.engines.evaluate import evaluate, evaluate_files
     progress = False if args.json else None
     if _uses_data_layer(args):
-        res = evaluate_files(args.net, args.weights, None, output=args.output, engine=args.engine,
+        res = evaluate_files(args.net, args.weights, None, output=args.output_blob, engine=args.engine,
                              threads=args.threads, phase=args.phase, progress=progress,
                              iterations=args.iterations)
         if args.batch_size is not None and args.batch_size != res["batch_size"]:
@@ -86,7 +87,7 @@ def cmd_evaluate(args):
     else:
         net = load_net(args.net, args.weights, phase=args.phase)
         ds = _load_eval_data(args, net)
-        res = evaluate(net, ds, output=args.output, batch_size=args.batch_size or 256, engine=args.engine,
+        res = evaluate(net, ds, output=args.output_blob, batch_size=args.batch_size or 256, engine=args.engine,
                        threads=args.threads, progress=progress, iterations=args.iterations)
         res["notes"] = list(net.notes) + list(getattr(ds, "notes", [])) + res["notes"]
     res["net"] = args.net
@@ -146,8 +147,8 @@ def _net_and_data(args, default_batch=64):
         val = tv.val.dataset if tv.val is not None else None
         if args.val:
             val = open_data(args.val, input_shape=_net_input_shape(tv.net), pre=_preprocess(args))
-        if args.output is None and tv.scores:
-            args.output = tv.scores
+        if args.output_blob is None and tv.scores:
+            args.output_blob = tv.scores
         return tv.net, tv.train.dataset, val, args.batch_size or tv.train.batch_size, tv.notes
     net = load_net(args.net, args.weights, phase=args.phase)
     train, val = _load_train_data(args, net)
@@ -183,7 +184,9 @@ def _checkpoint_path(args):
     import os
     if args.checkpoint:
         return args.checkpoint
-    return os.path.join(args.outdir, "checkpoint.pt")
+    # beside OUTDIR, not in it: OUTDIR appears only complete, with this run's outputs (fileutil)
+    out = os.path.abspath(args.output)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.checkpoint.pt")
 
 
 def solver_from_args(args):
@@ -221,7 +224,7 @@ def cmd_finetune(args):
     seed = args.seed if args.seed is not None else (solver.random_seed if solver.random_seed is not None else 0)
     ckpt = _checkpoint_path(args)
     trained, history = finetune(net, train, val, masks=masks, solver=solver, epochs=args.epochs,
-                                batch_size=batch_size, seed=seed, output=args.output,
+                                batch_size=batch_size, seed=seed, output=args.output_blob,
                                 threads=args.threads, progress=None if not args.quiet else False,
                                 log=None if (args.quiet or args.json) else _log,
                                 workers=args.workers, device=args.device, checkpoint=ckpt, resume=args.resume)
@@ -230,7 +233,7 @@ def cmd_finetune(args):
     if val is not None and not args.no_final_eval:
         # the written model, on an independent engine
         try:
-            res = evaluate(trained, val, output=args.output, threads=args.threads, progress=False)
+            res = evaluate(trained, val, output=args.output_blob, threads=args.threads, progress=False)
             history["final_eval"] = {k: res[k] for k in ("engine", "top1", "top5", "n") if k in res}
         except Exception as e:  # never lose a finished training to an engine problem
             history["final_eval"] = {"error": f"{type(e).__name__}: {e}"}
@@ -242,7 +245,7 @@ def cmd_finetune(args):
         buf = io.BytesIO()
         np.savez_compressed(buf, **masks)
         extra["masks.npz"] = buf.getvalue()
-    written = write_net(trained, args.outdir, extra=extra)
+    written = write_net(trained, args.output, extra=extra)
     if not args.checkpoint and os.path.exists(ckpt):
         os.remove(ckpt)  # the run is written: its default checkpoint has served
     if args.json:
@@ -282,7 +285,7 @@ def cmd_pipeline(args):
     net, train, val, batch_size, notes = _net_and_data(args)
     for note in notes:
         _log(f"note: {note}")
-    report, _ = pipeline_files(args.net, args.weights, train, val, args.outdir, onnx=args.onnx, net=net,
+    report, _ = pipeline_files(args.net, args.weights, train, val, args.output, onnx=args.onnx, net=net,
                                log=None if (args.quiet or args.json) else _log,
                                schedule=args.schedule, prune_steps=steps, speedup=args.speedup or 2.0,
                                scheme=args.scheme, prune_scope=args.prune_scope, tolerance=args.tolerance,
@@ -336,12 +339,11 @@ def _add_run_args(p):
 
 
 def register(sub):
-    from .main import _add_net_args
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 accuracy on labelled data (onnxruntime or OpenCV)")
     _add_net_args(p, weights_required=True)
     _add_data_args(p)
-    p.add_argument("--output", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
+    p.add_argument("--output-blob", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples per engine call (default 256; a train_val's data layer gives its own)")
     p.add_argument("--iterations", type=int, default=None, metavar="K",
@@ -357,8 +359,7 @@ def register(sub):
     _add_net_args(p, weights_required=True)
     _add_data_args(p, "training data")
     p.add_argument("--val", metavar="VAL", help="validation data (npz or image folder), accuracy per epoch")
-    p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR",
-                   help="folder for model.prototxt, model.caffemodel and history.json")
+    add_output(p, "dir", "OUTDIR", "folder for model.prototxt, model.caffemodel and history.json")
     p.add_argument("--masks", metavar="MASKS.npz",
                    help="pruning masks (bool, True = keep, keys '<layer>/<blob idx>'): masked weights stay 0")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data (default 1)")
@@ -371,11 +372,10 @@ def register(sub):
                                  "max_iter...); flags below override it; max_iter overrides --epochs",
                      max_iter_help="iterations (batches); overrides --epochs")
     p.add_argument("--seed", type=int, default=None, help="shuffling / dropout seed (default 0)")
-    p.add_argument("--output", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
+    p.add_argument("--output-blob", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-final-eval", action="store_true",
                    help="skip evaluating the trained net on --val with onnxruntime/OpenCV")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--json", action="store_true", help="print what was written and the history as JSON")
     p.set_defaults(func=cmd_finetune)
 
@@ -393,7 +393,7 @@ def register(sub):
     _add_data_args(p, "training data")
     p.add_argument("--val", metavar="VAL", help="validation data (npz or image folder); default with "
                    "--data-split: its test digits")
-    p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR", help="output folder")
+    add_output(p, "dir", "OUTDIR", "output folder")
     p.add_argument("--schedule", choices=["han", "lowrank-prune"], default="lowrank-prune",
                    help="han: iterative magnitude pruning (Han et al. 2015); lowrank-prune: factorize, "
                         "then prune (default)")
@@ -417,7 +417,6 @@ def register(sub):
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch / engine threads")
     p.add_argument("--onnx", action="store_true", help="also write OUTDIR/model.onnx")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-round lines")
     p.add_argument("--json", action="store_true", help="print report.json")
     p.set_defaults(func=cmd_pipeline)
 

@@ -55,7 +55,7 @@ def resolve_scores(net, output=None) -> ScoreBlob:
         outs = net.outputs()
         if len(outs) != 1:
             raise UserError(f"{where}: the net has {len(outs)} outputs ({', '.join(outs)}); "
-                            f"choose the class scores with --output BLOB")
+                            f"choose the class scores with --output-blob BLOB (evaluate, finetune)")
         output = outs[0]
     idx = None
     for i, layer in enumerate(net.layers):
@@ -76,7 +76,7 @@ def resolve_scores(net, output=None) -> ScoreBlob:
     rest = [d for i, d in enumerate(shape) if i not in (0, axis)]
     if len(shape) < 2 or any(d != 1 for d in rest):
         raise UserError(f"{where}: output '{output}' has shape {tuple(shape)}, not N x classes "
-                        f"(class axis {axis}); choose the class scores with --output BLOB")
+                        f"(class axis {axis}); choose the class scores with --output-blob BLOB (evaluate, finetune)")
     logits = layer.bottoms[0] if softmax else output
     return ScoreBlob(output, logits, softmax, axis, int(shape[axis]), inp, tuple(in_shape) if in_shape else None)
 

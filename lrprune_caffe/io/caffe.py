@@ -19,6 +19,9 @@ a 500 MB model reads and writes in seconds.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 import os
 from pathlib import Path
 
@@ -33,6 +36,19 @@ from lrprune_caffe.ir.net import Layer, Net
 from lrprune_caffe.schema.proto import pb
 
 PROTOBUF_LIMIT = 2**31 - 1  # Caffe reads binary protos with a 2 GB (INT_MAX) limit
+PROTOTXT_LIMIT = 64 * 2**20  # the largest deploy nets are well under 1 MB of text
+
+_ALLOW_NONFINITE: contextvars.ContextVar = contextvars.ContextVar("lrprune_allow_nonfinite", default=False)
+
+
+@contextlib.contextmanager
+def nonfinite_policy(allow=False):
+    """Within the block, weights with NaN / Inf load with a note (``allow``) instead of an error."""
+    token = _ALLOW_NONFINITE.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_NONFINITE.reset(token)
 
 # Caffe's UpgradeV1LayerType
 V1_TYPE_NAMES = {
@@ -54,7 +70,7 @@ V1_TYPE_NAMES = {
 # ---------------------------------------------------------------------------
 # files
 
-def _read_bytes(path, what: str) -> bytes:
+def _read_bytes(path, what: str, limit=PROTOBUF_LIMIT, why=None) -> bytes:
     p = Path(path)
     if not p.exists():
         raise BadFileError(f"no such file (expected {what})", path=path)
@@ -62,9 +78,10 @@ def _read_bytes(path, what: str) -> bytes:
         raise BadFileError(f"is a folder, expected {what}", path=path)
     try:
         size = p.stat().st_size
-        if size > PROTOBUF_LIMIT:
-            raise BadFileError(f"is {size:,} bytes, over protobuf's 2 GB limit that Caffe reads "
-                               f"binary protos with (expected {what} under 2 GB)", path=path)
+        if size > limit:
+            why = why or "over protobuf's 2 GB limit that Caffe reads binary protos with"
+            raise BadFileError(f"is {size:,} bytes, {why} (expected {what} under {_size_str(limit)})",
+                               path=path)
         with open(p, "rb") as fh:
             buf = bytearray(size)
             n = fh.readinto(buf)
@@ -75,6 +92,48 @@ def _read_bytes(path, what: str) -> bytes:
         raise BadFileError(f"cannot be read (permission denied; expected {what})", path=path) from None
     except OSError as e:
         raise BadFileError(f"cannot be read ({e.strerror}; expected {what})", path=path) from None
+
+
+def _size_str(n) -> str:
+    return f"{n / 2**30:.0f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def sniff(data) -> str:
+    """What a file's first bytes say it is ("a zip archive", "an ONNX model"...), or ""."""
+    head = bytes(data[:16])
+    magic = [(b"PK\x03\x04", "a zip archive (an .npz?)"), (b"PK\x05\x06", "an empty zip archive"),
+             (b"\x93NUMPY", "a NumPy .npy array"), (b"\x1f\x8b", "gzip-compressed data"),
+             (b"\x89HDF", "an HDF5 file (Keras/Caffe .h5?)"), (b"\x89PNG", "a PNG image"),
+             (b"\xff\xd8\xff", "a JPEG image"), (b"BZh", "bzip2-compressed data"),
+             (b"\xfd7zXZ", "xz-compressed data"), (b"\x7fELF", "an executable"),
+             (b"\x80\x02", "a Python pickle (a PyTorch .pt?)"), (b"\x80\x04", "a Python pickle"),
+             (b"%PDF", "a PDF document")]
+    for m, what in magic:
+        if head.startswith(m):
+            return what
+    if len(data) > 262 and bytes(data[257:262]) == b"ustar":
+        return "a tar archive"
+    if _looks_onnx(data):
+        return "an ONNX model"
+    return ""
+
+
+def _looks_onnx(data) -> bool:
+    """ONNX ModelProto: ir_version (field 1, varint) first, a graph (field 7) among the fields."""
+    if not len(data) or data[0] != 0x08:
+        return False
+    try:
+        fields = {(f, wt) for f, wt, _ in wire.iter_fields(data, 0, len(data))}
+    except wire.WireError:
+        return False
+    return (7, wire.LEN) in fields
+
+
+def _looks_caffemodel(data) -> bool:
+    try:
+        return any(f in (2, 100) and wt == wire.LEN for f, wt, _ in wire.iter_fields(data, 0, len(data)))
+    except wire.WireError:
+        return False
 
 
 def _looks_binary(data) -> bool:
@@ -101,14 +160,30 @@ def _looks_like_prototxt(data) -> bool:
 
 def parse_prototxt(path):
     """The NetParameter of a text prototxt, as written (no upgrade, no filter)."""
-    data = _read_bytes(path, "a text .prototxt")
+    with contextlib.suppress(OSError):
+        if os.path.isfile(path) and os.path.getsize(path) > PROTOTXT_LIMIT:
+            with open(path, "rb") as fh:
+                head = fh.read(4096)
+            if _looks_binary(head):
+                kind = sniff(head) or "a binary file"
+                raise BadFileError(f"is {kind} of {os.path.getsize(path):,} bytes (a .caffemodel?), "
+                                   f"expected a text .prototxt net definition", path=path)
+    data = _read_bytes(path, "a text .prototxt", limit=PROTOTXT_LIMIT,
+                       why="too large for a net definition")
     if _looks_binary(data):
-        raise BadFileError("is a binary file (a .caffemodel?), expected a text .prototxt net "
-                           "definition", path=path)
-    text = data.decode("utf-8")
+        kind = sniff(data) or ("a binary caffemodel (weights)" if _looks_caffemodel(data) else "")
+        raise BadFileError(f"is {kind or 'a binary file'}, expected a text .prototxt net definition",
+                           path=path)
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                           f"expected a text .prototxt: save it as UTF-8", path=path) from None
     msg = pb.NetParameter()
     try:
         text_format.Parse(text, msg, allow_unknown_field=False)
+    except RecursionError:
+        raise BadFileError("nests messages too deeply to be a net definition", path=path) from None
     except text_format.ParseError as e:
         line, col = e.GetLine(), e.GetColumn()
         reason = str(e)
@@ -318,7 +393,12 @@ def read_caffemodel(path) -> list:
         raise BadFileError("is empty, expected a binary .caffemodel", path=path)
     try:
         return _parse_caffemodel(buf, path)
-    except wire.WireError as e:
+    except (wire.WireError, _NoLayers) as e:
+        kind = sniff(buf)
+        if kind:
+            raise BadFileError(f"is {kind}, expected a binary .caffemodel with weights", path=path) from None
+        if isinstance(e, _NoLayers):
+            raise BadFileError("holds no layers: not a caffemodel", path=path) from None
         if _looks_like_prototxt(buf):
             raise BadFileError("is a text prototxt, expected a binary .caffemodel with weights",
                                path=path) from None
@@ -328,26 +408,36 @@ def read_caffemodel(path) -> list:
 def _parse_caffemodel(buf, path):
     end = len(buf)
     layers = []
+    forms = set()
     for field, wt, value in wire.iter_fields(buf, 0, end):
         expected = _NET_FIELDS.get(field, -1)
         if expected == -1 or (expected is not None and wt != expected):
             raise wire.WireError(f"unexpected field {field} (wire type {wt}) for a NetParameter")
         if field == 100:
             layers.append(_parse_layer(buf, value, name_f=1, type_f=2, blobs_f=7, v1=False))
+            forms.add("layer")
         elif field == 2:
             layers.append(_parse_layer(buf, value, name_f=4, type_f=5, blobs_f=6, v1=True))
+            forms.add("layers")
+    if len(forms) > 1:  # Caffe's UpgradeV1Net refuses this "inconsistent NetParameter" too
+        raise BadFileError("mixes current 'layer' and legacy V1 'layers' entries; Caffe refuses such a "
+                           "file too", path=path)
     if not layers:
         if _looks_like_prototxt(buf):
             raise BadFileError("is a text prototxt, expected a binary .caffemodel with weights", path=path)
-        raise BadFileError("holds no layers: not a caffemodel", path=path)
+        raise _NoLayers()
     return layers
+
+
+class _NoLayers(Exception):
+    pass
 
 
 def _parse_layer(buf, span, name_f, type_f, blobs_f, v1):
     name, type_, blobs, legacy = "", "", [], []
     for field, wt, value in wire.iter_fields(buf, *span):
         if field == name_f and wt == wire.LEN:
-            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")  # names are shown, not trusted
         elif field == type_f:
             if v1 and wt == wire.VARINT:
                 desc = pb.V1LayerParameter.DESCRIPTOR.enum_types_by_name["LayerType"]
@@ -407,7 +497,7 @@ def _parse_blob(buf, span):
     dims = tuple(legacy) if is_legacy else tuple(shape)
     if any(d < 0 for d in dims):
         raise wire.WireError(f"blob shape {dims} has negative dimensions")
-    count = int(np.prod(dims)) if dims else 1
+    count = math.prod(dims) if dims else 1  # Python ints: no overflow
     if count != data.size:
         raise wire.WireError(f"blob of shape {dims} holds {data.size} values, expected {count}")
     if data.dtype.byteorder == ">" or data.dtype != np.float32:
@@ -476,7 +566,36 @@ def merge_weights(net: Net, weight_layers, path=None, strict=True):
         err = BadFileError(f"{e} (weights from {path})")
         err.path, err.layer, err.layer_type = e.path, e.layer, e.layer_type
         raise err from None
+    check_finite(net, path)
     return net
+
+
+def nonfinite_blobs(net) -> list:
+    """[(layer, blob index, NaN count, Inf count)] of the blobs holding non-finite values."""
+    found = []
+    for layer in net.layers:
+        for i, b in enumerate(layer.blobs):
+            if b.size and not np.isfinite(np.sum(b, dtype=np.float64)):  # exact: NaN/Inf propagate
+                found.append((layer, i, int(np.isnan(b).sum()), int(np.isinf(b).sum())))
+    return found
+
+
+def check_finite(net, path=None, allow=None):
+    """NaN / Inf in the weights: refused naming the layers, or (``allow``, default the
+    :func:`nonfinite_policy`) a note per layer."""
+    found = nonfinite_blobs(net)
+    if not found:
+        return
+    allow = _ALLOW_NONFINITE.get() if allow is None else allow
+    parts = [f"layer '{layer.name}' ({layer.type}) blob {i}: {nan:,} NaN, {inf:,} infinite"
+             for layer, i, nan, inf in found]
+    if not allow:
+        first, i, nan, inf = found[0]
+        more = f" (and {len(found) - 1} more blob(s))" if len(found) > 1 else ""
+        raise BadFileError(f"blob {i} holds {nan:,} NaN and {inf:,} infinite values{more}; add "
+                           f"--allow-nonfinite to go on anyway", path=path, layer=first.name,
+                           layer_type=first.type)
+    net.notes.append(f"{path}: weights hold non-finite values: " + "; ".join(parts))
 
 
 def load_net(prototxt, weights=None, phase="TEST", stages=(), level=0) -> Net:
@@ -501,8 +620,33 @@ def save_prototxt(net: Net, path) -> None:
         fh.write(text)
 
 
+def caffemodel_size(net: Net) -> int:
+    """Bytes of the caffemodel :func:`caffemodel_chunks` would give, from the shapes only."""
+    total = 0
+    if net.name:
+        n = len(net.name.encode("utf-8"))
+        total += len(wire.len_prefix(1, n)) + n
+    for layer in net.layers:
+        head = len(layer.to_proto(with_blobs=False).SerializeToString())
+        body = head + sum(wire.blob_size(arr.shape, 7) for arr in layer.blobs)
+        total += len(wire.len_prefix(100, body)) + body
+    return total
+
+
+def check_caffemodel_size(net: Net, where=None) -> int:
+    """Refuse, before any byte is written, a caffemodel Caffe could not read back (over 2 GB)."""
+    total = caffemodel_size(net)
+    if total > PROTOBUF_LIMIT:
+        prefix = f"{where}: " if where else ""
+        raise UserError(f"{prefix}the caffemodel would be {total:,} bytes, over the 2 GB limit that "
+                        f"Caffe can read")
+    return total
+
+
 def caffemodel_chunks(net: Net):
-    """(chunks, total_size) of the caffemodel; chunks are bytes / memoryviews."""
+    """(chunks, total_size) of the caffemodel; chunks are bytes / memoryviews. A caffemodel
+    over Caffe's 2 GB limit is refused before any array is copied."""
+    check_caffemodel_size(net)
     chunks = []
     total = 0
     if net.name:

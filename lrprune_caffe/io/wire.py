@@ -108,6 +108,18 @@ def len_prefix(field: int, n: int) -> bytes:
     return key_bytes(field, LEN) + varint_bytes(n)
 
 
+def blob_size(shape, blobs_field: int) -> int:
+    """Bytes :func:`blob_chunks` gives for an array of ``shape``, without touching its data."""
+    count = 1
+    for d in shape:
+        count *= int(d)
+    dims = sum(len(varint_bytes(int(d))) for d in shape)
+    shape_msg = len(len_prefix(1, dims)) + dims if len(shape) else 0
+    head = len(len_prefix(7, shape_msg)) + shape_msg + len(len_prefix(5, 4 * count))
+    body = head + 4 * count
+    return len(len_prefix(blobs_field, body)) + body
+
+
 def blob_chunks(arr: np.ndarray, blobs_field: int):
     """(chunks, size) for one BlobProto {shape: BlobShape{dim}, data: packed float}
     embedded as field ``blobs_field`` of its parent message."""
