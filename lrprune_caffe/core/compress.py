@@ -174,6 +174,9 @@ def _check_options(o: CompressOptions, pruning: bool = False):
         raise UserError(f"--speedup {o.speedup} cannot be reached: it must be above 1 (a MAC reduction factor)")
     if o.hooi is not None and int(o.hooi) < 0:
         raise UserError(f"--hooi {o.hooi} must be >= 0")
+    if o.hooi and o.scheme != "tucker2":
+        raise UserError(f"--hooi refines Tucker-2 factors; it has no effect with --scheme {o.scheme}: "
+                        f"drop it or use --scheme tucker2")
     if o.criterion not in rk.CRITERIA:
         raise UserError(f"unknown budget criterion '{o.criterion}' (choose from {', '.join(rk.CRITERIA)})")
     if o.svd == "randomized" and o.rank is None:

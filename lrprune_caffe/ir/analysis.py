@@ -66,9 +66,49 @@ def infer_shapes(net, input_shapes=None) -> NetShapes:
         for t, s in zip(layer.tops, outs):
             if s is not None and any(int(d) <= 0 for d in s):
                 raise _err(net, layer, f"output '{t}' would have non-positive shape {tuple(s)}")
+            if s is not None:
+                _check_size(net, layer, t, s)
             shapes.blobs[t] = None if s is None else tuple(int(d) for d in s)
         shapes.outputs[layer.name] = [shapes.blobs[t] for t in layer.tops]
     return shapes
+
+
+INT64_MAX = 2**63 - 1
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory (0 where unknown)."""
+    import os
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_size(net, layer, top, shape):
+    """A blob whose element count overflows int64, or whose float32 data alone exceeds the
+    machine's memory, is refused here: before anything allocates it."""
+    count = prod(shape)
+    if count > INT64_MAX:
+        raise _err(net, layer, f"output '{top}' of shape {tuple(shape)} has {count:.3g} elements, "
+                               f"more than a 64-bit count holds")
+    mem = machine_memory()
+    if mem and 4 * count > mem:
+        raise _err(net, layer, f"output '{top}' of shape {tuple(shape)} needs {4 * count / 2**30:,.1f} GB "
+                               f"as float32, more than this machine's {mem / 2**30:,.1f} GB of memory")
+
+
+def _blob_role(layer, i) -> str:
+    if layer.type in ("Convolution", "Deconvolution", "InnerProduct"):
+        return {0: " (weights)", 1: " (bias)"}.get(i, "")
+    return ""
+
+
+def _shape_hint(layer, i, got, want) -> str:
+    if layer.type == "InnerProduct" and i == 0 and len(got) == 2 and tuple(got) == tuple(want)[::-1]:
+        return ("; it is the transpose: the weights were stored K x N (set inner_product_param "
+                "{ transpose: true } if the model was trained so)")
+    return ""
 
 
 def _safe_infer(net, layer, spec, ins):
@@ -97,12 +137,17 @@ def check_weights(net, shapes: NetShapes):
         if expected is None:
             continue
         if len(layer.blobs) != len(expected):
+            hint = ""
+            if (layer.type in ("Convolution", "Deconvolution", "InnerProduct") and len(layer.blobs) == 1
+                    and len(expected) == 2):
+                hint = " (the bias is missing: the prototxt says bias_term: true, the default)"
             raise _err(net, layer, f"has {len(layer.blobs)} blobs, expected {len(expected)} "
-                                   f"of shapes {[tuple(e) for e in expected]}")
+                                   f"of shapes {[tuple(e) for e in expected]}{hint}")
         for i, (b, e) in enumerate(zip(layer.blobs, expected)):
             if tuple(b.shape) != tuple(e):
-                raise _err(net, layer, f"blob {i} has shape {tuple(b.shape)}, "
-                                       f"the layer's parameters need {tuple(e)}")
+                raise _err(net, layer, f"blob {i}{_blob_role(layer, i)} has shape {tuple(b.shape)}, "
+                                       f"the layer's parameters need {tuple(e)}"
+                                       f"{_shape_hint(layer, i, b.shape, e)}")
 
 
 def validate(net, input_shapes=None, weights=True) -> NetShapes:

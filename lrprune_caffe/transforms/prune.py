@@ -181,7 +181,7 @@ def resolve_targets(net, spec: PruneSpec) -> dict:
     Under ``method="std"`` the value is the layer's selecting fraction (1.0 when all)."""
     check_spec(net, spec)
     if spec.method == "std" and spec.fraction is None:
-        default = 0.0 if spec.per_layer else 1.0  # std: no fraction = every prunable layer
+        default = 1.0  # std: every prunable layer; LAYER=0 (or --prune-exclude) leaves one out
     else:
         default = float(spec.fraction or 0.0)
     out = {}
@@ -191,6 +191,9 @@ def resolve_targets(net, spec: PruneSpec) -> dict:
         f = float(spec.per_layer.get(layer.name, default))
         if f > 0:
             out[layer.name] = f
+    if not out and prunable_layers(net):
+        raise UserError("the pruning options leave no layer to prune (every one is excluded or given 0): "
+                        "nothing would change")
     return out
 
 
@@ -430,6 +433,11 @@ def spec_from_options(opts: dict):
     if method == "std" and (default is not None or any(f > 0 for f in per.values())):
         raise UserError("--prune-method std zeroes |w| < Q x std(W) with Q from --quality: --prune takes no "
                         "fraction with it (leave layers out with LAYER=0 or --prune-exclude)")
+    if method != "std" and opts.get("quality") is not None:
+        raise UserError("--quality is the Q of --prune-method std (|w| < Q x std(W)); magnitude pruning "
+                        "takes the fraction from --prune: drop --quality or add --prune-method std")
+    if method != "std" and not default and not any(f > 0 for f in per.values()):
+        raise UserError(f"--prune {prune}: every fraction is 0, so nothing would be pruned")
     exclude = opts.get("prune_exclude") or ()
     exclude = parse_layer_list(exclude) if isinstance(exclude, str) else tuple(exclude)
     quality = opts.get("quality")
