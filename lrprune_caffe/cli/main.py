@@ -31,7 +31,9 @@ EXIT_TERMINATED = 143
 
 def cmd_inspect(args):
     from lrprune_caffe.api import inspect_net
-    info = inspect_net(args.net, args.weights, phase=args.phase, stages=tuple(args.stage), level=args.level)
+    from lrprune_caffe.io.caffe import nonfinite_policy
+    with nonfinite_policy(allow=True):  # inspect shows NaN / Inf weights (a note per layer), never refuses
+        info = inspect_net(args.net, args.weights, phase=args.phase, stages=tuple(args.stage), level=args.level)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -192,9 +194,9 @@ def main(argv=None) -> int:
         return e.code
     debug = args.debug
     from lrprune_caffe.fileutil import Terminated, output_policy
-    from lrprune_caffe.io.caffe import nonfinite_policy
     caught = []
     try:
+        from lrprune_caffe.io.caffe import nonfinite_policy  # the protobuf schema: may refuse the runtime
         with warnings.catch_warnings(record=True) as caught, \
                 output_policy(force=getattr(args, "force", False), inputs=input_paths(args)), \
                 nonfinite_policy(allow=args.allow_nonfinite):

@@ -172,8 +172,9 @@ def parse_prototxt(path):
                        why="too large for a net definition")
     if _looks_binary(data):
         kind = sniff(data) or ("a binary caffemodel (weights)" if _looks_caffemodel(data) else "")
-        raise BadFileError(f"is {kind or 'a binary file'}, expected a text .prototxt net definition",
-                           path=path)
+        if kind or b"\x00" in bytes(data[:4096]):
+            raise BadFileError(f"is {kind or 'a binary file'}, expected a text .prototxt net definition",
+                               path=path)
     try:
         text = bytes(data).decode("utf-8")
     except UnicodeDecodeError as e:

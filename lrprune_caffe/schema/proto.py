@@ -32,6 +32,23 @@ from google.protobuf.internal import enum_type_wrapper
 
 DESCRIPTOR_FILE = "caffe_descriptor.bin"
 PROTO_FILE = "caffe.proto"
+MIN_PROTOBUF = (4, 21)  # setup.cfg install_requires
+
+
+def check_protobuf_runtime(version=None) -> None:
+    """A protobuf runtime too old for our descriptor: one line saying what was found and what
+    is needed (a raw descriptor error otherwise)."""
+    import google.protobuf
+    from lrprune_caffe.errors import UserError
+    version = version or google.protobuf.__version__
+    try:
+        found = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return
+    if found < MIN_PROTOBUF:
+        need = ".".join(map(str, MIN_PROTOBUF))
+        raise UserError(f"protobuf {version} is installed; lrprune-caffe needs protobuf >= {need} "
+                        f"(pip install -U 'protobuf>={need}')")
 
 
 def _descriptor_bytes() -> bytes:
@@ -75,6 +92,7 @@ class CaffeProto:
         return f"<caffe protobuf schema: {len(self.messages)} messages>"
 
 
+check_protobuf_runtime()
 pb = CaffeProto(_descriptor_bytes())
 
 __all__ = ["CaffeProto", "pb"]
