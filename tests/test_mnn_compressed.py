@@ -15,7 +15,7 @@ CASES = [("resnet_mini", "tucker2", 1.5), ("layer_zoo", "spatial", 1.3), ("incep
 
 @pytest.mark.parametrize("case,scheme,speedup", CASES)
 def test_mnn_runs_compressed_onnx(case, scheme, speedup, tmp_path):
-    mnn = pytest.importorskip("MNN", reason="MNN is not installed (pip install MNN)")
+    mnn = pytest.importorskip("MNN", reason="MNN is not installed (pip install \".[mobile]\")")
     import MNN.expr as F
     from lrprune_caffe.core.compress import compress
     from lrprune_caffe.engines.runtime import run_net

@@ -505,7 +505,7 @@ def _mnn_convert(onnx_path, mnn_path):
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 def test_mnn_runs_exported_model(case, tmp_path):
-    mnn = pytest.importorskip("MNN", reason="MNN is not installed (pip install MNN)")
+    mnn = pytest.importorskip("MNN", reason="MNN is not installed (pip install \".[mobile]\")")
     import MNN.expr as F
     net, inputs, blobs = golden(case)
     names = comparable_blobs(net, blobs)
