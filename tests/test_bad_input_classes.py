@@ -263,3 +263,19 @@ def test_zip_is_named_even_when_it_holds_a_caffemodel(tmp_path, capsys):
     rc, out, err = run(capsys, "inspect", PROTO, z)
     one_line(rc, err, "is a zip archive")
     assert os.path.getsize(MODEL) > 0
+
+
+# ---- what tools/fuzz.py found (10-minute run) ------------------------------------------------
+
+def test_fuzz_finding_weighted_layer_without_bottom(tmp_path, capsys):
+    src = PROTO.read_text()
+    i = src.index('name: "ip2"')
+    j = src.index('bottom: "ip1"', i)
+    p = write(tmp_path, "nobottom.prototxt", src[:j] + src[j + len('bottom: "ip1"'):])
+    rc, out, err = run(capsys, "inspect", p, MODEL)
+    one_line(rc, err, r"layer 'ip2' \(InnerProduct\)", r"has 0 bottom\(s\)", "needs at least 1")
+
+
+def test_fuzz_finding_level_out_of_range(capsys):
+    rc, out, err = run(capsys, "inspect", PROTO, "--level", "99999999999")
+    one_line(rc, err, "--level 99999999999 is out of range")

@@ -336,6 +336,8 @@ def _state_meets_rule(state, rule) -> bool:
 
 def filter_phase(msg, phase="TEST", stages=(), level=0, path=None):
     """Caffe's Net::FilterNet: keep the layers the given state includes."""
+    if not -2**31 <= int(level) < 2**31:
+        raise UserError(f"--level {level} is out of range (Caffe's NetState level is a 32-bit int)")
     state = pb.NetState()
     state.CopyFrom(msg.state)
     state.phase = pb.Phase.Value(phase) if isinstance(phase, str) else phase

@@ -122,8 +122,14 @@ def expected_weight_shapes(net, layer, shapes: NetShapes):
     ins = shapes.inputs[layer.name]
     if any(s is None for s in ins):
         return None
+    spec = get_spec(layer.type)
+    if len(ins) < spec.min_bottoms:
+        if not layer.blobs:
+            return None
+        raise _err(net, layer, f"has {len(ins)} bottom(s); a layer of its type with weights needs "
+                               f"at least {spec.min_bottoms}")
     try:
-        return get_spec(layer.type).weight_shapes(layer, ins)
+        return spec.weight_shapes(layer, ins)
     except ShapeError as e:
         raise _err(net, layer, str(e)) from None
 
