@@ -332,8 +332,8 @@ def _add_run_args(p):
                         "started for you by torch's launcher; --batch-size is per process. "
                         "'torchrun --nproc-per-node N -m lrprune_caffe finetune ...' works too")
     g.add_argument("--checkpoint", metavar="FILE",
-                   help="checkpoint written after every epoch (default OUTDIR/checkpoint.pt, removed once "
-                        "the model is written)")
+                   help="checkpoint written after every epoch (default .OUTDIR.checkpoint.pt beside OUTDIR, "
+                        "removed once the model is written)")
     g.add_argument("--resume", action="store_true",
                    help="continue a killed run from its checkpoint (same data, batch size, seed, processes)")
 
