@@ -16,8 +16,10 @@ shapes: the time does not depend on their values) run by onnxruntime with the
 target's session options (:func:`ort_options`: ``intra_op_num_threads`` =
 threads, ``inter_op_num_threads`` 1, sequential, ``ORT_ENABLE_ALL``, as the
 exported net runs). Time = the median of repeated runs after warm-up; the
-repeat count adapts (:func:`time_runs`: many runs for small layers, 3 for big
-ones). :class:`lrprune_caffe.lowrank.latency_budget.LayerTable` interpolates
+repeat count adapts (:func:`time_runs`: up to 12 runs for small layers, 3 for big
+ones), and every timed run starts with cold caches (:class:`Flush`: in a net a
+layer's weights are not in cache when it runs; timed hot, ResNet-50's layers
+add up to half the net's time). :class:`lrprune_caffe.lowrank.latency_budget.LayerTable` interpolates
 between the measured ranks.
 
 The whole original net is measured once too (:func:`net_ms`, exported by
@@ -51,7 +53,7 @@ from lrprune_caffe.errors import UserError
 from lrprune_caffe.lowrank.latency_budget import LayerTable
 
 RUNTIMES = ("onnxruntime",)
-GRID_VERSION = 1  # bump when the grid or the timing method changes: old cache entries are ignored
+GRID_VERSION = 2  # bump when the grid or the timing method changes: old cache entries are ignored
 OPSET = 13
 
 
@@ -380,20 +382,65 @@ def session(model_bytes: bytes, target: Target, external: bool = False):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40) -> dict:
-    """Median ms of ``run()`` after warm-up; about ``budget_s`` of timed runs (``min_runs``..``max_runs``)."""
+def llc_bytes() -> int:
+    """The largest CPU cache (sysfs), 32 MiB when unknown."""
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for d in base.glob("index*"):
+            text = (d / "size").read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or (32 << 20)
+
+
+class Flush:
+    """Evicts the caches between timed runs by updating a buffer twice the last-level cache.
+
+    Inside a net, a layer's weights were evicted by the layers run since its
+    last use; timed alone in a loop they stay cached, and small layers then
+    look twice as fast as they run in the net (ResNet-50 at batch 1). So every
+    timed run starts cold (the input too, which in a net is often still
+    cached: a small overestimate)."""
+
+    def __init__(self, nbytes: int = None):
+        self.buf = np.zeros((nbytes or 2 * llc_bytes()) // 4, np.float32)
+
+    def __call__(self):
+        np.add(self.buf, 1.0, out=self.buf)
+
+
+_FLUSH = []
+
+
+def _flush():
+    if not _FLUSH:
+        _FLUSH.append(Flush())
+    return _FLUSH[0]
+
+
+def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40, flush=None) -> dict:
+    """Median ms of ``run()`` after warm-up; about ``budget_s`` of timed runs (``min_runs``..``max_runs``).
+
+    ``flush``: called (untimed) before each timed run, e.g. :class:`Flush`."""
     clock = time.perf_counter
     t0 = clock()
     run()  # the first run allocates and may pack weights
     first = clock() - t0
     if first < 0.02:  # small layers: a few more warm-up runs, the last one estimates the cost
         for _ in range(3):
+            if flush is not None:
+                flush()
             t0 = clock()
             run()
             first = clock() - t0
     n = int(min(max_runs, max(min_runs, round(budget_s / max(first, 1e-6)))))
     times = []
     for _ in range(n):
+        if flush is not None:
+            flush()
         t0 = clock()
         run()
         times.append(clock() - t0)
@@ -402,10 +449,11 @@ def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40
 
 
 def measure_model(model_bytes: bytes, feeds: dict, target: Target, external: bool = True) -> dict:
-    """Time one ONNX model (by default a :func:`layer_model`, which may point into the weight file)."""
+    """Time one ONNX model (by default a :func:`layer_model`, which may point into the weight file),
+    each run with cold caches (:class:`Flush`)."""
     sess = session(model_bytes, target, external)
     outs = [o.name for o in sess.get_outputs()]
-    return time_runs(lambda: sess.run(outs, feeds))
+    return time_runs(lambda: sess.run(outs, feeds), max_runs=12, flush=_flush())
 
 
 # ---------------------------------------------------------------------------
@@ -420,6 +468,7 @@ class Tables:
     tables: dict = field(default_factory=dict)  # name -> LayerTable
     total_ms: float = None  # the whole original net
     seconds: float = 0.0  # wall time spent here (measuring, or reading the cache)
+    cpu_seconds: float = 0.0  # CPU time of this process meanwhile (~ the wall time on an idle machine)
     measured: int = 0  # graphs timed now (0 on a full cache hit)
     complete: bool = True  # False: the time budget ran out first (what was measured is cached)
     cache_path: str = ""
@@ -463,7 +512,7 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
     Stops after the layer that exceeds ``time_budget_s`` (``complete`` False);
     what was measured stays cached.
     """
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     cache = Cache(target, directory)
     out = Tables(target, scheme, cache_path=str(cache.path))
     counter = [0]
@@ -505,6 +554,7 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
             cache.save()
     out.measured = counter[0]
     out.seconds = time.perf_counter() - t_start
+    out.cpu_seconds = time.process_time() - cpu_start
     return out
 
 
@@ -572,10 +622,11 @@ def net_ms(net, target: Target, cache: Cache = None, directory=None, counter: li
 def measured_speedup(net_a, net_b, target: Target, rounds: int = 20, warmup: int = 2) -> dict:
     """End-to-end speed-up of ``net_b`` over ``net_a``: interleaved (ABBA) rounds on the target.
 
+    Either net may be a :func:`net_runner` already built (a VGG-16 export takes seconds).
     Returns medians of each net, the ratio of the medians (``speedup``), and
     the median and the 10th-90th percentiles of the per-round ratios.
     """
-    runs = [net_runner(net_a, target), net_runner(net_b, target)]
+    runs = [n if callable(n) else net_runner(n, target) for n in (net_a, net_b)]
     for r in runs:
         for _ in range(int(warmup)):
             r()

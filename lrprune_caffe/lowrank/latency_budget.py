@@ -143,6 +143,26 @@ def latency_options(table: LayerTable, ranks, err):
     return opts, int(np.sum(known & ~faster)), int(np.sum(~known))
 
 
+def rank_candidates(spectra, table: LayerTable, criterion: str = "log-energy", points_2d: int = 64):
+    """(ranks (n, d), errors (n,)) of every rank the table covers, errors from the weight spectra.
+
+    ``spectra``: [:class:`lrprune_caffe.lowrank.decompose.ModeSpectrum`] of the
+    layer's scheme (for Tucker-2: input mode, then output mode; their costs
+    add, as in the MAC budget); one rank dimension: every rank 1..the grid's
+    largest; two: ``points_2d`` values per dimension.
+    """
+    cost = rk.CRITERIA[criterion]
+    if len(table.axes) == 1:
+        r = np.arange(1, int(table.axes[0][-1]) + 1)
+        return r[:, None], cost(spectra[0].energies)[r - 1]
+    top1, top2 = int(table.axes[0][-1]), int(table.axes[1][-1])
+    g1 = np.unique(np.linspace(1, top1, min(top1, points_2d)).round().astype(np.int64))
+    g2 = np.unique(np.linspace(1, top2, min(top2, points_2d)).round().astype(np.int64))
+    R1, R2 = (x.ravel() for x in np.meshgrid(g1, g2, indexing="ij"))
+    err = cost(spectra[0].energies)[R1 - 1] + cost(spectra[1].energies)[R2 - 1]
+    return np.stack([R1, R2], axis=1), err
+
+
 @dataclass
 class Allocation:
     """What :func:`allocate` chose and what it predicts."""
@@ -211,5 +231,5 @@ def allocate(options: list, total_ms: float, speedup: float, fixed_ms: float = N
                       dict(dropped_slower or {}))
 
 
-__all__ = ["LayerTable", "interp_1d", "interp_2d", "latency_options", "Allocation", "Unreachable",
+__all__ = ["LayerTable", "interp_1d", "interp_2d", "latency_options", "rank_candidates", "Allocation", "Unreachable",
            "fixed_part", "allocate"]
