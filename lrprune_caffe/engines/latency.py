@@ -51,7 +51,8 @@ import numpy as np
 
 from lrprune_caffe.errors import UserError
 from lrprune_caffe.lowrank.latency_budget import LayerTable
-from .latency_graphs import Flush, layer_model, measure_model, ort_options, session, time_runs  # noqa: F401
+from .latency_graphs import (Flush, layer_model, measure_model, ort_options, overhead_model, session,  # noqa: F401
+                             time_runs)
 
 RUNTIMES = ("onnxruntime",)
 GRID_VERSION = 2  # bump when the grid or the timing method changes: old cache entries are ignored
@@ -255,12 +256,25 @@ class Tables:
     seconds: float = 0.0  # wall time spent here (measuring, or reading the cache)
     cpu_seconds: float = 0.0  # CPU time of this process meanwhile (~ the wall time on an idle machine)
     measured: int = 0  # graphs timed now (0 on a full cache hit)
+    overhead_ms: float = 0.0  # per-run cost of any graph, subtracted from the table entries
     complete: bool = True  # False: the time budget ran out first (what was measured is cached)
     cache_path: str = ""
     notes: list = field(default_factory=list)
 
 
-def _measure_layer(geo, scheme, axes, cache: Cache, counter: list) -> LayerTable:
+def run_overhead(cache: Cache, counter: list) -> float:
+    """ms one session.run of a graph costs beyond its ops (an Identity on one value), measured once per
+    target; subtracted from every table entry, since a layer inside a net does not pay it."""
+    ms = cache.get("nets", "__run_overhead__")
+    if ms is None:
+        model, feeds = overhead_model()
+        ms = measure_model(model, feeds, cache_target(cache), external=False)["ms"]
+        cache.put("nets", "__run_overhead__", ms)
+        counter[0] += 1
+    return float(ms)
+
+
+def _measure_layer(geo, scheme, axes, cache: Cache, counter: list, overhead: float = 0.0) -> LayerTable:
     """The layer's table. Left alone is timed before and after its chains and the faster median kept:
     noise only adds time, and a left-alone time inflated by a neighbour's burst would make every
     chain look like a saving."""
@@ -289,6 +303,9 @@ def _measure_layer(geo, scheme, axes, cache: Cache, counter: list) -> LayerTable
         cache.put("layers", sig, stored, part)
     cache.put("layers", sig, orig, "orig")
     ms = np.asarray(stored, dtype=np.float64).reshape(tuple(len(a) for a in axes))
+    floor = 1e-4  # ms: a layer never costs nothing
+    ms = np.maximum(ms - overhead, floor)
+    orig = max(float(orig) - overhead, floor)
     return LayerTable("", float(orig), scheme, tuple(np.asarray(a, np.int64) for a in axes), ms)
 
 
@@ -316,6 +333,7 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
     except ImportError:  # pragma: no cover
         bar = None
     try:
+        out.overhead_ms = run_overhead(cache, counter)
         if net is not None:
             out.total_ms = net_ms(net, target, cache=cache, counter=counter)
             if bar is not None:
@@ -331,7 +349,7 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
             if not axes:
                 out.notes.append(f"layer {name}: no {s} rank cuts its MACs; not tabled")
             else:
-                table = _measure_layer(geometry(info, target.batch), s, axes, cache, counter)
+                table = _measure_layer(geometry(info, target.batch), s, axes, cache, counter, out.overhead_ms)
                 table.name = name
                 out.tables[name] = table
             if bar is not None:

@@ -224,6 +224,17 @@ def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40
     return {"ms": statistics.median(ms), "runs": n, "min": ms[0], "max": ms[-1]}
 
 
+def overhead_model():
+    """(model bytes, feeds) of an Identity on one value: what a run of any graph costs beyond its ops."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    opsets = [helper.make_opsetid("", OPSET)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    return model.SerializeToString(), {"x": np.zeros(1, np.float32)}
+
+
 def measure_model(model_bytes: bytes, feeds: dict, target, external: bool = True) -> dict:
     """Time one ONNX model (by default a :func:`layer_model`, which may point into the weight file),
     each run with cold caches (:class:`Flush`)."""
@@ -232,4 +243,5 @@ def measure_model(model_bytes: bytes, feeds: dict, target, external: bool = True
     return time_runs(lambda: sess.run(outs, feeds), max_runs=12, flush=_flush())
 
 
-__all__ = ["layer_model", "ort_options", "session", "time_runs", "measure_model", "Flush", "llc_bytes", "OPSET"]
+__all__ = ["layer_model", "overhead_model", "ort_options", "session", "time_runs", "measure_model", "Flush",
+           "llc_bytes", "OPSET"]
