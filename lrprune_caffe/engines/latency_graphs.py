@@ -1,0 +1,247 @@
+"""The timed side of :mod:`lrprune_caffe.engines.latency`: tiny ONNX graphs of one layer (left alone or
+factorized), onnxruntime sessions on the target's options, and cold-cache timing.
+
+Large weights of the tiny graphs all point into one file of seeded values (ONNX external data), so a
+400 MB FC weight is neither generated nor serialized per graph; the time does not depend on values.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+OPSET = 13
+
+
+# ---------------------------------------------------------------------------
+# tiny ONNX graphs
+
+_SMALL = np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32) * np.float32(0.05)
+_EXTERNAL_MIN = 1 << 18  # weights of at least this many values are read from a shared file, not copied
+
+
+class _WeightFile:
+    """One file of seeded values that every large weight of every tiny graph points into
+    (ONNX external data): a 400 MB FC weight is then neither generated nor serialized per graph."""
+
+    def __init__(self):
+        self.dir = None
+        self.size = 0
+
+    def ensure(self, count: int) -> str:
+        import tempfile
+        if self.dir is None:
+            self.dir = tempfile.TemporaryDirectory(prefix="lrprune-latency-")
+        if count > self.size:
+            count = max(count, 2 * self.size)
+            with open(os.path.join(self.dir.name, "weights.bin"), "wb") as fh:
+                for start in range(0, count, _SMALL.size):
+                    fh.write(_SMALL[:min(_SMALL.size, count - start)].tobytes())
+            self.size = count
+        return self.dir.name
+
+
+_WEIGHTS = _WeightFile()
+
+
+def _fill(shape) -> np.ndarray:
+    return np.resize(_SMALL, tuple(int(s) for s in shape))
+
+
+def _tensor(name: str, shape):
+    from onnx import TensorProto, numpy_helper
+    shape = tuple(int(s) for s in shape)
+    count = int(np.prod(shape))
+    if count < _EXTERNAL_MIN:
+        return numpy_helper.from_array(_fill(shape), name)
+    _WEIGHTS.ensure(count)
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape, data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "weights.bin"), ("offset", "0"), ("length", str(4 * count))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def _conv(nodes, inits, x, y, c_in, c_out, group, kernel, stride, pad, dilation, bias, tag):
+    w = f"{tag}_w"
+    inits.append(_tensor(w, (c_out, c_in // group, *kernel)))
+    ins = [x, w]
+    if bias:
+        inits.append(_tensor(f"{tag}_b", (c_out,)))
+        ins.append(f"{tag}_b")
+    from onnx import helper
+    nodes.append(helper.make_node("Conv", ins, [y], name=tag, kernel_shape=list(kernel), strides=list(stride),
+                                  pads=list(pad) * 2, dilations=list(dilation), group=int(group)))
+
+
+def _gemm(nodes, inits, x, y, k, n, bias, transpose, tag):
+    from onnx import helper
+    shape = (k, n) if transpose else (n, k)
+    inits.append(_tensor(f"{tag}_w", shape))
+    ins = [x, f"{tag}_w"]
+    if bias:
+        inits.append(_tensor(f"{tag}_b", (n,)))
+        ins.append(f"{tag}_b")
+    nodes.append(helper.make_node("Gemm", ins, [y], name=tag, transB=0 if transpose else 1))
+
+
+def layer_model(geo: dict, scheme: str = None, ranks=()):
+    """(ONNX model bytes, feeds) of the layer left alone (``scheme`` None) or factorized."""
+    from onnx import TensorProto, helper
+    nodes, inits = [], []
+    if geo["kind"] == "fc":
+        x_shape = [geo["rows"], geo["k"]]
+        if scheme is None:
+            _gemm(nodes, inits, "x", "y", geo["k"], geo["n"], geo["bias"], geo["transpose"], "orig")
+        else:
+            r = int(ranks[0])
+            _gemm(nodes, inits, "x", "t1", geo["k"], r, False, geo["transpose"], "lr1")
+            _gemm(nodes, inits, "t1", "y", r, geo["n"], geo["bias"], geo["transpose"], "lr2")
+    else:
+        x_shape = [geo["batch"], geo["c"], geo["h"], geo["w"]]
+        k, s, p, d, g = geo["kernel"], geo["stride"], geo["pad"], geo["dilation"], geo["group"]
+        one, zero = (1, 1), (0, 0)
+        C, N, b = geo["c"], geo["n"], geo["bias"]
+        if scheme is None:
+            _conv(nodes, inits, "x", "y", C, N, g, k, s, p, d, b, "orig")
+        elif scheme == "channel":
+            r = g * int(ranks[0])
+            _conv(nodes, inits, "x", "t1", C, r, g, k, s, p, d, False, "lr1")
+            _conv(nodes, inits, "t1", "y", r, N, g, one, one, zero, one, b, "lr2")
+        elif scheme == "spatial":
+            r = g * int(ranks[0])
+            _conv(nodes, inits, "x", "t1", C, r, g, (k[0], 1), (s[0], 1), (p[0], 0), (d[0], 1), False, "lr1")
+            _conv(nodes, inits, "t1", "y", r, N, g, (1, k[1]), (1, s[1]), (0, p[1]), (1, d[1]), b, "lr2")
+        elif scheme == "tucker2":
+            r1, r2 = g * int(ranks[0]), g * int(ranks[1])
+            _conv(nodes, inits, "x", "t1", C, r1, g, one, one, zero, one, False, "lr1")
+            _conv(nodes, inits, "t1", "t2", r1, r2, g, k, s, p, d, False, "lr2")
+            _conv(nodes, inits, "t2", "y", r2, N, g, one, one, zero, one, b, "lr3")
+        else:
+            raise ValueError(f"unknown scheme {scheme!r}")
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    opsets = [helper.make_opsetid("", OPSET)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    feeds = {"x": _fill(x_shape).copy()}
+    return model.SerializeToString(), feeds
+
+
+# ---------------------------------------------------------------------------
+# timing
+
+def ort_options(threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def session(model_bytes: bytes, target, external: bool = False):
+    """An onnxruntime session on the target's options. ``external``: the model's large weights live in
+    the shared weight file (:func:`layer_model`), so it is loaded from a path next to that file."""
+    import onnxruntime as ort
+    so = ort_options(target.threads)
+    if external:
+        path = os.path.join(_WEIGHTS.ensure(0), "model.onnx")
+        with open(path, "wb") as fh:
+            fh.write(model_bytes)
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def llc_bytes() -> int:
+    """The largest CPU cache (sysfs), 32 MiB when unknown."""
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for d in base.glob("index*"):
+            text = (d / "size").read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or (32 << 20)
+
+
+class Flush:
+    """Evicts the caches between timed runs by updating a buffer twice the last-level cache.
+
+    Inside a net, a layer's weights were evicted by the layers run since its
+    last use; timed alone in a loop they stay cached, and small layers then
+    look twice as fast as they run in the net (ResNet-50 at batch 1). So every
+    timed run starts cold (the input too, which in a net is often still
+    cached: a small overestimate)."""
+
+    def __init__(self, nbytes: int = None):
+        self.buf = np.zeros((nbytes or 2 * llc_bytes()) // 4, np.float32)
+
+    def __call__(self):
+        np.add(self.buf, 1.0, out=self.buf)
+
+
+_FLUSH = []
+
+
+def _flush():
+    if not _FLUSH:
+        _FLUSH.append(Flush())
+    return _FLUSH[0]
+
+
+def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40, flush=None) -> dict:
+    """Median ms of ``run()`` after warm-up; about ``budget_s`` of timed runs (``min_runs``..``max_runs``).
+
+    ``flush``: called (untimed) before each timed run, e.g. :class:`Flush`."""
+    clock = time.perf_counter
+    t0 = clock()
+    run()  # the first run allocates and may pack weights
+    first = clock() - t0
+    if first < 0.02:  # small layers: a few more warm-up runs, the last one estimates the cost
+        for _ in range(3):
+            if flush is not None:
+                flush()
+            t0 = clock()
+            run()
+            first = clock() - t0
+    n = int(min(max_runs, max(min_runs, round(budget_s / max(first, 1e-6)))))
+    times = []
+    for _ in range(n):
+        if flush is not None:
+            flush()
+        t0 = clock()
+        run()
+        times.append(clock() - t0)
+    ms = sorted(t * 1e3 for t in times)
+    return {"ms": statistics.median(ms), "runs": n, "min": ms[0], "max": ms[-1]}
+
+
+def overhead_model():
+    """(model bytes, feeds) of an Identity on one value: what a run of any graph costs beyond its ops."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    opsets = [helper.make_opsetid("", OPSET)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    return model.SerializeToString(), {"x": np.zeros(1, np.float32)}
+
+
+def measure_model(model_bytes: bytes, feeds: dict, target, external: bool = True) -> dict:
+    """Time one ONNX model (by default a :func:`layer_model`, which may point into the weight file),
+    each run with cold caches (:class:`Flush`)."""
+    sess = session(model_bytes, target, external)
+    outs = [o.name for o in sess.get_outputs()]
+    return time_runs(lambda: sess.run(outs, feeds), max_runs=12, flush=_flush())
+
+
+__all__ = ["layer_model", "overhead_model", "ort_options", "session", "time_runs", "measure_model", "Flush",
+           "llc_bytes", "OPSET"]

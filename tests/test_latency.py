@@ -1,0 +1,190 @@
+"""Latency tables and the millisecond budget: caching, keys, options, allocation. No timing assertions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lrprune_caffe.engines import latency as L
+from lrprune_caffe.ir.net import Layer, Net
+from lrprune_caffe.lowrank import latency_budget as lb
+from lrprune_caffe.lowrank import rank as rk
+
+
+def small_net():
+    rng = np.random.default_rng(0)
+    inp = Layer("data", "Input", [], ["data"])
+    inp.msg.input_param.shape.add().dim.extend([1, 4, 12, 12])
+    conv = Layer("conv1", "Convolution", ["data"], ["conv1"])
+    cp = conv.msg.convolution_param
+    cp.num_output, cp.kernel_size[:], cp.pad[:] = 16, [3], [1]
+    conv.blobs = [rng.standard_normal((16, 4, 3, 3)).astype(np.float32), np.zeros(16, np.float32)]
+    relu = Layer("relu1", "ReLU", ["conv1"], ["conv1"])
+    ip = Layer("ip1", "InnerProduct", ["conv1"], ["ip1"])
+    ip.msg.inner_product_param.num_output = 10
+    ip.blobs = [rng.standard_normal((10, 16 * 144)).astype(np.float32), np.zeros(10, np.float32)]
+    return Net(name="small", layers=[inp, conv, relu, ip])
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """Replace the only two places that time anything; count the graphs 'measured'."""
+    calls = []
+
+    def fake_measure(model_bytes, feeds, target, external=True):
+        calls.append(len(model_bytes))
+        return {"ms": 1.0 + len(calls) * 0.01, "runs": 1, "min": 1.0, "max": 1.0}
+
+    monkeypatch.setattr(L, "measure_model", fake_measure)
+    monkeypatch.setattr(L, "net_runner", lambda net, target: (lambda: None))
+    monkeypatch.setattr(L, "time_runs", lambda run, **kw: (calls.append("net"), {"ms": 5.0})[1])
+    return calls
+
+
+def test_second_call_measures_nothing(tmp_path, fake_timer):
+    net = small_net()
+    infos, skipped = L.net_infos(net)
+    assert set(infos) == {"conv1", "ip1"} and not skipped
+    target = L.Target("onnxruntime", 1, 1)
+    first = L.layer_tables(infos, "channel", target, net=net, directory=tmp_path)
+    n_first = len(fake_timer)
+    assert n_first == first.measured > 0 and first.total_ms == 5.0
+    second = L.layer_tables(infos, "channel", target, net=net, directory=tmp_path)
+    assert len(fake_timer) == n_first and second.measured == 0
+    for name in infos:
+        a, b = first.tables[name], second.tables[name]
+        assert a.left_alone_ms == b.left_alone_ms
+        np.testing.assert_array_equal(a.ms, b.ms)
+        np.testing.assert_array_equal(a.axes[0], b.axes[0])
+    # another scheme for the same geometry reuses the layer's left-alone time, measures only its chains
+    L.layer_tables({"conv1": infos["conv1"]}, "spatial", target, directory=tmp_path)
+    assert len(fake_timer) == n_first + len(L.rank_grid(infos["conv1"], "spatial")[0]) + 1  # + left alone again
+
+
+def test_cache_keys_differ_by_threads_and_batch(tmp_path):
+    t1, t2, b4 = L.Target(threads=1), L.Target(threads=2), L.Target(threads=1, batch=4)
+    paths = {L.Cache(t, tmp_path).path for t in (t1, t2, b4)}
+    assert len(paths) == 3
+    assert t1.key()["threads"] == 1 and t2.key()["threads"] == 2
+    for field in ("runtime", "version", "machine", "cpu", "cores"):
+        assert field in t1.key()
+
+
+def test_time_budget_stops_and_says_so(tmp_path, fake_timer):
+    infos, _ = L.net_infos(small_net())
+    res = L.layer_tables(infos, "channel", L.Target(), directory=tmp_path, time_budget_s=0.0)
+    assert not res.complete and not res.tables and "budget ran out" in res.notes[0]
+
+
+def test_geometry_batch_and_signature():
+    infos, _ = L.net_infos(small_net())
+    g1, g4 = L.geometry(infos["conv1"], 1), L.geometry(infos["conv1"], 4)
+    assert g4["batch"] == 4 and L.signature(g1) != L.signature(g4)
+    assert L.geometry(infos["ip1"], 8)["rows"] == 8
+
+
+def test_rank_grid_stops_at_the_mac_break_even():
+    infos, _ = L.net_infos(small_net())
+    info = infos["conv1"]  # 4*9 = 36 -> 16: channel break-even r <= 36*16 / (36+16) = 11.07
+    (grid,) = L.rank_grid(info, "channel")
+    assert grid[0] == 1 and grid[-1] == 11
+    macs, _ = info.cost("channel", (np.asarray(grid),))
+    assert np.all(macs <= info.macs)
+    r1, r2 = L.rank_grid(info, "tucker2")
+    assert r1[0] == 1 and r2[0] == 1
+
+
+def _conv_info(c=8, n=12, k=(3, 3), stride=(1, 1), pad=(1, 1), dilation=(1, 1), group=1, hw=(9, 11)):
+    from lrprune_caffe.ir.analysis import infer_shapes
+    from lrprune_caffe.transforms.factorize import layer_info
+    inp = Layer("data", "Input", [], ["data"])
+    inp.msg.input_param.shape.add().dim.extend([1, c, *hw])
+    conv = Layer("conv", "Convolution", ["data"], ["conv"])
+    cp = conv.msg.convolution_param
+    cp.num_output = n
+    cp.kernel_h, cp.kernel_w = k
+    cp.stride_h, cp.stride_w = stride
+    cp.pad_h, cp.pad_w = pad
+    cp.dilation[:] = [dilation[0]]
+    cp.group = group
+    conv.blobs = [np.zeros((n, c // group, *k), np.float32), np.zeros(n, np.float32)]
+    net = Net("one", [inp, conv])
+    shapes = infer_shapes(net)
+    return layer_info(conv, shapes.inputs["conv"][0], shapes.outputs["conv"][0])
+
+
+@pytest.mark.parametrize("kw", [{}, {"stride": (2, 1), "pad": (0, 2), "k": (3, 5)}, {"dilation": (2, 2), "pad": (2, 2)},
+                                {"group": 2, "stride": (2, 2)}])
+def test_candidate_graphs_have_the_layers_output_shape(kw):
+    """onnxruntime runs every tiny graph; each chain yields the shape our IR infers for the layer."""
+    import onnxruntime as ort
+    info = _conv_info(**kw)
+    geo = L.geometry(info, 2)
+    expect = (2, *info.out_shape[1:])
+    for scheme, ranks in ((None, ()), ("channel", (3,)), ("spatial", (2,)), ("tucker2", (2, 3))):
+        model, feeds = L.layer_model(geo, scheme, ranks)
+        sess = L.session(model, L.Target(), external=True)
+        (y,) = sess.run(None, feeds)
+        assert y.shape == expect, (scheme, kw)
+    assert isinstance(ort.__version__, str)
+
+
+def test_fc_graphs_and_large_weights_from_the_shared_file():
+    infos, _ = L.net_infos(small_net())
+    geo = L.geometry(infos["ip1"], 3)
+    geo["k"] = 1 << 16  # (r, K) and (N, K) weights above the external-data threshold
+    for scheme, ranks in ((None, ()), ("fc", (8,))):
+        model, feeds = L.layer_model(geo, scheme, ranks)
+        assert len(model) < 10_000  # the weights are not inside the model
+        (y,) = L.session(model, L.Target(), external=True).run(None, feeds)
+        assert y.shape == (3, 10)
+
+
+# ---------------------------------------------------------------------------
+# the budget (pure)
+
+def test_interpolation():
+    np.testing.assert_allclose(lb.interp_1d([1, 5], [1.0, 9.0], [1, 3, 5]), [1, 5, 9])
+    assert np.isnan(lb.interp_1d([1, 5], [1.0, 9.0], [6])[0])
+    v = lb.interp_2d([1, 3], [1, 5], np.array([[0.0, 4.0], [2.0, 6.0]]), [2, 1, 3], [3, 5, 1])
+    np.testing.assert_allclose(v, [3.0, 4.0, 2.0])
+    # a corner not measured poisons only the points that use it
+    w = lb.interp_2d([1, 3], [1, 5], np.array([[0.0, 4.0], [2.0, np.nan]]), [1, 2], [3, 3])
+    assert w[0] == 2.0 and np.isnan(w[1])
+
+
+def test_options_slower_than_left_alone_are_dropped():
+    table = lb.LayerTable("a", 10.0, "channel", (np.array([1, 4, 8]),), np.array([2.0, 6.0, 12.0]))
+    ranks = np.arange(1, 11)[:, None]  # 9 and 10 lie outside the measured grid
+    opts, slower, outside = lb.latency_options(table, ranks, np.linspace(1, 0, 10))
+    # ms(6) = 6 + 2*1.5 = 9 < 10; ms(7) = 10.5, ms(8) = 12: not faster than left alone
+    assert opts.ranks[:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    assert (slower, outside) == (2, 2)
+    assert np.all(opts.macs < 10.0)
+
+
+def test_allocation_meets_the_target_at_the_hand_checked_optimum():
+    # layer a (left alone 10 ms): 4 ms err 1.0, 6 ms err 0.3, 8 ms err 0.1 (11 ms: slower, never bought)
+    # layer b (left alone 10 ms): 5 ms err 0.5, 7 ms err 0.2
+    a = lb.LayerTable("a", 10.0, "channel", (np.array([1, 2, 3, 4]),), np.array([4.0, 6.0, 8.0, 11.0]))
+    b = lb.LayerTable("b", 10.0, "channel", (np.array([1, 2]),), np.array([5.0, 7.0]))
+    oa, slower_a, _ = lb.latency_options(a, [[1], [2], [3], [4]], [1.0, 0.3, 0.1, 0.0])
+    ob, _, _ = lb.latency_options(b, [[1], [2]], [0.5, 0.2])
+    assert slower_a == 1
+    # whole net 25 ms: 5 ms fixed; speed-up 25/19 -> target 19 ms -> the layers get 14 ms.
+    # Within 14 ms: a6+b7 = 13 (err 0.5), a8+b5 = 13 (0.6), a4+b10 = 14 (1.0), a4+b7 (1.2): a6+b7 is optimal.
+    alloc = lb.allocate([oa, ob], total_ms=25.0, speedup=25.0 / 19.0)
+    assert alloc.fixed_ms == 5.0 and alloc.target_ms == pytest.approx(19.0)
+    assert alloc.choice == {"a": (2,), "b": (2,)}
+    assert alloc.predicted_ms == pytest.approx(18.0) and alloc.predicted_ms <= alloc.target_ms
+    with pytest.raises(lb.Unreachable) as e:
+        lb.allocate([oa, ob], total_ms=25.0, speedup=3.0)
+    assert e.value.best_ms == pytest.approx(14.0)  # 5 fixed + a 4 + b 5
+
+
+def test_layer_without_options_counts_as_left_alone():
+    empty = rk.Options("c", 3.0)
+    b = lb.LayerTable("b", 10.0, "channel", (np.array([1, 2]),), np.array([5.0, 7.0]))
+    ob, _, _ = lb.latency_options(b, [[1], [2]], [0.5, 0.2])
+    alloc = lb.allocate([empty, ob], total_ms=13.0, speedup=1.2)
+    assert alloc.choice == {"c": None, "b": (2,)} and alloc.fixed_ms == 0.0
