@@ -19,7 +19,7 @@ CAFFE_TOP1 = 0.973
 def _top1(path, x, y):
     from lrprune_caffe.engines.model import OnnxModel
     m = OnnxModel.load(str(path))
-    out = m.run({m.inputs[0]: x})[m.outputs[0]]
+    out = m.run({m.input_names[0]: x})[m.output_names[0]]
     return float(np.mean(out.reshape(len(x), -1).argmax(1) == y))
 
 

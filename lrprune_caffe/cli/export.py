@@ -82,12 +82,11 @@ def _print_precision(rep) -> None:
 
 def cmd_bench(args) -> int:
     from lrprune_caffe.engines.bench import bench_nets
-    from lrprune_caffe.io.caffe import load_net
-    files = list(args.files)
-    if len(files) not in (2, 4):
-        raise UserError(f"bench takes NET WEIGHTS [NET2 WEIGHTS2], got {len(files)} path(s)")
-    pairs = [(files[i], files[i + 1]) for i in range(0, len(files), 2)]
-    nets = [load_net(p, w) for p, w in pairs]
+    from lrprune_caffe.engines.model import open_model, split_model_paths
+    pairs = split_model_paths(args.files)
+    if len(pairs) not in (1, 2):
+        raise UserError(f"bench takes one model or two (NET WEIGHTS or MODEL.onnx each), got {len(pairs)}")
+    nets = [open_model(p, w) for p, w in pairs]
     labels = [p for p, _ in pairs]
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"A:{labels[0]}", f"B:{labels[1]}"]
@@ -147,10 +146,12 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="median batch-1 latency of one net, or two side by side",
                        description="Time NET (and NET2, interleaved with it) on a real runtime; "
                                    "reports the median latency, the ratio, versions and threads.")
-    p.add_argument("files", nargs="+", metavar="NET WEIGHTS [NET2 WEIGHTS2]",
-                   help="prototxt and caffemodel of one net, or of two nets to compare")
+    p.add_argument("files", nargs="+", metavar="NET WEIGHTS | MODEL.onnx",
+                   help="one model or two to compare, each a prototxt + caffemodel or an .onnx file "
+                        "(run as written)")
     p.add_argument("--runtime", choices=["onnxruntime", "opencv"], default="onnxruntime",
-                   help="onnxruntime (via our ONNX export) or OpenCV's Caffe reader")
+                   help="onnxruntime (a Caffe net via our ONNX export) or OpenCV (its Caffe reader for a "
+                        "Caffe net, its ONNX reader for an .onnx file)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per net (default 50)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per net first (default 5)")

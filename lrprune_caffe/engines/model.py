@@ -29,7 +29,7 @@ def is_onnx(path) -> bool:
 
 
 class OnnxModel:
-    """An ONNX file as written: ``data`` (bytes), ``inputs``/``outputs`` (names),
+    """An ONNX file as written: ``data`` (bytes), ``input_names``/``output_names``,
     ``shapes`` ({input: tuple, None for a symbolic dim}), ``output_shapes``."""
 
     def __init__(self, data: bytes, source: str = "model.onnx"):
@@ -44,8 +44,8 @@ class OnnxModel:
         self.name = model.graph.name or os.path.basename(self.source)
         init = {t.name for t in model.graph.initializer}
         ins = [i for i in model.graph.input if i.name not in init]
-        self.inputs = [i.name for i in ins]
-        self.outputs = [o.name for o in model.graph.output]
+        self.input_names = [i.name for i in ins]
+        self.output_names = [o.name for o in model.graph.output]
         self.shapes = {i.name: _dims(i) for i in ins}
         self.output_shapes = {o.name: _dims(o) for o in model.graph.output}
         self.producers = {out: n.op_type for n in model.graph.node for out in n.output}
@@ -59,6 +59,12 @@ class OnnxModel:
             return cls(f.read(), path)
 
     # the Net-like surface the engines use
+    def inputs(self) -> list:
+        return list(self.input_names)
+
+    def outputs(self) -> list:
+        return list(self.output_names)
+
     def input_shapes(self) -> dict:
         return dict(self.shapes)
 
@@ -79,7 +85,7 @@ class OnnxModel:
 
     def run(self, feeds: dict, outputs=None, threads=None) -> dict:
         """Outputs for any batch size: a file with a fixed batch b runs in chunks of b."""
-        outputs = list(outputs or self.outputs)
+        outputs = list(outputs or self.output_names)
         sess = self.session(threads)
         feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
         n = len(next(iter(feeds.values())))
@@ -101,7 +107,7 @@ class OnnxModel:
         except ImportError:
             raise UserError("the opencv engine needs opencv-python-headless<5") from None
         try:
-            return cv2.dnn.readNetFromONNXBuffer(self.data)
+            return cv2.dnn.readNetFromONNX(np.frombuffer(self.data, np.uint8))
         except cv2.error as e:
             raise EngineError(f"{self.source}: OpenCV's ONNX reader cannot load it: {engine_message(e)}") from None
 
@@ -185,7 +191,7 @@ def load_labels(path):
 def compare_models(ref: OnnxModel, test: OnnxModel, feeds: dict, labels=None, threads=None) -> dict:
     """Run both on ``feeds`` with onnxruntime; :func:`compare_outputs` of their common outputs."""
     from .compare import compare_outputs
-    outs = [o for o in ref.outputs if o in test.outputs]
+    outs = [o for o in ref.output_names if o in test.output_names]
     a = ref.run(feeds, outs, threads)
     b = test.run(feeds, outs, threads)
     res = compare_outputs(a, b, labels=labels, blobs=outs)
@@ -214,12 +220,12 @@ def export_onnx_files(prototxt, weights, output, precision="fp32", quantize=None
     report = {}
     fp32 = export_model(net, report=report, **export_kw)
     ref = OnnxModel(fp32.SerializeToString(), f"{output} (fp32)")
-    check_in = load_arrays(inputs, ref.inputs, split="test") if inputs else None
+    check_in = load_arrays(inputs, ref.input_names, split="test") if inputs else None
     if labels and check_in is None:
         raise UserError("--labels are the labels of --inputs NPZ: give --inputs too")
     cal, notes = None, []
     if quantize:
-        cal = load_arrays(calib, ref.inputs, split="train") if calib else check_in
+        cal = load_arrays(calib, ref.input_names, split="train") if calib else check_in
         if not calib:
             notes.append("int8: calibrated on the --inputs themselves, which the check then runs on too: "
                          "give --calib with other samples for an unbiased check")
