@@ -302,10 +302,13 @@ def consumer_notes(model) -> list:
     if len(model.graph.sparse_initializer):
         notes.append("MNN and OpenCV's ONNX reader do not take sparse initializers (MNN's converter fails "
                      "'may be some node is not const'): for them use the dense file (without --sparse)")
+    if "NonMaxSuppression" in ops:
+        notes.append("OpenCV 4.x's ONNX reader does not take NonMaxSuppression (the DetectionOutput lowering): "
+                     "for OpenCV run the Caffe files with its Caffe reader, which implements DetectionOutput")
     if "QuantizeLinear" in ops or "DequantizeLinear" in ops:
-        notes.append("MNN 3.x does not convert this int8 QDQ file (its converter aborts on a quantized Gemm): "
-                     "for MNN convert the fp32 file with 'mnnconvert --weightQuantBits 8' (int8 weights, "
-                     "about the same size)")
+        notes.append("MNN 3.x does not take this int8 QDQ file (its converter aborts on a quantized Gemm and "
+                     "mis-shapes what follows a quantized Conv): for MNN convert the fp32 file with "
+                     "'mnnconvert --weightQuantBits 8' (int8 weights, about the same size)")
     elif any(t.data_type == 10 for t in model.graph.initializer):  # FLOAT16
         notes.append("MNN converts this fp16 file but stores its weights as fp32 again; for fp16 in MNN "
                      "convert the fp32 file with 'mnnconvert --fp16'")
