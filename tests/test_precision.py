@@ -126,3 +126,15 @@ def test_precision_usage_errors(tmp_path, capsys, flags, expect):
     rc, _, err = run_cli(capsys, "export-onnx", proto, model, "-o", tmp_path / "m.onnx", *flags)
     assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_ssd_reduced_check_matches_detections(tmp_path, capsys):
+    """A detection list is checked box by box (recall/precision at IoU 0.5), never by a tensor distance."""
+    d = golden_case("ssd_mini")
+    rc, out, err = run_cli(capsys, "export-onnx", d / "model.prototxt", d / "model.caffemodel", "-o",
+                           tmp_path / "ssd16.onnx", "--precision", "fp16", "--inputs", d / "inputs.npz", "--json")
+    assert rc == 0, err
+    check = json.loads(out)["check"]
+    assert "detection_out" not in check["blobs"]
+    m = check["detections"]["detection_out"]
+    assert m["ref"] > 0 and m["recall"] >= 0.9 and m["precision"] >= 0.9 and m["mean_iou"] > 0.95

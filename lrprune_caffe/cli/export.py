@@ -77,6 +77,11 @@ def _print_precision(rep) -> None:
             if "top1_ref" in v:
                 p += f", top-1 accuracy {100 * v['top1_ref']:.2f}% (fp32) -> {100 * v['top1_test']:.2f}%"
             parts.append(p)
+        for name, m in check.get("detections", {}).items():
+            p = f"{name} recall {100 * m['recall']:.1f}%, precision {100 * m['precision']:.1f}% at IoU 0.5"
+            if m["mean_iou"] is not None:
+                p += f", mean IoU {m['mean_iou']:.4f}, largest score change {m['max_score_change']:.3g}"
+            parts.append(p)
         print(line + "; ".join(parts))
 
 

@@ -191,11 +191,25 @@ def load_labels(path):
 def compare_models(ref: OnnxModel, test: OnnxModel, feeds: dict, labels=None, threads=None) -> dict:
     """Run both on ``feeds`` with onnxruntime; :func:`compare_outputs` of their common outputs."""
     from .compare import compare_outputs
+    from .detection import looks_like_detections, match_detections
     outs = [o for o in ref.output_names if o in test.output_names]
-    a = ref.run(feeds, outs, threads)
-    b = test.run(feeds, outs, threads)
-    res = compare_outputs(a, b, labels=labels, blobs=outs)
-    res["n"] = int(len(next(iter(feeds.values()))))
+    n = int(len(next(iter(feeds.values()))))
+    b = ref.fixed_batch() or n
+    a, t = ref.run(feeds, outs, threads), test.run(feeds, outs, threads)
+    dets = [o for o in outs if looks_like_detections((1, *a[o].shape[1:])) and b == 1]
+    res = compare_outputs(a, t, labels=labels, blobs=[o for o in outs if o not in dets])
+    if dets:  # a detection list is matched box by box (never a tensor distance): per image, then pooled
+        res["detections"] = {}
+        for o in dets:
+            per = [match_detections(a[o][i:i + 1], t[o][i:i + 1]) for i in range(len(a[o]))]
+            tot = {k: sum(p[k] for p in per) for k in ("ref", "test", "matched")}
+            ious = [p["mean_iou"] for p in per if p["mean_iou"] is not None]
+            ch = [p["max_score_change"] for p in per if p["max_score_change"] is not None]
+            res["detections"][o] = {**tot, "recall": tot["matched"] / tot["ref"] if tot["ref"] else 1.0,
+                                    "precision": tot["matched"] / tot["test"] if tot["test"] else 1.0,
+                                    "mean_iou": float(np.mean(ious)) if ious else None,
+                                    "max_score_change": max(ch) if ch else None}
+    res["n"] = n
     return res
 
 
