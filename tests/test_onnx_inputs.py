@@ -36,6 +36,27 @@ def test_evaluate_onnx_file(lenet_onnx, capsys, engine, name):
     assert res["top1"] == pytest.approx(CAFFE_TOP1) and res["engine"] == engine and res["n"] == 1000
 
 
+def test_evaluate_int8_dynamic_batch_on_opencv(lenet_onnx, tmp_path, capsys):
+    """OpenCV 4.x gets int8 QDQ wrong at batch > 1; evaluate feeds it one sample at a time and says so."""
+    pytest.importorskip("cv2", reason="opencv-python-headless is not installed")
+    from lrprune_caffe.engines.model import OnnxModel
+    from lrprune_caffe.export.precision import reduce_precision
+    import onnx
+    d, _, _ = lenet_files()
+    x = load_npz(d / "inputs.npz")["data"]
+    m, _ = reduce_precision(onnx.load(str(lenet_onnx / "dyn.onnx")), quantize="int8", calib={"data": x[:200]})
+    onnx.save(m, str(tmp_path / "int8.onnx"))
+    res = {}
+    for engine in ("onnxruntime", "opencv"):
+        rc, out, err = run_cli(capsys, "evaluate", tmp_path / "int8.onnx", "--data", lenet_onnx / "digits.npz",
+                               "--engine", engine, "--json")
+        assert rc == 0, err
+        res[engine] = json.loads(out)
+    assert res["opencv"]["top1"] == pytest.approx(res["onnxruntime"]["top1"], abs=0.002)
+    assert any("one sample at a time" in n for n in res["opencv"]["notes"])
+    assert OnnxModel.load(str(tmp_path / "int8.onnx")).quantized
+
+
 def test_bench_caffe_and_onnx_side_by_side(lenet_onnx, capsys):
     _, proto, model = lenet_files()
     rc, out, err = run_cli(capsys, "bench", proto, model, lenet_onnx / "fixed.onnx", "--runs", "3",

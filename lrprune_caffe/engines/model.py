@@ -49,6 +49,7 @@ class OnnxModel:
         self.shapes = {i.name: _dims(i) for i in ins}
         self.output_shapes = {o.name: _dims(o) for o in model.graph.output}
         self.producers = {out: n.op_type for n in model.graph.node for out in n.output}
+        self.quantized = any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in model.graph.node)
         self._sessions = {}
 
     @classmethod

@@ -295,8 +295,8 @@ def reduce_precision(model, precision="fp32", quantize=None, calib=None, sparse=
 
 
 def consumer_notes(model) -> list:
-    """What MNN 3.x and OpenCV 4.x's ONNX reader will not take in ``model``, and what to use instead
-    (found by the test matrix, tests/test_mobile_matrix.py)."""
+    """What MNN 3.x and OpenCV 4.x's ONNX reader will not take (a note saying "not take") or get
+    wrong in ``model``, and what to use instead (found by the test matrix, tests/test_mobile_matrix.py)."""
     notes = []
     ops = {n.op_type for n in model.graph.node}
     if len(model.graph.sparse_initializer):
@@ -309,6 +309,8 @@ def consumer_notes(model) -> list:
         notes.append("MNN 3.x does not take this int8 QDQ file (its converter aborts on a quantized Gemm and "
                      "mis-shapes what follows a quantized Conv): for MNN convert the fp32 file with "
                      "'mnnconvert --weightQuantBits 8' (int8 weights, about the same size)")
+        notes.append("OpenCV 4.x's ONNX reader runs this int8 QDQ file right only at batch 1 (LeNet at batch 64: "
+                     "64% top-1 agreement with onnxruntime): feed it one sample at a time")
     elif any(t.data_type == 10 for t in model.graph.initializer):  # FLOAT16
         notes.append("MNN converts this fp16 file but stores its weights as fp32 again; for fp16 in MNN "
                      "convert the fp32 file with 'mnnconvert --fp16'")
