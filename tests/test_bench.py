@@ -80,4 +80,4 @@ def test_cli_bench_wrong_number_of_paths(capsys):
     d = golden_case("lenet_mnist")
     rc = main(["bench", str(d / "model.prototxt"), str(d / "model.caffemodel"), str(d / "model.prototxt")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "NET WEIGHTS [NET2 WEIGHTS2]" in err[0]
+    assert rc == 2 and len(err) == 1 and "needs its WEIGHTS.caffemodel after it" in err[0]

@@ -46,6 +46,14 @@ def _labels(path):
     return _load_labels(path)
 
 
+def _precision_options(args) -> dict:
+    """--precision/--quantize/--calib for compress --onnx, passed on only when given (the core
+    converts model.onnx with lrprune_caffe.export.precision.reduce_precision)."""
+    opts = {"precision": args.precision if args.precision != "fp32" else None, "quantize": args.quantize,
+            "calib": args.calib}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
 def cmd_compress(args) -> int:
     from lrprune_caffe.core.compress import compress
     report, _ = compress(args.net, args.weights, args.output, scheme=args.scheme, rank=args.rank,
@@ -56,7 +64,8 @@ def cmd_compress(args) -> int:
                          criterion=args.criterion, prune=args.prune, prune_scope=args.prune_scope,
                          prune_method=args.prune_method, quality=args.quality,
                          prune_structured=args.prune_structured, prune_exclude=args.prune_exclude,
-                         sparse=args.sparse, labels=_labels(args.labels), opset=args.opset)
+                         sparse=args.sparse, labels=_labels(args.labels), opset=args.opset,
+                         **_precision_options(args))
     if args.json:
         print(json.dumps(json_safe(report), indent=2))
         return 0
@@ -168,6 +177,8 @@ def register(sub):
     p.add_argument("--onnx", action="store_true", help="also export OUTDIR/model.onnx")
     p.add_argument("--opset", type=int, default=13, metavar="N",
                    help="with --onnx: the ONNX opset (default 13; 11 to the installed onnx's newest)")
+    from .export import add_precision_args
+    add_precision_args(p)  # with --onnx; --calib defaults to the --inputs
     p.add_argument("--engine", choices=ENGINES, default="onnxruntime",
                    help="engine for the check (default onnxruntime; falls back to opencv with a note "
                         "when the net cannot be exported)")

@@ -60,7 +60,8 @@ def _load_eval_data(args, net):
 
 def _uses_data_layer(args) -> bool:
     """No data flags and the net's phase view has a data layer: a train_val gives the data."""
-    if args.data or args.data_split:
+    from lrprune_caffe.engines.model import is_onnx
+    if args.data or args.data_split or is_onnx(args.net):
         return False
     from lrprune_caffe.io.caffe import read_net
     from lrprune_caffe.data.trainval import has_data_layer
@@ -74,8 +75,8 @@ def _log(msg):
 # ---- evaluate -----------------------------------------------------------------
 
 def cmd_evaluate(args):
-    from lrprune_caffe.io.caffe import load_net
     from lrprune_caffe.engines.evaluate import evaluate, evaluate_files
+    from lrprune_caffe.engines.model import open_model
     progress = False if args.json else None
     if _uses_data_layer(args):
         res = evaluate_files(args.net, args.weights, None, output=args.output_blob, engine=args.engine,
@@ -85,7 +86,7 @@ def cmd_evaluate(args):
             res["notes"].append(f"--batch-size {args.batch_size} ignored: the data layer's batch_size "
                                 f"{res['batch_size']} is used")
     else:
-        net = load_net(args.net, args.weights, phase=args.phase)
+        net = open_model(args.net, args.weights, phase=args.phase)  # NET WEIGHTS or MODEL.onnx
         ds = _load_eval_data(args, net)
         res = evaluate(net, ds, output=args.output_blob, batch_size=args.batch_size or 256, engine=args.engine,
                        threads=args.threads, progress=progress, iterations=args.iterations)
@@ -128,7 +129,8 @@ def _load_train_data(args, net):
 
 def _train_val_given(args) -> bool:
     """No --data/--data-split and the net has a data layer in TRAIN or TEST: it is a train_val."""
-    if args.data or args.data_split:
+    from lrprune_caffe.engines.model import is_onnx
+    if args.data or args.data_split or is_onnx(args.net):
         return False
     from lrprune_caffe.io.caffe import read_net
     from lrprune_caffe.data.trainval import has_data_layer
@@ -340,8 +342,10 @@ def _add_run_args(p):
 
 def register(sub):
 
-    p = sub.add_parser("evaluate", help="top-1 / top-5 accuracy on labelled data (onnxruntime or OpenCV)")
-    _add_net_args(p, weights_required=True)
+    p = sub.add_parser("evaluate", help="top-1 / top-5 accuracy on labelled data (onnxruntime or OpenCV)",
+                       description="NET WEIGHTS (a Caffe net) or MODEL.onnx (the file as shipped: onnxruntime "
+                                   "or OpenCV's ONNX reader run it as written).")
+    _add_net_args(p)
     _add_data_args(p)
     p.add_argument("--output-blob", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
     p.add_argument("--batch-size", type=int, default=None,

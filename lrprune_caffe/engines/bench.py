@@ -44,14 +44,20 @@ def _versions(runtime: str) -> dict:
 
 def _batch1_inputs(net, seed: int) -> dict:
     from .runtime import default_inputs
-    return default_inputs(net, seed=seed, batch=1)
+    fixed = net.fixed_batch() if hasattr(net, "fixed_batch") else None  # an ONNX file may fix its batch
+    return default_inputs(net, seed=seed, batch=fixed or 1)
 
 
 class _OrtRunner:
     def __init__(self, net, threads, opset):
         from lrprune_caffe.export.onnx import export_model
+        from .model import OnnxModel
         from .runtime import ort_session
         self.inputs = _batch1_inputs(net, 0)
+        if isinstance(net, OnnxModel):  # the file as written
+            self.sess = net.session(threads)
+            self.outputs = net.outputs()
+            return
         dynamic = any(s and s[0] != 1 for s in net.input_shapes().values())
         model = export_model(net, opset=opset, dynamic_batch=dynamic)
         self.sess = ort_session(model.SerializeToString(), threads)
@@ -69,6 +75,15 @@ class _OpenCVRunner:
             raise UserError("the opencv runtime needs opencv-python-headless<5") from None
         from lrprune_caffe.io.caffe import save_net
         from lrprune_caffe.errors import EngineError, engine_message
+        from .model import OnnxModel
+        if isinstance(net, OnnxModel):  # the file as written, through OpenCV's ONNX reader
+            self.inputs, self.outputs = _batch1_inputs(net, 0), net.outputs()
+            self.net = net.opencv()
+            try:
+                self()
+            except cv2.error as e:
+                raise EngineError(f"{net.source}: OpenCV's ONNX reader cannot run it: {engine_message(e)}") from None
+            return
         with tempfile.TemporaryDirectory() as d:
             proto, model = os.path.join(d, "m.prototxt"), os.path.join(d, "m.caffemodel")
             save_net(net, proto, model)
@@ -96,7 +111,8 @@ def _stats(times_s: list) -> dict:
 
 def bench_nets(nets, runtime: str = "onnxruntime", threads: int = 1, runs: int = 50, warmup: int = 5,
                labels=None, opset: int = 13, progress: bool = None) -> dict:
-    """Median batch-1 latency of one or more nets (IR ``Net`` objects; the CLI takes two), interleaved.
+    """Median batch-1 latency of one or more nets (IR ``Net`` objects or ONNX files as
+    :class:`~lrprune_caffe.engines.model.OnnxModel`; the CLI takes two), interleaved.
 
     Returns {"runtime", "threads", "runs", "warmup", "batch", "versions",
     "nets": [{"label", "median_ms", "min_ms", "mean_ms", "p90_ms", "stdev_ms", "runs"}],

@@ -49,6 +49,9 @@ def single_input(net):
 
 def resolve_scores(net, output=None) -> ScoreBlob:
     """Find the class-score blob (the single net output, or ``output``) and its class count."""
+    from .model import OnnxModel
+    if isinstance(net, OnnxModel):
+        return _onnx_scores(net, output)
     where = net.source or "the net"
     inp, in_shape = single_input(net)
     if output is None:
@@ -79,6 +82,25 @@ def resolve_scores(net, output=None) -> ScoreBlob:
                         f"(class axis {axis}); choose the class scores with --output-blob BLOB (evaluate, finetune)")
     logits = layer.bottoms[0] if softmax else output
     return ScoreBlob(output, logits, softmax, axis, int(shape[axis]), inp, tuple(in_shape) if in_shape else None)
+
+
+def _onnx_scores(model, output=None) -> ScoreBlob:
+    """resolve_scores for an ONNX file: a graph output, N x C (x 1 x 1), classes on axis 1."""
+    inp, in_shape = single_input(model)
+    outs = model.outputs()
+    if output is None:
+        if len(outs) != 1:
+            raise UserError(f"{model.source}: the model has {len(outs)} outputs ({', '.join(outs)}); "
+                            f"choose the class scores with --output NAME")
+        output = outs[0]
+    if output not in outs:
+        raise UserError(f"{model.source}: '{output}' is not an output of the ONNX graph "
+                        f"(outputs: {', '.join(outs)})")
+    shape = model.output_shapes.get(output)
+    if not shape or len(shape) < 2 or shape[1] is None or any(d != 1 for d in shape[2:]):
+        raise UserError(f"{model.source}: output '{output}' has shape {shape}, not N x classes")
+    softmax = model.producers.get(output) == "Softmax"
+    return ScoreBlob(output, output, softmax, 1, int(shape[1]), inp, tuple(in_shape) if in_shape else None)
 
 
 def class_scores(arr, axis: int = 1) -> np.ndarray:
@@ -134,11 +156,42 @@ class _OpenCVRunner:
         return np.asarray(self.net.forward(self.blob)).copy()
 
 
+class _OnnxFileRunner:
+    """An ONNX file as written: onnxruntime on its bytes, or OpenCV's ONNX reader."""
+
+    def __init__(self, model, blob, engine, threads):
+        self.model, self.blob, self.engine, self.threads = model, blob, engine, threads
+        self.input = model.inputs()[0]
+        if engine == "opencv":
+            import cv2
+            self.cv = model.opencv()
+            if threads:
+                cv2.setNumThreads(int(threads))
+
+    def __call__(self, x):
+        if self.engine == "onnxruntime":
+            return self.model.run({self.input: x}, [self.blob], self.threads)[self.blob]
+        # OpenCV 4.x computes int8 QDQ files wrongly at batch > 1 (LeNet: 64% top-1 agreement with
+        # onnxruntime at batch 64, 100% one at a time): feed those one sample at a time
+        b = self.model.fixed_batch() or (1 if self.model.quantized else len(x))
+        parts = []
+        for s in range(0, len(x), b):
+            self.cv.setInput(np.ascontiguousarray(x[s:s + b]), self.input)
+            parts.append(np.asarray(self.cv.forward(self.blob)).copy())
+        return np.concatenate(parts, axis=0)
+
+
 def make_runner(net, blob, engine="onnxruntime", threads=None):
     """(runner, engine used, notes). onnxruntime falls back to opencv when export is unavailable."""
+    from .model import OnnxModel
     notes = []
     if engine not in ENGINES:
         raise UserError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
+    if isinstance(net, OnnxModel):
+        if engine == "opencv" and net.quantized and not net.fixed_batch():
+            notes.append("OpenCV's ONNX reader computes int8 QDQ files wrongly at batch > 1: ran one sample "
+                         "at a time")
+        return _OnnxFileRunner(net, blob, engine, threads), engine, notes
     if engine == "onnxruntime":
         try:
             return _OrtRunner(net, blob, threads), "onnxruntime", notes
@@ -257,11 +310,10 @@ def load_train_val(prototxt, weights, phase="TEST", seed=0):
 
 def evaluate_files(prototxt, weights, data_path=None, output=None, batch_size=256, engine="onnxruntime",
                    threads=None, preprocess=None, phase="TEST", progress=None, iterations=None) -> dict:
-    """Load a net and its weights and a data file/folder, then :func:`evaluate`.
+    """Load a net and its weights (or a MODEL.onnx, weights None) and a data file/folder, then :func:`evaluate`.
 
     Without ``data_path`` the net must be a train_val whose ``phase`` data layer gives the
     data, its preprocessing and the batch size (``batch_size`` is then ignored)."""
-    from lrprune_caffe.io.caffe import load_net
     from lrprune_caffe.data.stream import open_data
     from lrprune_caffe.data.datasets import Preprocess
     if data_path is None:
@@ -271,7 +323,8 @@ def evaluate_files(prototxt, weights, data_path=None, output=None, batch_size=25
         res["notes"] = list(net.notes) + pdata.notes + res["notes"]
         res["data_layer"] = pdata.layer
         return res
-    net = load_net(prototxt, weights, phase=phase)
+    from .model import open_model
+    net = open_model(prototxt, weights, phase=phase)
     _, in_shape = single_input(net)
     ds = open_data(data_path, input_shape=in_shape, pre=preprocess or Preprocess())
     res = evaluate(net, ds, output, batch_size, engine, threads, progress, iterations)
