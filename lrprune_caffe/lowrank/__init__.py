@@ -2,7 +2,12 @@
 
 * :mod:`.decompose` - SVD (exact, Gram-side, randomized), the channel / spatial /
   Tucker-2 / FC schemes on Caffe weight blobs, per group;
-* :mod:`.rank` - rank choice: fixed, energy, VBMF, whole-net MAC budget.
+* :mod:`.rank` - rank choice: fixed, energy, VBMF, whole-net MAC budget;
+* :mod:`.datafit` - data-aware fits on calibration moments: im2col, position
+  sampling, ridge re-fit of a last factor, reduced-rank regression, Zhang et
+  al. 2015's response reconstruction;
+* :mod:`.prunefit` - data-aware pruning: masked least squares per row, OBS,
+  SparseGPT.
 
 Nothing here knows about the IR; :mod:`lrprune_caffe.transforms.factorize` turns the
 factors into Caffe layers.
