@@ -196,6 +196,12 @@ class Moments:
         xb, yb = self.xbar, self.ybar
         return self.xx - self.n * np.outer(xb, xb), self.yx - self.n * np.outer(yb, xb)
 
+    def second(self, intercept: bool = True):
+        """(H, G, xbar, ybar): centered moments with an intercept, raw ones (and zero means) without."""
+        if intercept:
+            return (*self.centered(), self.xbar, self.ybar)
+        return self.xx, self.yx, np.zeros_like(self.sx), np.zeros_like(self.sy)
+
     def sq_error(self, A, c) -> float:
         """``sum ||y - A x - c||^2`` from the moments (float64)."""
         A = np.asarray(A, np.float64)
@@ -225,9 +231,9 @@ def _blocks(n_out: int, n_in: int, group: int):
     return [(slice(j * no, (j + 1) * no), slice(j * ni, (j + 1) * ni)) for j in range(group)]
 
 
-def _damped_ls(m: Moments, damping, prior, group):
-    """Per group: (rows, cols, A_ls, H_lambda, G_lambda) of the damped centered least squares."""
-    Hc, Gc = m.centered()
+def _damped_ls(m: Moments, damping, prior, group, intercept=True):
+    """Per group: (rows, cols, A_ls, H_lambda, G_lambda) of the damped (centered) least squares."""
+    Hc, Gc, _, _ = m.second(intercept)
     out = []
     for rows, cols in _blocks(Gc.shape[0], Gc.shape[1], group):
         H = Hc[cols, cols].copy()
@@ -241,7 +247,7 @@ def _damped_ls(m: Moments, damping, prior, group):
     return out
 
 
-def ridge_fit(m: Moments, damping: float = DEFAULT_DAMPING, prior=None, group: int = 1):
+def ridge_fit(m: Moments, damping: float = DEFAULT_DAMPING, prior=None, group: int = 1, intercept: bool = True):
     """``argmin_{A, c} ||Y - A X - c||^2 + lambda ||A - prior||^2`` (A block-diagonal over ``group``).
 
     Returns ``(A, c)``: A ``(N, K / group)`` (group j's rows act on inputs
@@ -249,13 +255,15 @@ def ridge_fit(m: Moments, damping: float = DEFAULT_DAMPING, prior=None, group: i
     equations ``A (Hc + lambda I) = Gc + lambda prior`` (Tikhonov / ridge;
     Hoerl & Kennard 1970), Cholesky; ``damping=0`` on a singular Hc gives the
     minimum-norm least-squares solution. ``prior``: ``(N, K/g)``, default 0.
+    ``intercept=False``: no c (it is returned as zeros), uncentered moments.
     """
     N, K = m.yx.shape
+    _, _, xbar, ybar = m.second(intercept)
     A = np.zeros((N, K // group))
-    c = m.ybar.copy()
-    for rows, cols, Aj, _, _ in _damped_ls(m, damping, prior, group):
+    c = ybar.copy()
+    for rows, cols, Aj, _, _ in _damped_ls(m, damping, prior, group, intercept):
         A[rows] = Aj
-        c[rows] -= Aj @ m.xbar[cols]
+        c[rows] -= Aj @ xbar[cols]
     return A, c
 
 
@@ -266,7 +274,8 @@ def _top_eigvecs(S, r):
     return V[:, ::-1]
 
 
-def reduced_rank_fit(m: Moments, rank: int, damping: float = DEFAULT_DAMPING, prior=None, group: int = 1):
+def reduced_rank_fit(m: Moments, rank: int, damping: float = DEFAULT_DAMPING, prior=None, group: int = 1,
+                     intercept: bool = True):
     """``argmin ||Y - P Q X - c||^2 + lambda ||P Q - prior||^2`` over P (N x r), Q (r x K), per group.
 
     Reduced-rank (ridge) regression (Izenman 1975, Thm. 2; Mukherjee & Zhu
@@ -280,18 +289,20 @@ def reduced_rank_fit(m: Moments, rank: int, damping: float = DEFAULT_DAMPING, pr
     r = int(rank)
     if not 1 <= r <= min(N, K) // group:
         raise ValueError(f"rank {r} is outside 1..{min(N, K) // group}")
+    _, _, xbar, ybar = m.second(intercept)
     P = np.zeros((N, r))
     Q = np.zeros((group * r, K // group))
-    c = m.ybar.copy()
-    for j, (rows, cols, A, _, G) in enumerate(_damped_ls(m, damping, prior, group)):
+    c = ybar.copy()
+    for j, (rows, cols, A, _, G) in enumerate(_damped_ls(m, damping, prior, group, intercept)):
         Pj = _top_eigvecs(A @ G.T, r)  # A (H + lam I) A^T = A G^T
         Qj = Pj.T @ A
         P[rows], Q[j * r:(j + 1) * r] = Pj, Qj
-        c[rows] -= Pj @ (Qj @ m.xbar[cols])
+        c[rows] -= Pj @ (Qj @ xbar[cols])
     return P, Q, c
 
 
-def zhang_fit(W: np.ndarray, b, m: Moments, rank: int, damping: float = DEFAULT_DAMPING, group: int = 1):
+def zhang_fit(W: np.ndarray, b, m: Moments, rank: int, damping: float = DEFAULT_DAMPING, group: int = 1,
+              intercept: bool = True):
     """Zhang et al. 2015's response reconstruction of a layer ``y = W x + b`` at rank ``rank``.
 
     ``m``: :class:`Moments` of (responses of the *original* layer on the inputs
@@ -304,6 +315,8 @@ def zhang_fit(W: np.ndarray, b, m: Moments, rank: int, damping: float = DEFAULT_
     Returns ``(W1, W2, b2)``: W1 = ``Q W`` ``(g r, K/g)`` (the r new filters,
     no bias), W2 = ``P`` ``(N, r)`` (the 1x1 / FC that restores N outputs), and
     its bias ``b2 = c + P Q b``, so that ``W2 (W1 x) + b2 = M (W x + b) + c``.
+    ``intercept=False`` (a layer without bias): c = 0, ``b`` must be None, and
+    M is fit on uncentered responses.
     """
     W = np.asarray(W, np.float64)
     N = W.shape[0]
@@ -313,7 +326,7 @@ def zhang_fit(W: np.ndarray, b, m: Moments, rank: int, damping: float = DEFAULT_
     eye = np.zeros((N, N // group))
     for j, (rows, _) in enumerate(_blocks(N, N, group)):
         eye[rows] = np.eye(N // group)
-    P, Q, c = reduced_rank_fit(m, rank, damping, prior=eye, group=group)
+    P, Q, c = reduced_rank_fit(m, rank, damping, prior=eye, group=group, intercept=intercept)
     r = int(rank)
     W1 = np.zeros((group * r, W.shape[1]))
     b2 = c.copy()

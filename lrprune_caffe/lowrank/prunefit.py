@@ -37,27 +37,30 @@ import scipy.linalg as sla
 from .datafit import DEFAULT_DAMPING, Moments, damping_of, ridge_fit
 
 
-def _hessian(m: Moments, damping: float):
-    Hc, Gc = m.centered()
+def _hessian(m: Moments, damping: float, intercept: bool = True):
+    Hc, Gc, _, _ = m.second(intercept)
     lam = damping_of(m.xx, damping)
     H = Hc.copy()
     H[np.diag_indices_from(H)] += lam
     return H, Gc, lam
 
 
-def _bias(m: Moments, W):
+def _bias(m: Moments, W, intercept: bool = True):
+    if not intercept:
+        return np.zeros(np.asarray(W).shape[0])
     return m.ybar - np.asarray(W, np.float64) @ m.xbar
 
 
-def masked_fit(m: Moments, mask: np.ndarray, damping: float = DEFAULT_DAMPING, prior=None):
+def masked_fit(m: Moments, mask: np.ndarray, damping: float = DEFAULT_DAMPING, prior=None, intercept: bool = True):
     """Per output row, the kept weights that best reproduce the target (see the module docstring).
 
     ``mask`` ``(N, K)`` bool, ``True`` = keep; ``prior`` ``(N, K)`` pulls the kept
     weights toward it (default 0: ridge). Rows with the same kept set share one
-    Cholesky factorization. Returns ``(W (N, K) with zeros off the mask, c (N,))``.
+    Cholesky factorization. Returns ``(W (N, K) with zeros off the mask, c (N,))``;
+    ``intercept=False`` (a layer without bias): c = 0, uncentered moments.
     """
     mask = np.asarray(mask, dtype=bool)
-    H, G, lam = _hessian(m, damping)
+    H, G, lam = _hessian(m, damping, intercept)
     N, K = G.shape
     if mask.shape != (N, K):
         raise ValueError(f"mask {mask.shape} does not match the layer's {N} x {K} weights")
@@ -78,7 +81,7 @@ def masked_fit(m: Moments, mask: np.ndarray, damping: float = DEFAULT_DAMPING, p
         except np.linalg.LinAlgError:
             sol = np.linalg.lstsq(HS, G[np.ix_(rows, S)].T, rcond=None)[0]
         W[np.ix_(rows, S)] = sol.T
-    return W, _bias(m, W)
+    return W, _bias(m, W, intercept)
 
 
 def obs_remove_one(w: np.ndarray, H: np.ndarray, alive=None):
@@ -115,7 +118,7 @@ def _k_smallest(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def sparsegpt(m: Moments, sparsity: float = None, mask=None, damping: float = DEFAULT_DAMPING,
-              blocksize: int = 128, start=None):
+              blocksize: int = 128, start=None, intercept: bool = True):
     """SparseGPT (Frantar & Alistarh 2023, Alg. 1) on one layer; see the module docstring.
 
     Either ``sparsity`` (share of weights to zero, chosen per column block by
@@ -126,9 +129,9 @@ def sparsegpt(m: Moments, sparsity: float = None, mask=None, damping: float = DE
     """
     if (sparsity is None) == (mask is None):
         raise ValueError("give either sparsity or mask")
-    H, _, _ = _hessian(m, damping)
+    H, _, _ = _hessian(m, damping, intercept)
     K = H.shape[0]
-    W = (ridge_fit(m, damping)[0] if start is None else np.asarray(start, np.float64)).copy()
+    W = (ridge_fit(m, damping, intercept=intercept)[0] if start is None else np.asarray(start, np.float64)).copy()
     N = W.shape[0]
     Hinv = sla.cho_solve(sla.cho_factor(H, check_finite=False), np.eye(K), check_finite=False)
     U = sla.cholesky(0.5 * (Hinv + Hinv.T), lower=False, check_finite=False)  # H^-1 = U^T U
@@ -153,7 +156,7 @@ def sparsegpt(m: Moments, sparsity: float = None, mask=None, damping: float = DE
         W[:, i1:i2] = W1
         W[:, i2:] -= E @ U[i1:i2, i2:]
     W[prune] = 0.0
-    return W, _bias(m, W), ~prune
+    return W, _bias(m, W, intercept), ~prune
 
 
 __all__ = ["masked_fit", "obs_remove_one", "sparsegpt"]
