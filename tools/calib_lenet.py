@@ -82,14 +82,14 @@ def main(argv=None):
         if fopts:
             rep_f, net = compress(proto, weights, verify=False, **fopts)
             net = copy.deepcopy(net)
-            calibrate_factorized(orig, net, plan_of(rep_f), cal)
+            calibrate_factorized(net, original=orig, plan=plan_of(rep_f), calib_inputs=cal)
         else:
             net = copy.deepcopy(orig)
         if frac is not None:
             dense = copy.deepcopy(net)
             masks = compute_masks(net, PruneSpec(fraction=frac, scope="global"))
             apply_masks(net, masks)
-            calibrate_pruned(orig, net, masks, cal, dense=dense, prior=args.prior,
+            calibrate_pruned(net, original=orig, masks=masks, calib_inputs=cal, dense=dense, prior=args.prior,
                              prune_method="sparsegpt" if args.sparsegpt else "resolve")
         dt = time.perf_counter() - t0
         a, b = top1(free, x_test, y_test), top1(net, x_test, y_test)

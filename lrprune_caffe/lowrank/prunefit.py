@@ -35,6 +35,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from .datafit import DEFAULT_DAMPING, Moments, damping_of, ridge_fit
+from .decompose import _one_blas_thread
 
 
 def _hessian(m: Moments, damping: float, intercept: bool = True):
@@ -70,6 +71,12 @@ def masked_fit(m: Moments, mask: np.ndarray, damping: float = DEFAULT_DAMPING, p
     keys = np.packbits(mask, axis=1)
     _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
+    with _one_blas_thread():  # many small solves: one BLAS thread is faster, and does not stall on busy cores
+        _solve_rows(H, G, W, mask, first, inverse)
+    return W, _bias(m, W, intercept)
+
+
+def _solve_rows(H, G, W, mask, first, inverse):
     for u, i0 in enumerate(first):
         rows = np.nonzero(inverse == u)[0]
         S = np.nonzero(mask[i0])[0]
@@ -81,7 +88,6 @@ def masked_fit(m: Moments, mask: np.ndarray, damping: float = DEFAULT_DAMPING, p
         except np.linalg.LinAlgError:
             sol = np.linalg.lstsq(HS, G[np.ix_(rows, S)].T, rcond=None)[0]
         W[np.ix_(rows, S)] = sol.T
-    return W, _bias(m, W, intercept)
 
 
 def obs_remove_one(w: np.ndarray, H: np.ndarray, alive=None):
@@ -142,9 +148,10 @@ def sparsegpt(m: Moments, sparsity: float = None, mask=None, damping: float = DE
         i2 = min(i1 + int(blocksize), K)
         W1 = W[:, i1:i2].copy()
         U1 = U[i1:i2, i1:i2]
-        if mask is None:
+        if mask is None:  # the block's share of round(sparsity * N K), so the total is exact
             score = W1 ** 2 / np.diag(U1)[None, :] ** 2
-            prune[:, i1:i2] = _k_smallest(score, int(round(float(sparsity) * score.size)))
+            k = int(round(float(sparsity) * N * i2)) - int(round(float(sparsity) * N * i1))
+            prune[:, i1:i2] = _k_smallest(score, k)
         E = np.zeros_like(W1)
         for i in range(i2 - i1):
             w = W1[:, i]

@@ -27,7 +27,8 @@ factors) and/or with pruning masks; a few hundred calibration inputs.
   before pruning) applied to the original net's input of the chain.
 
 Convolutions are fit at ``max_positions`` output positions per image
-(seeded), so the cost stays bounded on large images; all fits work on
+(seeded; fewer when the images times that exceed :data:`MAX_COLUMNS`), so
+the cost stays bounded on large images and many images; all fits work on
 float64 second moments accumulated over chunks of positions.
 
 **Preconditions** (checked before anything changes; else ``Precondition``):
@@ -51,6 +52,8 @@ from .factorize import new_names
 from .forward import SUPPORTED, run_layer
 
 CHUNK = 8192  # columns per moment accumulation step
+#: at most this many sampled columns (positions x images) per layer fit, whatever the number of images
+MAX_COLUMNS = 16384
 
 
 # ---------------------------------------------------------------------------
@@ -146,12 +149,14 @@ def _rel(a, b) -> float:
 class _Cols:
     """The sampled columns of one conv / InnerProduct layer's inputs and outputs."""
 
-    def __init__(self, layer, x, y, max_positions, seed, max_columns=1 << 17):
+    def __init__(self, layer, x, y, max_positions, seed, max_columns=None):
         self.conv = layer.type == "Convolution"
+        max_columns = MAX_COLUMNS if max_columns is None else int(max_columns)
         if self.conv:
             g = conv_geometry(layer)
             self.geo = (g.kernel, g.stride, g.pad, g.dilation)
-            self.pos = df.sample_positions(y.shape[0], y.shape[2], y.shape[3], max_positions, seed)
+            per_image = max(1, min(int(max_positions), max_columns // max(1, y.shape[0])))
+            self.pos = df.sample_positions(y.shape[0], y.shape[2], y.shape[3], per_image, seed)
         else:
             ip = layer.param_msg("inner_product_param")
             axis = int(ip.axis) % x.ndim
@@ -278,14 +283,18 @@ def _chains(net_new, plan, net_orig):
 
 
 @graph_pass("calibrate_factorized")
-def calibrate_factorized(net_orig, net_new, plan: dict, calib_inputs: dict, *, damping=df.DEFAULT_DAMPING,
+def calibrate_factorized(net_new, *, original, plan: dict, calib_inputs: dict, damping=df.DEFAULT_DAMPING,
                          max_positions=256, seed=0, zhang=True, refit=True, progress=None) -> PassResult:
     """Refit every chain of ``plan`` ({original name: LayerPlan or scheme}) in ``net_new`` in place.
 
-    See the module docstring. ``calib_inputs``: {input blob: array}. Returns a
-    PassResult whose details hold, per layer, the output's relative L2 error
-    on the calibration inputs before and after.
+    See the module docstring. ``original``: the net before factorizing (never
+    changed; layers ``net_new`` shares with it are copied before a write).
+    ``calib_inputs``: {input blob: array}. ``zhang=False``: keep the data-free
+    first factors; ``refit=False``: no last-factor re-fit. Returns a PassResult
+    whose details hold, per layer, the output's relative L2 error on the
+    calibration inputs before and after.
     """
+    net_orig = original
     _check((net_orig, net_new), calib_inputs)
     chains = _chains(net_new, plan, net_orig)
     opts = dict(damping=damping, max_positions=max_positions, zhang=zhang, refit=refit)
@@ -335,7 +344,7 @@ def _lockstep(R, N, ref, net_new, i):
 
 
 @graph_pass("calibrate_pruned")
-def calibrate_pruned(net_orig, net_new, masks: dict, calib_inputs: dict, *, dense=None,
+def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dense=None,
                      damping=df.DEFAULT_DAMPING, max_positions=256, seed=0, prune_method="resolve",
                      prior="dense", max_inputs=8192, progress=None) -> PassResult:
     """Re-solve the kept weights of every masked layer of ``net_new``, sequentially (see the module docstring).
@@ -347,7 +356,9 @@ def calibrate_pruned(net_orig, net_new, masks: dict, calib_inputs: dict, *, dens
     for ``prior="dense"`` (pull the kept weights toward their dense values;
     ``"zero"``: plain ridge). Layers with more than ``max_inputs`` inputs per
     group are left as they are (the K x K Gram matrix would not fit).
+    ``original``: the uncompressed net (targets; never changed).
     """
+    net_orig = original
     if prune_method not in ("resolve", "sparsegpt"):
         raise ValueError(f"unknown prune_method {prune_method!r}")
     _check((net_orig, net_new), calib_inputs)
