@@ -114,6 +114,26 @@ def test_ridge_fit_undamped_equals_lstsq(group):
         np.testing.assert_allclose(c[rows], cj, atol=1e-9)
 
 
+def test_fits_without_intercept_equal_lstsq_through_the_origin():
+    r = rng(19)
+    X = r.standard_normal((5, 60)) + 1.0
+    Y = r.standard_normal((4, 5)) @ X + 0.3 * r.standard_normal((4, 60)) + 2.0
+    m = df.Moments.of(X, Y)
+    A, c = df.ridge_fit(m, damping=0.0, intercept=False)
+    np.testing.assert_allclose(A, np.linalg.lstsq(X.T, Y.T, rcond=None)[0].T, atol=1e-9)
+    assert not c.any()
+    mask = r.random((4, 5)) > 0.4
+    W, c = pf.masked_fit(m, mask, damping=0.0, intercept=False)
+    for i in range(4):
+        S = np.nonzero(mask[i])[0]
+        np.testing.assert_allclose(W[i, S], np.linalg.lstsq(X[S].T, Y[i], rcond=None)[0], atol=1e-9)
+    assert not c.any()
+    W1, W2, b2 = df.zhang_fit(A, None, df.Moments.of(A @ X, A @ X), 2, damping=0.0, intercept=False)
+    U = np.linalg.svd(A @ X, full_matrices=False)[0][:, :2]  # uncentered principal subspace
+    np.testing.assert_allclose(W2 @ W2.T, U @ U.T, atol=1e-8)
+    assert not b2.any()
+
+
 def test_ridge_fit_damped_equals_augmented_lstsq():
     r = rng(7)
     Z = r.standard_normal((5, 30)) * np.array([[3.0], [1], [0.1], [1], [2]])
