@@ -250,6 +250,18 @@ def test_zhang_asymmetric_optimal_in_response_space_and_beats_symmetric(group):
         assert err(asym) == pytest.approx(best, rel=1e-7)
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_balance_keeps_the_product_and_equalizes_component_norms(group):
+    g = rng(20)
+    W1 = g.standard_normal((3 * group, 7)) * 10.0
+    W2 = g.standard_normal((4 * group, 3)) * 0.1
+    B1, B2 = df.balance(W1, W2, group)
+    for j in range(group):
+        r1, r2 = slice(3 * j, 3 * j + 3), slice(4 * j, 4 * j + 4)
+        np.testing.assert_allclose(B2[r2] @ B1[r1], W2[r2] @ W1[r1], atol=1e-10)
+        np.testing.assert_allclose(np.linalg.norm(B1[r1], axis=1), np.linalg.norm(B2[r2], axis=0), rtol=1e-10)
+
+
 # --- data-aware pruning --------------------------------------------------------------
 
 def pruning_case(seed=14, N=5, K=7, n=60):

@@ -46,11 +46,8 @@ def top1(net, x, y):
 
 
 def onnx_top1(net, x, y):
-    import onnxruntime as ort
-    from lrprune_caffe.export.onnx import to_onnx
-    model = to_onnx(net)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = np.concatenate([sess.run(None, {"data": x[i:i + 1]})[0] for i in range(len(x))])
+    from lrprune_caffe.engines.runtime import run_onnxruntime
+    out = run_onnxruntime(net, {"data": x}, outputs=["prob"])["prob"]
     return float(np.mean(out.reshape(len(x), -1).argmax(1) == y))
 
 
@@ -64,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--onnx", action="store_true", help="also score with onnxruntime")
     ap.add_argument("--sparsegpt", action="store_true", help="choose masks by SparseGPT saliency")
     ap.add_argument("--prior", default="dense", choices=("dense", "zero"))
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampled conv positions")
     args = ap.parse_args(argv)
     proto, weights = str(GOLDEN / "model.prototxt"), str(GOLDEN / "model.caffemodel")
     with np.load(SPLIT) as z:
@@ -71,7 +69,7 @@ def main(argv=None):
         x_test, y_test = z["x_test"][:, None].astype(np.float32) / 256, z["y_test"]
     orig = load_net(proto, weights)
     print(f"original: top-1 {top1(orig, x_test, y_test):.3f}")
-    print(f"| setting | data-free | calibrated ({args.n} digits) | calib time |")
+    print(f"| setting | data-free | calibrated ({args.n} digits) | factorize + calibrate time |")
     print("| --- | --- | --- | --- |")
     for label, fopts, frac in ROWS:
         kw = dict(fopts)
@@ -82,7 +80,7 @@ def main(argv=None):
         if fopts:
             rep_f, net = compress(proto, weights, verify=False, **fopts)
             net = copy.deepcopy(net)
-            calibrate_factorized(net, original=orig, plan=plan_of(rep_f), calib_inputs=cal)
+            calibrate_factorized(net, original=orig, plan=plan_of(rep_f), calib_inputs=cal, seed=args.seed)
         else:
             net = copy.deepcopy(orig)
         if frac is not None:
@@ -90,7 +88,7 @@ def main(argv=None):
             masks = compute_masks(net, PruneSpec(fraction=frac, scope="global"))
             apply_masks(net, masks)
             calibrate_pruned(net, original=orig, masks=masks, calib_inputs=cal, dense=dense, prior=args.prior,
-                             prune_method="sparsegpt" if args.sparsegpt else "resolve")
+                             seed=args.seed, prune_method="sparsegpt" if args.sparsegpt else "resolve")
         dt = time.perf_counter() - t0
         a, b = top1(free, x_test, y_test), top1(net, x_test, y_test)
         extra = ""

@@ -337,6 +337,30 @@ def zhang_fit(W: np.ndarray, b, m: Moments, rank: int, damping: float = DEFAULT_
     return W1, P, b2
 
 
+def balance(W1: np.ndarray, W2: np.ndarray, group: int = 1):
+    """Rescale each rank component so its row of W1 and its column of W2 have the same norm.
+
+    ``W1`` ``(g r, K/g)``, ``W2`` ``(N, r)`` (grouped layout as above);
+    ``W2 diag(1/s) diag(s) W1`` computes the same product, so the chain's output
+    is unchanged. Zhang's factors put all the scale into W1 (P is orthonormal);
+    balanced ones (like the data-free ``U S^1/2``, ``S^1/2 V^T``) keep weight
+    magnitudes comparable across the two layers, which magnitude pruning needs.
+    """
+    W1 = np.array(W1, np.float64)
+    W2 = np.array(W2, np.float64)
+    r = W1.shape[0] // group
+    n = W2.shape[0] // group
+    for j in range(group):
+        a = np.linalg.norm(W1[j * r:(j + 1) * r], axis=1)
+        b = np.linalg.norm(W2[j * n:(j + 1) * n], axis=0)
+        ok = (a > 0) & (b > 0)
+        s = np.ones(r)
+        s[ok] = np.sqrt(b[ok] / a[ok])
+        W1[j * r:(j + 1) * r] *= s[:, None]
+        W2[j * n:(j + 1) * n] /= s[None, :]
+    return W1, W2
+
+
 def relative_sq_error(m: Moments, A, c) -> float:
     """``||Y - A X - c||^2 / ||Y - ybar||^2`` (1 = no better than the mean)."""
     denom = m.yy - m.n * float(m.ybar @ m.ybar)
@@ -344,4 +368,4 @@ def relative_sq_error(m: Moments, A, c) -> float:
 
 
 __all__ = ["DEFAULT_DAMPING", "conv_out_size", "sample_positions", "im2col", "responses", "conv2d", "Moments",
-           "damping_of", "ridge_fit", "reduced_rank_fit", "zhang_fit", "relative_sq_error"]
+           "damping_of", "ridge_fit", "reduced_rank_fit", "zhang_fit", "balance", "relative_sq_error"]

@@ -12,7 +12,9 @@ factors) and/or with pruning masks; a few hundred calibration inputs.
 
   - channel / FC: Zhang et al. 2015's response reconstruction (first factor
     ``Q W``, second ``P``, bias corrected), then a least-squares re-fit of the
-    last factor on the first factor's actual outputs;
+    last factor on the first factor's actual outputs, then the two factors
+    balanced (equal norms per rank component, as the data-free factors are,
+    so that magnitude pruning afterwards treats both layers alike);
   - Tucker-2: the first 1x1 is kept; the core and the last 1x1 are fit as a
     channel pair by Zhang's method on the first 1x1's outputs, then the last
     re-fit;
@@ -227,6 +229,7 @@ def _pair_fit(first, last, W, b, x, y, opts, seed):
         for X, Y in cols.chunks():
             m.add(_grouped(W1, X, g), Y)
         W2, b2 = df.ridge_fit(m, opts["damping"], prior=W2, group=g, intercept=intercept)
+    W1, W2 = df.balance(W1, W2, g)
     _set_weights(first, W1, None)
     _set_weights(last, W2, b2 if intercept else None)
 
