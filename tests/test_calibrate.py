@@ -131,3 +131,25 @@ def test_lenet_global_pruning_calibrated_keeps_masks(lenet):
         assert int(mask.sum()) == int(masks[k].sum())
         assert not sg.layer(k[0]).blobs[0][~mask].any()
     assert top1(sg, x, y) >= 0.96
+
+
+def test_injected_forward_is_used_and_gives_the_same_fit(lenet):
+    from lrprune_caffe.transforms.forward import run_layer
+    orig, cal, _, _ = lenet
+    cal = {"data": cal["data"][:64]}
+    plan = {"conv2": LayerPlan("channel", (7,)), "ip1": LayerPlan("fc", (64,))}
+    a = copy.deepcopy(orig)
+    run_pass(factorize, a, plan=plan)
+    b = copy.deepcopy(a)
+    seen = []
+
+    def run(layer, bottoms):
+        seen.append(layer.name)
+        return run_layer(layer, bottoms)
+
+    run_pass(calibrate_factorized, a, original=orig, plan=plan, calib_inputs=cal)
+    run_pass(calibrate_factorized, b, original=orig, plan=plan, calib_inputs=cal, run=run)
+    assert {"conv1", "conv2", "conv2_lr1", "ip1_lr2"} <= set(seen)
+    for la, lb in zip(a.layers, b.layers):
+        for x, y in zip(la.blobs, lb.blobs):
+            np.testing.assert_array_equal(x, y)

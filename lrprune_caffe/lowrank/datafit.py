@@ -129,20 +129,32 @@ def responses(y: np.ndarray, positions=None) -> np.ndarray:
     return y.reshape(B, N, hw)[b, :, rem].T
 
 
+#: bytes of im2col buffer per step of :func:`conv2d` (images are processed in chunks under it)
+CONV_BUFFER_BYTES = 128 << 20
+
+
 def conv2d(x: np.ndarray, W: np.ndarray, b=None, stride=1, pad=0, dilation=1, group: int = 1) -> np.ndarray:
-    """Caffe's convolution by im2col (float64 accumulation is the caller's choice of dtype)."""
+    """Caffe's convolution by im2col, a chunk of images at a time (the patch buffer stays
+    under :data:`CONV_BUFFER_BYTES`); computed in the inputs' and weights' common dtype."""
     B, C, H, Wd = x.shape
     N, cg, kh, kw = W.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(pad), _pair(dilation)
     ho, wo = conv_out_size(H, kh, sh, ph, dh), conv_out_size(Wd, kw, sw, pw, dw)
     ng = N // group
-    out = np.empty((N, B * ho * wo), dtype=np.result_type(x, W))
-    for j in range(group):
-        X = im2col(x[:, j * cg:(j + 1) * cg], (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-        out[j * ng:(j + 1) * ng] = W[j * ng:(j + 1) * ng].reshape(ng, -1) @ X
+    dt = np.result_type(x, W)
+    out = np.empty((B, N, ho, wo), dtype=dt)
+    per_image = cg * kh * kw * ho * wo * np.dtype(dt).itemsize
+    step = max(1, int(CONV_BUFFER_BYTES // max(1, per_image)))
+    for i in range(0, B, step):
+        xb = x[i:i + step]
+        n = xb.shape[0]
+        for j in range(group):
+            X = im2col(xb[:, j * cg:(j + 1) * cg], (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+            Y = W[j * ng:(j + 1) * ng].reshape(ng, -1).astype(dt, copy=False) @ X
+            out[i:i + n, j * ng:(j + 1) * ng] = Y.reshape(ng, n, ho, wo).transpose(1, 0, 2, 3)
     if b is not None:
-        out += np.asarray(b).reshape(N, 1)
-    return out.reshape(N, B, ho, wo).transpose(1, 0, 2, 3)
+        out += np.asarray(b, dtype=dt).reshape(1, N, 1, 1)
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -64,8 +64,9 @@ MAX_COLUMNS = 16384
 class _Runner:
     """Runs a list of layers one at a time, freeing blobs after their last use."""
 
-    def __init__(self, layers, inputs):
+    def __init__(self, layers, inputs, run=run_layer):
         self.layers = layers
+        self.run = run
         self.blobs = dict(inputs)
         self.last = {}
         for i, layer in enumerate(layers):
@@ -78,7 +79,7 @@ class _Runner:
         layer = layer or self.layers[i]
         if layer is None or layer.type == "Input":
             return None
-        outs = run_layer(layer, [self.blobs[b] for b in layer.bottoms])
+        outs = self.run(layer, [self.blobs[b] for b in layer.bottoms])
         for t, v in zip(layer.tops, outs):
             self.blobs[t] = v
         self.free(i)
@@ -93,10 +94,10 @@ class _Runner:
                 self.blobs.pop(b, None)
 
 
-def _check(nets, inputs):
+def _check(nets, inputs, numpy_forward=True):
     for net in nets:
         for layer in net.layers:
-            if layer.type not in SUPPORTED:
+            if numpy_forward and layer.type not in SUPPORTED:
                 raise Precondition(f"layer '{layer.name}' ({layer.type}) has no numpy forward for calibration")
             if layer.type == "Input":
                 missing = [t for t in layer.tops if t not in inputs]
@@ -238,7 +239,7 @@ def _last_fit(prev_layers, last, x, y, opts, seed):
     """Least-squares re-fit of ``last`` on the outputs of ``prev_layers`` (run on x)."""
     z = x
     for layer in prev_layers:
-        z = run_layer(layer, [z])[0]
+        z = opts["run"](layer, [z])[0]
     W2, b2 = _weights(last)
     cols = _Cols(last, z, y, opts["max_positions"], seed)
     m = df.Moments()
@@ -255,7 +256,7 @@ def _fit_chain(scheme, chain, orig, x, y, opts, seed):
     elif scheme == "spatial":
         _last_fit(chain[:1], chain[1], x, y, opts, seed)
     else:  # tucker2: the core and the last 1x1 are a channel pair on the first 1x1's outputs
-        z = run_layer(chain[0], [x])[0]
+        z = opts["run"](chain[0], [x])[0]
         g = _conv_group(chain[1])
         W2, W3 = _weights(chain[1])[0], _weights(chain[2])[0]
         r2, n = W2.shape[0] // g, W3.shape[0] // g
@@ -287,22 +288,26 @@ def _chains(net_new, plan, net_orig):
 
 @graph_pass("calibrate_factorized")
 def calibrate_factorized(net_new, *, original, plan: dict, calib_inputs: dict, damping=df.DEFAULT_DAMPING,
-                         max_positions=256, seed=0, zhang=True, refit=True, progress=None) -> PassResult:
+                         max_positions=256, seed=0, zhang=True, refit=True, run=None, progress=None) -> PassResult:
     """Refit every chain of ``plan`` ({original name: LayerPlan or scheme}) in ``net_new`` in place.
 
     See the module docstring. ``original``: the net before factorizing (never
     changed; layers ``net_new`` shares with it are copied before a write).
     ``calib_inputs``: {input blob: array}. ``zhang=False``: keep the data-free
-    first factors; ``refit=False``: no last-factor re-fit. Returns a PassResult
+    first factors; ``refit=False``: no last-factor re-fit. ``run``: a
+    ``(layer, bottom arrays) -> top arrays`` callable to use instead of the
+    numpy forward (e.g. an engine's, injected by a caller above transforms/).
+    Returns a PassResult
     whose details hold, per layer, the output's relative L2 error on the
     calibration inputs before and after.
     """
     net_orig = original
-    _check((net_orig, net_new), calib_inputs)
+    _check((net_orig, net_new), calib_inputs, numpy_forward=run is None)
+    run = run or run_layer
     chains = _chains(net_new, plan, net_orig)
-    opts = dict(damping=damping, max_positions=max_positions, zhang=zhang, refit=refit)
+    opts = dict(damping=damping, max_positions=max_positions, zhang=zhang, refit=refit, run=run)
     ref = _reference(net_orig, net_new, inner=False)
-    R, N = _Runner(ref, calib_inputs), _Runner(net_new.layers, calib_inputs)
+    R, N = _Runner(ref, calib_inputs, run), _Runner(net_new.layers, calib_inputs, run)
     details, i = [], 0
     while i < len(net_new.layers):
         if i not in chains:
@@ -315,7 +320,7 @@ def calibrate_factorized(net_new, *, original, plan: dict, calib_inputs: dict, d
         y = R.blobs[net_new.layers[idx[-1]].tops[0]]
         x = N.blobs[net_new.layers[i].bottoms[0]]
         chain = [_own(net_new, net_orig, j) for j in idx]
-        before = _run_chain(chain, x)
+        before = _run_chain(chain, x, run)
         _fit_chain(scheme, chain, ref[idx[-1]], x, y, opts, seed + i)
         for j in idx:
             N.step(j, net_new.layers[j])
@@ -328,9 +333,9 @@ def calibrate_factorized(net_new, *, original, plan: dict, calib_inputs: dict, d
     return PassResult("calibrate_factorized", changed=bool(details), details=details)
 
 
-def _run_chain(chain, x):
+def _run_chain(chain, x, run=run_layer):
     for layer in chain:
-        x = run_layer(layer, [x])[0]
+        x = run(layer, [x])[0]
     return x
 
 
@@ -349,7 +354,7 @@ def _lockstep(R, N, ref, net_new, i):
 @graph_pass("calibrate_pruned")
 def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dense=None,
                      damping=df.DEFAULT_DAMPING, max_positions=256, seed=0, prune_method="resolve",
-                     prior="dense", max_inputs=8192, progress=None) -> PassResult:
+                     prior="dense", max_inputs=8192, run=None, progress=None) -> PassResult:
     """Re-solve the kept weights of every masked layer of ``net_new``, sequentially (see the module docstring).
 
     ``masks``: {(layer name, 0): bool array like the weights, True = keep}; with
@@ -359,12 +364,14 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
     for ``prior="dense"`` (pull the kept weights toward their dense values;
     ``"zero"``: plain ridge). Layers with more than ``max_inputs`` inputs per
     group are left as they are (the K x K Gram matrix would not fit).
-    ``original``: the uncompressed net (targets; never changed).
+    ``original``: the uncompressed net (targets; never changed). ``run``: as
+    in :func:`calibrate_factorized`.
     """
     net_orig = original
     if prune_method not in ("resolve", "sparsegpt"):
         raise ValueError(f"unknown prune_method {prune_method!r}")
-    _check((net_orig, net_new), calib_inputs)
+    _check((net_orig, net_new), calib_inputs, numpy_forward=run is None)
+    run = run or run_layer
     names = {layer.name for layer in net_new.layers}
     for (name, idx) in masks:
         if name not in names or idx != 0:
@@ -373,7 +380,7 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
         dense = type(net_new)(net_new.name, [layer.copy() for layer in net_new.layers])
     dense_by_name = {layer.name: layer for layer in dense.layers}
     ref = _reference(net_orig, net_new, dense=dense)
-    R, N = _Runner(ref, calib_inputs), _Runner(net_new.layers, calib_inputs)
+    R, N = _Runner(ref, calib_inputs, run), _Runner(net_new.layers, calib_inputs, run)
     details = []
     for i, layer in enumerate(net_new.layers):
         key = (layer.name, 0)
@@ -390,7 +397,7 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
             N.step(i, layer)
             details.append({"name": layer.name, "skipped": f"{Wd.shape[1]} inputs per group > {max_inputs}"})
             continue
-        before = run_layer(layer, [x])[0]
+        before = run(layer, [x])[0]
         mask = np.asarray(masks[key], bool)
         transpose = layer.type == "InnerProduct" and layer.param_msg("inner_product_param").transpose
         M = (mask.T if transpose else mask).reshape(Wd.shape[0], -1)
