@@ -45,6 +45,17 @@ def test_unsupported_layer_is_a_precondition_and_leaves_the_net_alone():
     assert all(np.array_equal(a, b) for layer, bl in zip(net.layers, before) for a, b in zip(layer.blobs, bl))
 
 
+def test_feeds_relu_only_when_every_reader_is_a_plain_relu():
+    from lrprune_caffe.transforms.calibrate import feeds_relu
+    _, proto, weights = lenet_files()
+    net = load_net(proto, weights)
+    idx = {layer.name: i for i, layer in enumerate(net.layers)}
+    assert feeds_relu(net, idx["ip1"])  # relu1 works in place on ip1
+    assert not feeds_relu(net, idx["conv2"]) and not feeds_relu(net, idx["ip2"])
+    net.layer("relu1").msg.relu_param.negative_slope = 0.1
+    assert not feeds_relu(net, idx["ip1"])
+
+
 def _blobs(net):
     return {layer.name: [b.copy() for b in layer.blobs] for layer in net.layers}
 

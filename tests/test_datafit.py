@@ -262,6 +262,30 @@ def test_balance_keeps_the_product_and_equalizes_component_norms(group):
         np.testing.assert_allclose(np.linalg.norm(B1[r1], axis=1), np.linalg.norm(B2[r2], axis=0), rtol=1e-10)
 
 
+def test_relu_targets_minimize_the_auxiliary_objective_by_grid_search():
+    g = rng(21)
+    y, p = g.standard_normal(400) * 2, g.standard_normal(400) * 2
+    grid = np.linspace(-8, 8, 160001)
+    for mu in (0.01, 0.3, 1.0, 5.0):
+        z = df.relu_targets(y[None], p[None], mu)[0]
+
+        def f(zz, i):
+            return (max(y[i], 0) - np.maximum(zz, 0)) ** 2 + mu * (zz - p[i]) ** 2
+
+        for i in range(0, 400, 7):
+            best = f(grid, i).min()
+            assert f(np.array([z[i]]), i)[0] <= best + 1e-6
+
+
+def test_retarget_equals_fresh_moments():
+    g = rng(22)
+    X, Y, Z = g.standard_normal((4, 30)), g.standard_normal((3, 30)), g.standard_normal((3, 30))
+    a, b = df.retarget(df.Moments.of(X, Y), X, Z), df.Moments.of(X, Z)
+    for k in ("sx", "sy", "xx", "yx"):
+        np.testing.assert_allclose(getattr(a, k), getattr(b, k), atol=1e-12)
+    assert a.n == b.n and a.yy == pytest.approx(b.yy)
+
+
 # --- data-aware pruning --------------------------------------------------------------
 
 def pruning_case(seed=14, N=5, K=7, n=60):

@@ -373,6 +373,32 @@ def balance(W1: np.ndarray, W2: np.ndarray, group: int = 1):
     return W1, W2
 
 
+def relu_targets(Y: np.ndarray, P: np.ndarray, mu: float) -> np.ndarray:
+    """Zhang et al. 2015's auxiliary step for a layer followed by a ReLU (Sec. 3.2, Eq. 8-9).
+
+    Element-wise ``argmin_z (r(y) - r(z))^2 + mu (z - p)^2`` with ``r = max(., 0)``,
+    ``y`` the original pre-activation target and ``p`` the current linear
+    prediction; the next linear fit then targets these z. Where the original
+    output is cut by the ReLU and the prediction is too, z = p: the fit is
+    not spent on values the ReLU discards.
+    """
+    Y = np.asarray(Y, np.float64)
+    P = np.asarray(P, np.float64)
+    t = np.maximum(Y, 0.0)
+    z0 = np.maximum((t + mu * P) / (1.0 + mu), 0.0)  # branch z >= 0
+    f0 = (t - z0) ** 2 + mu * (z0 - P) ** 2
+    z1 = np.minimum(P, 0.0)  # branch z < 0 (its limit 0 when p >= 0)
+    f1 = t ** 2 + mu * (z1 - P) ** 2
+    return np.where(f0 <= f1, z0, z1)
+
+
+def retarget(m: Moments, X: np.ndarray, Z: np.ndarray) -> Moments:
+    """``m`` (moments of X and some Y) with the targets replaced by Z; the x moments are reused."""
+    Z = np.asarray(Z, np.float64)
+    out = Moments(m.n, m.sx, Z.sum(axis=1), m.xx, Z @ np.asarray(X, np.float64).T, float(np.sum(Z * Z)))
+    return out
+
+
 def relative_sq_error(m: Moments, A, c) -> float:
     """``||Y - A X - c||^2 / ||Y - ybar||^2`` (1 = no better than the mean)."""
     denom = m.yy - m.n * float(m.ybar @ m.ybar)
@@ -380,4 +406,5 @@ def relative_sq_error(m: Moments, A, c) -> float:
 
 
 __all__ = ["DEFAULT_DAMPING", "conv_out_size", "sample_positions", "im2col", "responses", "conv2d", "Moments",
-           "damping_of", "ridge_fit", "reduced_rank_fit", "zhang_fit", "balance", "relative_sq_error"]
+           "damping_of", "ridge_fit", "reduced_rank_fit", "zhang_fit", "balance", "relu_targets", "retarget",
+           "relative_sq_error"]

@@ -146,6 +146,37 @@ def _rel(a, b) -> float:
     return d / n if n else d
 
 
+def feeds_relu(net, i) -> bool:
+    """True when every reader of layer i's output sees it through a ReLU (slope 0) only."""
+    t = net.layers[i].tops[0]
+    readers = []
+    for layer in net.layers[i + 1:]:
+        if t in layer.bottoms:
+            readers.append(layer)
+            if t in layer.tops:  # rewritten in place: nobody later sees the pre-activation
+                break
+    return bool(readers) and all(r.type == "ReLU" and not float(r.param_msg("relu_param").negative_slope)
+                                 for r in readers)
+
+
+#: Zhang et al. 2015 (Sec. 3.2) raise the penalty mu from 0.01 to 1 over their iterations
+RELU_MUS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def _relu_refine(m, X, Y, fit, predict):
+    """Fit ``fit(moments) -> (A, c)`` to the ReLU-aware targets of Zhang et al. 2015 (Sec. 3.2):
+    alternate the element-wise auxiliary step with the linear fit, mu rising."""
+    A, c = fit(m)
+    for mu in RELU_MUS:
+        A, c = fit(df.retarget(m, X, df.relu_targets(Y, predict(A, c), mu)))
+    return A, c
+
+
+def _gather(cols):
+    Xs, Ys = zip(*cols.chunks())
+    return np.concatenate(Xs, axis=1), np.concatenate(Ys, axis=1)
+
+
 # ---------------------------------------------------------------------------
 # columns: (inputs, targets) as (K, n), (N, n) matrices
 
@@ -226,10 +257,7 @@ def _pair_fit(first, last, W, b, x, y, opts, seed):
     else:
         W1, (W2, b2) = _weights(first)[0], _weights(last)
     if opts["refit"]:
-        m = df.Moments()
-        for X, Y in cols.chunks():
-            m.add(_grouped(W1, X, g), Y)
-        W2, b2 = df.ridge_fit(m, opts["damping"], prior=W2, group=g, intercept=intercept)
+        W2, b2 = _refit(((_grouped(W1, X, g), Y) for X, Y in cols.chunks()), W2, g, intercept, opts)
     W1, W2 = df.balance(W1, W2, g)
     _set_weights(first, W1, None)
     _set_weights(last, W2, b2 if intercept else None)
@@ -242,11 +270,23 @@ def _last_fit(prev_layers, last, x, y, opts, seed):
         z = opts["run"](layer, [z])[0]
     W2, b2 = _weights(last)
     cols = _Cols(last, z, y, opts["max_positions"], seed)
-    m = df.Moments()
-    for Z, Y in cols.chunks():
-        m.add(Z, Y)
-    A, c = df.ridge_fit(m, opts["damping"], prior=W2, group=_conv_group(last), intercept=b2 is not None)
+    A, c = _refit(cols.chunks(), W2, _conv_group(last), b2 is not None, opts)
     _set_weights(last, A, c if b2 is not None else None)
+
+
+def _refit(chunks, prior, g, intercept, opts):
+    """Ridge re-fit of a last factor on (inputs, target) chunks; ReLU-aware when its output feeds one."""
+    def fit(mm):
+        return df.ridge_fit(mm, opts["damping"], prior=prior, group=g, intercept=intercept)
+
+    if opts.get("relu"):
+        Xs, Ys = zip(*chunks)
+        X, Y = np.concatenate(Xs, axis=1), np.concatenate(Ys, axis=1)
+        return _relu_refine(df.Moments.of(X, Y), X, Y, fit, lambda A, c: _grouped(A, X, g) + c[:, None])
+    m = df.Moments()
+    for X, Y in chunks:
+        m.add(X, Y)
+    return fit(m)
 
 
 def _fit_chain(scheme, chain, orig, x, y, opts, seed):
@@ -267,9 +307,6 @@ def _fit_chain(scheme, chain, orig, x, y, opts, seed):
 # ---------------------------------------------------------------------------
 # the passes
 
-DEFAULTS = {"damping": df.DEFAULT_DAMPING, "max_positions": 256, "seed": 0, "zhang": True, "refit": True}
-
-
 def _chains(net_new, plan, net_orig):
     index = {layer.name: i for i, layer in enumerate(net_new.layers)}
     orig = {layer.name: layer for layer in net_orig.layers}
@@ -288,13 +325,17 @@ def _chains(net_new, plan, net_orig):
 
 @graph_pass("calibrate_factorized")
 def calibrate_factorized(net_new, *, original, plan: dict, calib_inputs: dict, damping=df.DEFAULT_DAMPING,
-                         max_positions=256, seed=0, zhang=True, refit=True, run=None, progress=None) -> PassResult:
+                         max_positions=256, seed=0, zhang=True, refit=True, relu_aware=True, run=None,
+                         progress=None) -> PassResult:
     """Refit every chain of ``plan`` ({original name: LayerPlan or scheme}) in ``net_new`` in place.
 
     See the module docstring. ``original``: the net before factorizing (never
     changed; layers ``net_new`` shares with it are copied before a write).
     ``calib_inputs``: {input blob: array}. ``zhang=False``: keep the data-free
-    first factors; ``refit=False``: no last-factor re-fit. ``run``: a
+    first factors; ``refit=False``: no last-factor re-fit; ``relu_aware``: a
+    layer whose output only a ReLU reads is re-fit to Zhang et al.'s
+    ReLU-aware targets (Sec. 3.2, the auxiliary-variable iteration), so the
+    fit is not spent on values the ReLU cuts. ``run``: a
     ``(layer, bottom arrays) -> top arrays`` callable to use instead of the
     numpy forward (e.g. an engine's, injected by a caller above transforms/).
     Returns a PassResult
@@ -321,6 +362,7 @@ def calibrate_factorized(net_new, *, original, plan: dict, calib_inputs: dict, d
         x = N.blobs[net_new.layers[i].bottoms[0]]
         chain = [_own(net_new, net_orig, j) for j in idx]
         before = _run_chain(chain, x, run)
+        opts["relu"] = relu_aware and feeds_relu(net_new, idx[-1])
         _fit_chain(scheme, chain, ref[idx[-1]], x, y, opts, seed + i)
         for j in idx:
             N.step(j, net_new.layers[j])
@@ -354,7 +396,7 @@ def _lockstep(R, N, ref, net_new, i):
 @graph_pass("calibrate_pruned")
 def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dense=None,
                      damping=df.DEFAULT_DAMPING, max_positions=256, seed=0, prune_method="resolve",
-                     prior="dense", max_inputs=8192, run=None, progress=None) -> PassResult:
+                     prior="dense", max_inputs=8192, relu_aware=True, run=None, progress=None) -> PassResult:
     """Re-solve the kept weights of every masked layer of ``net_new``, sequentially (see the module docstring).
 
     ``masks``: {(layer name, 0): bool array like the weights, True = keep}; with
@@ -401,7 +443,8 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
         mask = np.asarray(masks[key], bool)
         transpose = layer.type == "InnerProduct" and layer.param_msg("inner_product_param").transpose
         M = (mask.T if transpose else mask).reshape(Wd.shape[0], -1)
-        W, c, M = _prune_fit(layer, x, y, M, Wd, bd, g, damping, max_positions, seed + i, prune_method, prior)
+        W, c, M = _prune_fit(layer, x, y, M, Wd, bd, g, damping, max_positions, seed + i, prune_method, prior,
+                             relu_aware and feeds_relu(net_new, i))
         _set_weights(layer, W, c)
         masks[key] = (M.T if transpose else M).reshape(mask.shape)
         N.step(i, layer)
@@ -413,13 +456,18 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
     return PassResult("calibrate_pruned", changed=bool(details), details=details)
 
 
-def _prune_fit(layer, x, y, M, Wd, bd, g, damping, max_positions, seed, method, prior):
+def _prune_fit(layer, x, y, M, Wd, bd, g, damping, max_positions, seed, method, prior, relu):
     cols = _Cols(layer, x, y, max_positions, seed)
     M = M.copy()
     N_, kg = Wd.shape
     ng = N_ // g
+    if relu:
+        X, Y = _gather(cols)
+        chunks = [(X, Y)]
+    else:
+        chunks = cols.chunks()
     ms = [df.Moments() for _ in range(g)]
-    for X, Y in cols.chunks():
+    for X, Y in chunks:
         for j in range(g):
             ms[j].add(X[j * kg:(j + 1) * kg], Y[j * ng:(j + 1) * ng])
     W = np.zeros_like(Wd)
@@ -432,9 +480,17 @@ def _prune_fit(layer, x, y, M, Wd, bd, g, damping, max_positions, seed, method, 
             k = int(np.sum(~Mj))
             _, _, Mj = pf.sparsegpt(ms[j], sparsity=k / Mj.size, damping=damping, intercept=intercept)
         p = Wd[rows] if prior == "dense" else None
-        W[rows], c[rows] = pf.masked_fit(ms[j], Mj, damping, prior=p, intercept=intercept)
+
+        def fit(mm, Mj=Mj, p=p):
+            return pf.masked_fit(mm, Mj, damping, prior=p, intercept=intercept)
+
+        if relu:
+            Xj, Yj = X[j * kg:(j + 1) * kg], Y[rows]
+            W[rows], c[rows] = _relu_refine(ms[j], Xj, Yj, fit, lambda A, b, Xj=Xj: A @ Xj + b[:, None])
+        else:
+            W[rows], c[rows] = fit(ms[j])
         M[rows] = Mj
     return W, (c if intercept else None), M
 
 
-__all__ = ["calibrate_factorized", "calibrate_pruned", "DEFAULTS", "CHUNK"]
+__all__ = ["calibrate_factorized", "calibrate_pruned", "feeds_relu", "CHUNK", "MAX_COLUMNS"]
