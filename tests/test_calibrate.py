@@ -164,3 +164,18 @@ def test_injected_forward_is_used_and_gives_the_same_fit(lenet):
     for la, lb in zip(a.layers, b.layers):
         for x, y in zip(la.blobs, lb.blobs):
             np.testing.assert_array_equal(x, y)
+
+
+def test_reference_targets_original_outputs_and_dense_inner_factors():
+    from lrprune_caffe.transforms.calibrate import _reference
+    _, proto, weights = lenet_files()
+    orig = load_net(proto, weights)
+    new = copy.deepcopy(orig)
+    run_pass(factorize, new, plan={"conv2": LayerPlan("channel", (5,))})
+    dense = copy.deepcopy(new)
+    new.layer("conv2_lr1").blobs[0][:] = 0  # as if pruned: the target must come from `dense`
+    ref = dict(zip([layer.name for layer in new.layers], _reference(orig, new, dense=dense)))
+    assert ref["conv1"] is orig.layer("conv1") and ref["conv2_lr2"] is orig.layer("conv2")
+    assert ref["conv2_lr1"] is not dense.layer("conv2_lr1")  # a copy of the dense factor
+    np.testing.assert_array_equal(ref["conv2_lr1"].blobs[0], dense.layer("conv2_lr1").blobs[0])
+    assert ref["conv2_lr1"].bottoms == ["pool1"]

@@ -427,6 +427,8 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
     for i, layer in enumerate(net_new.layers):
         key = (layer.name, 0)
         if key not in masks or layer.type not in ("Convolution", "InnerProduct"):
+            if key in masks:
+                details.append({"name": layer.name, "skipped": f"{layer.type} weights are not re-solved"})
             _lockstep(R, N, ref, net_new, i)
             continue
         R.step(i)
@@ -453,7 +455,7 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
                         "kept": float(np.mean(masks[key]))})
         if progress is not None:
             progress(layer.name)
-    return PassResult("calibrate_pruned", changed=bool(details), details=details)
+    return PassResult("calibrate_pruned", changed=any("skipped" not in d for d in details), details=details)
 
 
 def _prune_fit(layer, x, y, M, Wd, bd, g, damping, max_positions, seed, method, prior, relu):
