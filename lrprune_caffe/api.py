@@ -1,13 +1,24 @@
-"""The importable API. The CLI only parses arguments and calls these."""
+"""The importable API at the level of files: read, call the core, write all or nothing. The CLI only
+parses arguments and calls these."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import os
 
-from .ir.analysis import layer_stats, totals, validate
-from .io.caffe import caffemodel_chunks, load_net, net_to_prototxt, PROTOBUF_LIMIT
+import numpy as np
+
+from .core.compress import CompressData, CompressOptions, compress
+from .core.markdown import report_markdown
+from .core.verify import verify_nets
+from .engines.compare import json_safe
 from .errors import UserError
-from .fileutil import OutputSet
+from .fileutil import check_outdir
+from .io.caffe import load_net
+from .io.inputs import load_inputs, load_labels
+from .io.output import write_net
+from .io.train_net import read_train_net
+from .ir.analysis import layer_stats, totals, validate
 
 
 def inspect_net(prototxt, weights=None, phase="TEST", stages=(), level=0) -> dict:
@@ -29,39 +40,6 @@ def inspect_net(prototxt, weights=None, phase="TEST", stages=(), level=0) -> dic
     }
 
 
-def write_net(net, outdir, name="model", with_weights=True, extra=None, check=True) -> dict:
-    """Write OUTDIR/name.prototxt (+ .caffemodel) and any ``extra`` {filename: bytes|str},
-    all or nothing. Returns {kind: path}. ``check=False`` skips validation (a training
-    net with every phase kept has Data layers and phase twins that do not validate)."""
-    if check:
-        validate(net, weights=with_weights)
-    text = net_to_prototxt(net)
-    written = {}
-    chunks = None
-    if with_weights:
-        chunks, total = caffemodel_chunks(net)
-        if total > PROTOBUF_LIMIT:
-            raise UserError(f"{outdir}: the caffemodel would be {total:,} bytes, over Caffe's 2 GB limit")
-    try:
-        with OutputSet(outdir) as out:
-            out.write_text(f"{name}.prototxt", text)
-            written["prototxt"] = str(out.final(f"{name}.prototxt"))
-            if chunks is not None:
-                with open(out.path(f"{name}.caffemodel"), "wb") as fh:
-                    for c in chunks:
-                        fh.write(c)
-                written["caffemodel"] = str(out.final(f"{name}.caffemodel"))
-            for fname, content in (extra or {}).items():
-                if isinstance(content, str):
-                    out.write_text(fname, content)
-                else:
-                    out.write_bytes(fname, content)
-                written[fname] = str(out.final(fname))
-    except OSError as e:  # disk full, no permission...: nothing is left behind (OutputSet)
-        raise UserError(f"{outdir}: cannot write the output: {e.strerror or e}") from e
-    return written
-
-
 def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False, stages=(), level=0) -> dict:
     """Upgrade a net (V1, input headers) to the current format without Caffe.
 
@@ -73,7 +51,6 @@ def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False
         written = write_net(net, outdir, with_weights=weights is not None)
         return {"written": written, "notes": list(net.notes)}
     from .io.caffe import merge_weights, read_caffemodel
-    from .core.compress import read_train_net
     net = read_train_net(prototxt)
     if weights is not None:
         merge_weights(net, read_caffemodel(weights), path=weights, strict=False)
@@ -81,4 +58,62 @@ def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False
     return {"written": written, "notes": list(net.notes)}
 
 
-__all__ = ["inspect_net", "convert", "write_net", "load_net", "Path"]
+def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, train_net=None, phase="TEST",
+                   **options):
+    """Read a Caffe net, :func:`lrprune_caffe.core.compress.compress` it, and (with ``outdir``) write
+    OUTDIR/model.prototxt, model.caffemodel, report.json, report.md (+ train_val.prototxt with
+    ``train_net``, model.onnx with ``onnx``, masks.npz when pruning) all or nothing.
+    ``inputs``: an .npz of verification inputs; ``labels``: an .npz (or an array) of their labels;
+    ``options``: the fields of :class:`CompressOptions`. Returns ``(report, new net)``."""
+    o = CompressOptions.from_kwargs(**options)
+    compress_checks(o, outdir, inputs, labels)
+    if weights is None:
+        raise UserError("compress needs the trained weights (WEIGHTS.caffemodel)")
+    net = load_net(prototxt, weights, phase=phase)
+    data = CompressData(original_weights_bytes=os.path.getsize(weights) if os.path.exists(weights) else None)
+    if inputs is not None:
+        data.inputs, data.inputs_desc = load_inputs(inputs, net), str(inputs)
+    if labels is not None:
+        data.labels = labels if isinstance(labels, np.ndarray) else load_labels(labels)
+    if train_net is not None:
+        data.train_net = read_train_net(train_net)
+    result = compress(net, o, data)
+    report = result.report
+    if outdir is not None:
+        safe = json_safe(report)
+        extra = {"report.json": json.dumps(safe, indent=2) + "\n", "report.md": report_markdown(safe)}
+        extra.update(result.files)
+        report["written"] = write_net(result.net, outdir, extra=extra)
+    return report, result.net
+
+
+def compress_checks(o: CompressOptions, outdir=None, inputs=None, labels=None):
+    """Before reading anything: the options, the output folder, --labels without --inputs."""
+    from .core.options import check_options
+    spec = check_options(o)
+    if outdir is not None:
+        check_outdir(outdir)  # missing folders are created at the end (and only then)
+    if labels is not None and inputs is None:
+        raise UserError("--labels are the labels of --inputs: give --inputs too")
+    return spec
+
+
+def verify_files(prototxt, weights, prototxt2, weights2, inputs=None, engine="onnxruntime", seed=0, threads=None,
+                 phase="TEST", labels=None) -> dict:
+    """Run two nets on the same inputs (an .npz, or seeded random of the first net's input shape)
+    and compare every output blob of the first (see :mod:`lrprune_caffe.engines.compare`)."""
+    from .engines.runtime import ENGINES
+    if engine not in ENGINES:
+        raise UserError(f"--engine: unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
+    a = load_net(prototxt, weights, phase=phase)
+    b = load_net(prototxt2, weights2, phase=phase)
+    data = desc = None
+    if inputs is not None:
+        data, desc = load_inputs(inputs, a), str(inputs)
+    if labels is not None and not isinstance(labels, np.ndarray):
+        labels = load_labels(labels)
+    return verify_nets(a, b, data, desc, engine=engine, seed=seed, threads=threads, labels=labels,
+                       name_a=str(prototxt), name_b=str(prototxt2))
+
+
+__all__ = ["inspect_net", "convert", "write_net", "load_net", "compress_files", "verify_files"]

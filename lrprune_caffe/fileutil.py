@@ -2,7 +2,7 @@
 
 The one place every output goes through:
 
-* :func:`check_output_dir` (one output file) and :func:`check_outdir` (an output
+* :func:`check_output_file` (one output file) and :func:`check_outdir` (an output
   folder) run before any work: the path is not an input (same path, the same
   file through a link, or a folder that holds an input), not a symbolic link,
   and an existing file / non-empty folder is replaced only with ``force``.
@@ -117,7 +117,7 @@ def _check_parent(path: Path) -> Path:
     return parent
 
 
-def check_output_dir(path, force=None) -> Path:
+def check_output_file(path, force=None) -> Path:
     """One output FILE ``path``: its folder exists and is writable, it is no folder, no link,
     no input, and it does not exist yet unless ``force`` (default: the current policy)."""
     path = Path(path)
@@ -133,8 +133,6 @@ def check_output_dir(path, force=None) -> Path:
         raise UserError(f"{path}: exists; add --force to replace it, or give another name")
     return path
 
-
-check_output_file = check_output_dir
 
 
 def check_outdir(outdir, force=None) -> list:
@@ -258,7 +256,7 @@ def _write_error(path, e: OSError) -> UserError:
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
     """Open a temporary file next to ``path``; rename it over ``path`` on success."""
-    path = check_output_dir(path)
+    path = check_output_file(path)
     _remove_stale(path.parent if str(path.parent) else Path("."), path.name)
     with _terminate_raises():
         try:

@@ -329,8 +329,8 @@ class _FailingFile:
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
 def test_write_failure_leaves_nothing(tmp_path, capsys, monkeypatch, existing):
     """A disk that fills up half way through the caffemodel: no file, no folder left."""
-    from lrprune_caffe import api
-    monkeypatch.setattr(api, "open", _FailingFile, raising=False)
+    from lrprune_caffe.io import output
+    monkeypatch.setattr(output, "open", _FailingFile, raising=False)
     outdir = tmp_path / "out"
     if existing:
         outdir.mkdir()

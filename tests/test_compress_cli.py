@@ -119,7 +119,7 @@ def test_compress_onnx_matches_caffe_files(tmp_path, capsys):
 def test_engine_falls_back_to_opencv_with_a_note(tmp_path, monkeypatch):
     pytest.importorskip("cv2")
     from lrprune_caffe.engines import runtime
-    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.api import compress_files as compress
     from lrprune_caffe.ir.layers import NoLowering
 
     def no_lowering(*a, **k):
@@ -253,7 +253,7 @@ def test_python_dash_m_compress(tmp_path):
 def test_budget_criterion_keeps_accuracy_at_3x():
     """Zhang et al.'s log-energy budget spreads the cuts; the plain discarded-energy one guts
     conv2 (rank 2) and loses a third of LeNet's accuracy without fine-tuning."""
-    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.api import compress_files as compress
     from lrprune_caffe.engines.runtime import run_net
     d, proto, model = lenet()
     x = load_npz(d / "inputs.npz")["data"]

@@ -171,7 +171,7 @@ def test_pareto_and_hull():
 
 def _options(name, macs_before, per_rank, energies):
     r = np.arange(1, len(energies) + 1)
-    return rk.Options(name, macs_before, (per_rank * r).astype(float), rk.tail_errors(energies), r[:, None])
+    return rk.LayerChoices(name, macs_before, (per_rank * r).astype(float), rk.tail_errors(energies), r[:, None])
 
 
 def test_budget_spends_cuts_where_they_cost_least():

@@ -242,7 +242,7 @@ def test_inner_product_axis_and_transpose(axis, transpose):
 # --- (7) the training net is rewritten the same way and takes the weights --------------
 
 def test_rewrite_train_net_then_load_compressed_weights(tmp_path):
-    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.api import compress_files as compress
     d = golden_case("lenet_mnist")
     out = tmp_path / "out"
     report, _ = compress(d / "model.prototxt", d / "model.caffemodel", out, rank="conv2=8,ip1=30",
@@ -264,7 +264,7 @@ def test_rewrite_train_net_then_load_compressed_weights(tmp_path):
 @pytest.mark.parametrize("case,scheme", [("lenet_mnist", "channel"), ("alexnet_mini", "tucker2"),
                                          ("layer_zoo", "spatial")])
 def test_report_counts_equal_inspect_of_written_net(case, scheme, tmp_path):
-    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.api import compress_files as compress
     d = golden_case(case)
     report, _ = compress(d / "model.prototxt", d / "model.caffemodel", tmp_path / "o", scheme=scheme,
                          speedup=1.5, verify=False)

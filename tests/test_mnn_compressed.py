@@ -17,7 +17,7 @@ CASES = [("resnet_mini", "tucker2", 1.5), ("layer_zoo", "spatial", 1.3), ("incep
 def test_mnn_runs_compressed_onnx(case, scheme, speedup, tmp_path):
     mnn = pytest.importorskip("MNN", reason="MNN is not installed (pip install \".[mobile]\")")
     import MNN.expr as F
-    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.api import compress_files as compress
     from lrprune_caffe.engines.runtime import run_net
     d = golden_case(case)
     out = tmp_path / "o"

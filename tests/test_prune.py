@@ -16,8 +16,9 @@ from lrprune_caffe.io.caffe import load_net, read_caffemodel
 from lrprune_caffe.errors import BadFileError, UserError
 from lrprune_caffe.transforms import run_pass
 from lrprune_caffe.transforms.structured_prune import prune_structured
-from lrprune_caffe.transforms.prune import (PruneSpec, apply_masks, compute_masks, load_masks, parse_prune_arg,
-                                 prune_net, save_masks, smallest_k_masks, sparsity_rows)
+from lrprune_caffe.ir.analysis import sparsity_rows
+from lrprune_caffe.ir.masks import apply_masks, load_masks, masks_npz as save_masks, split_key
+from lrprune_caffe.transforms.prune import PruneSpec, compute_masks, parse_prune_arg, prune_net, smallest_k_masks
 from lrprune_caffe.engines.runtime import run_net
 
 
@@ -66,8 +67,8 @@ def test_smallest_k_exact_with_ties():
 def test_magnitude_per_layer_exact():
     net, _ = golden_net("lenet_mnist")
     masks = compute_masks(net, PruneSpec(fraction=0.7))
-    assert set(masks) == {("conv1", 0), ("conv2", 0), ("ip1", 0), ("ip2", 0)}
-    for (name, idx), m in masks.items():
+    assert set(masks) == {"conv1/0", "conv2/0", "ip1/0", "ip2/0"}
+    for (name, idx), m in ((split_key(k), m) for k, m in masks.items()):
         w = net.layer(name).blobs[idx]
         assert m.dtype == bool and m.shape == w.shape
         assert (~m).sum() == round(0.7 * w.size)
@@ -81,21 +82,21 @@ def test_global_vs_layer_thresholds():
     names = ["conv1", "conv2", "ip1", "ip2"]
     ws = [net.layer(n).blobs[0] for n in names]
     total = sum(w.size for w in ws)
-    assert sum((~glob[(n, 0)]).sum() for n in names) == round(f * total)
-    pruned_max = max(np.abs(w[~glob[(n, 0)]]).max() for n, w in zip(names, ws))
-    kept_min = min(np.abs(w[glob[(n, 0)]]).min() for n, w in zip(names, ws))
+    assert sum((~glob[f"{n}/0"]).sum() for n in names) == round(f * total)
+    pruned_max = max(np.abs(w[~glob[f"{n}/0"]]).max() for n, w in zip(names, ws))
+    kept_min = min(np.abs(w[glob[f"{n}/0"]]).min() for n, w in zip(names, ws))
     assert pruned_max <= kept_min  # one threshold for the whole net
-    per_layer_sparsity = {n: float((~glob[(n, 0)]).mean()) for n in names}
+    per_layer_sparsity = {n: float((~glob[f"{n}/0"]).mean()) for n in names}
     assert max(per_layer_sparsity.values()) - min(per_layer_sparsity.values()) > 0.05
     # an override is pruned on its own at its own fraction; the pool keeps one threshold
     mixed = compute_masks(net, PruneSpec(fraction=f, per_layer={"conv1": 0.1}, scope="global"))
-    assert (~mixed[("conv1", 0)]).sum() == round(0.1 * ws[0].size)
+    assert (~mixed["conv1/0"]).sum() == round(0.1 * ws[0].size)
     rest = names[1:]
-    assert sum((~mixed[(n, 0)]).sum() for n in rest) == round(f * sum(w.size for w in ws[1:]))
+    assert sum((~mixed[f"{n}/0"]).sum() for n in rest) == round(f * sum(w.size for w in ws[1:]))
     # per layer: every layer exactly f
     layer = compute_masks(net, PruneSpec(fraction=f))
     for n, w in zip(names, ws):
-        assert (~layer[(n, 0)]).sum() == round(f * w.size)
+        assert (~layer[f"{n}/0"]).sum() == round(f * w.size)
 
 
 def test_std_rule():
@@ -103,19 +104,19 @@ def test_std_rule():
     q = 1.2
     masks = compute_masks(net, PruneSpec(method="std", quality=q))
     assert len(masks) == 4
-    for (n, i), m in masks.items():
+    for (n, i), m in ((split_key(k), m) for k, m in masks.items()):
         w = net.layer(n).blobs[i]
         t = q * np.std(w.astype(np.float64))
         assert np.array_equal(m, np.abs(w) >= t)
     over = compute_masks(net, PruneSpec(method="std", quality=q, per_layer_quality={"ip1": 0.1},
                                         exclude=("ip2",)))
-    assert ("ip2", 0) not in over
+    assert "ip2/0" not in over
     w = net.layer("ip1").blobs[0]
-    assert np.array_equal(over[("ip1", 0)], np.abs(w) >= 0.1 * np.std(w.astype(np.float64)))
+    assert np.array_equal(over["ip1/0"], np.abs(w) >= 0.1 * np.std(w.astype(np.float64)))
     glob = compute_masks(net, PruneSpec(method="std", quality=q, scope="global"))
     allw = np.concatenate([net.layer(n).blobs[0].ravel() for n in ("conv1", "conv2", "ip1", "ip2")])
     t = q * np.std(allw.astype(np.float64))
-    for (n, i), m in glob.items():
+    for (n, i), m in ((split_key(k), m) for k, m in glob.items()):
         assert np.array_equal(m, np.abs(net.layer(n).blobs[i]) >= t)
     with pytest.raises(UserError, match="quality"):
         compute_masks(net, PruneSpec(method="std"))
@@ -125,19 +126,18 @@ def test_prune_net_zeroes_exactly_and_never_touches_other_blobs():
     net, _ = golden_net("resnet_mini")
     before = blobs_of(net)
     masks, rows = prune_net(net, PruneSpec(fraction=0.6, per_layer={"conv1": 0.2}, exclude=("fc",)))
-    assert ("fc", 0) not in masks
+    assert "fc/0" not in masks
     after = blobs_of(net)
     for key, old in before.items():
-        name, idx = key
-        if key in masks:
-            m = masks[key]
+        if f"{key[0]}/{key[1]}" in masks:
+            m = masks[f"{key[0]}/{key[1]}"]
             assert np.array_equal(after[key][m], old[m]) and (after[key][~m] == 0).all()
             assert not np.signbit(after[key][~m]).any()  # +0.0, exactly
         else:  # biases, BatchNorm, Scale, excluded layers: bit for bit
             assert np.array_equal(after[key], old), key
     layer_types = {layer.name: layer.type for layer in net.layers}
-    assert {layer_types[n] for n, _ in masks} == {"Convolution"}
-    assert (~masks[("conv1", 0)]).sum() == round(0.2 * masks[("conv1", 0)].size)
+    assert {layer_types[k.rpartition("/")[0]] for k in masks} == {"Convolution"}
+    assert (~masks["conv1/0"]).sum() == round(0.2 * masks["conv1/0"].size)
     by = {r["name"]: r for r in rows}
     for r in rows:
         layer = net.layer(r["name"])
@@ -430,25 +430,13 @@ def test_structured_default_fraction_opencv_loads(case):
         assert got[k].shape == want[k].shape and np.isfinite(got[k]).all()
 
 
-# ---- compress integration (steps registered on a copy of compress's pipeline) ---------------
+# ---- compress integration ---------------
 
-@pytest.fixture
-def pipeline_with_prune():
-    C = pytest.importorskip("lrprune_caffe.core.compress")
-    from lrprune_caffe.transforms.prune import install_compress_steps
-    saved = list(C.PIPELINE)
-    install_compress_steps()
-    try:
-        yield C
-    finally:
-        C.PIPELINE[:] = saved
-
-
-def test_compress_prune_steps(pipeline_with_prune, tmp_path):
-    C = pipeline_with_prune
+def test_compress_prune_steps(tmp_path):
+    from lrprune_caffe import api as C
     d = golden_case("lenet_mnist")
     proto, weights = d / "model.prototxt", d / "model.caffemodel"
-    report, new = C.compress(proto, weights, tmp_path / "o", rank="ip1=32", prune="0.9,ip1=0.5",
+    report, new = C.compress_files(proto, weights, tmp_path / "o", rank="ip1=32", prune="0.9,ip1=0.5",
                              verify=False)
     out = tmp_path / "o"
     net = load_net(out / "model.prototxt", out / "model.caffemodel")
@@ -463,13 +451,13 @@ def test_compress_prune_steps(pipeline_with_prune, tmp_path):
     assert rows["ip1"]["nonzero_params"] == sum(int(np.count_nonzero(b)) for l in lr for b in l.blobs)
     assert rows["conv2"]["sparsity"] == pytest.approx(1 - rows["conv2"]["nonzero_params"] / 25050)
     masks = load_masks(out / "masks.npz", net)
-    assert set(masks) == {("conv1", 0), ("conv2", 0), ("ip1_lr1", 0), ("ip1_lr2", 0), ("ip2", 0)}
-    assert (~masks[("ip1_lr1", 0)]).mean() == pytest.approx(0.5, abs=1e-3)
+    assert set(masks) == {"conv1/0", "conv2/0", "ip1_lr1/0", "ip1_lr2/0", "ip2/0"}
+    assert (~masks["ip1_lr1/0"]).mean() == pytest.approx(0.5, abs=1e-3)
     # the original net (verification's reference) was not pruned
     orig = load_net(proto, weights)
     assert np.count_nonzero(orig.layer("conv2").blobs[0]) == 25000
     # structured: ip1's rank components (ip1_lr1 outputs) and conv1 filters; valid for OpenCV
-    report, new = C.compress(proto, weights, tmp_path / "s", rank="ip1=32", prune="ip1=0.5,conv1=0.3",
+    report, new = C.compress_files(proto, weights, tmp_path / "s", rank="ip1=32", prune="ip1=0.5,conv1=0.3",
                              prune_structured=True, verify=False)
     s = load_net(tmp_path / "s" / "model.prototxt", tmp_path / "s" / "model.caffemodel")
     assert s.layer("ip1_lr1").blobs[0].shape == (16, 800) and s.layer("ip1_lr2").blobs[0].shape == (500, 16)
@@ -480,5 +468,5 @@ def test_compress_prune_steps(pipeline_with_prune, tmp_path):
     for kw, msg in ((dict(prune="1.5"), "outside"), (dict(prune="nolayer=0.5"), "no layer named"),
                     (dict(prune="ip2=0.5", prune_structured=True), "Softmax")):
         with pytest.raises(UserError, match=msg):
-            C.compress(proto, weights, tmp_path / "bad", rank="ip1=32", verify=False, **kw)
+            C.compress_files(proto, weights, tmp_path / "bad", rank="ip1=32", verify=False, **kw)
         assert not (tmp_path / "bad").exists()

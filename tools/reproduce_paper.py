@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for label, opts in runs.items():
         print(f"{label} ...", file=sys.stderr, flush=True)
-        net, _, rep = run_pipeline(base, train, test, opts, prototxt=proto, weights=weights,
+        net, _, rep = run_pipeline(base, train, test, opts,
                                    log=lambda m: print("  " + m, file=sys.stderr, flush=True))
         nets[label], reports[label] = net, rep
     train_s = time.perf_counter() - t0
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         opts = PipelineOptions(schedule="lowrank-prune", prune_steps=steps,
                                **{**common, "scheme": scheme, "speedup": float(sp)})
         print(f"variant {item} ...", file=sys.stderr, flush=True)
-        net, _, rep = run_pipeline(base, train, test, opts, prototxt=proto, weights=weights)
+        net, _, rep = run_pipeline(base, train, test, opts)
         b = bench_nets([nets["Han pruning"], net], runtime="onnxruntime", threads=1, runs=args.runs, warmup=50,
                        progress=False)
         st = storage(net)
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
             opts = PipelineOptions(schedule=sched, prune_steps=steps,
                                    **{**common, "solver": SolverSettings(base_lr=lr)})
             print(f"lr {lr}: {sched} ...", file=sys.stderr, flush=True)
-            net, _, rep = run_pipeline(base, train, test, opts, prototxt=proto, weights=weights)
+            net, _, rep = run_pipeline(base, train, test, opts)
             row[label] = {"finetune_rounds": rep["summary"]["finetune_rounds"], "epochs": rep["summary"]["epochs"],
                           "reached": rep["summary"]["all_reached"],
                           "top1": evaluate(net, test, progress=False)["top1"]}

@@ -11,7 +11,7 @@ from .common import add_output
 
 def _print_summary(report, file=None):
     from .common import print_table
-    from lrprune_caffe.core.report import layer_table, verification_rows
+    from lrprune_caffe.core.markdown import layer_table, verification_rows
     file = file or sys.stdout
     headers, rows = layer_table(report)
     print_table(headers, rows, file=file)
@@ -39,13 +39,6 @@ def _print_summary(report, file=None):
             print(f"note: {n}", file=sys.stderr)
 
 
-def _labels(path):
-    if path is None:
-        return None
-    from lrprune_caffe.core.compress import _load_labels
-    return _load_labels(path)
-
-
 def _precision_options(args) -> dict:
     """--precision/--quantize/--calib for compress --onnx, passed on only when given (the core
     converts model.onnx with lrprune_caffe.export.precision.reduce_precision)."""
@@ -55,8 +48,8 @@ def _precision_options(args) -> dict:
 
 
 def cmd_compress(args) -> int:
-    from lrprune_caffe.core.compress import compress
-    report, _ = compress(args.net, args.weights, args.output, scheme=args.scheme, rank=args.rank,
+    from lrprune_caffe.api import compress_files
+    report, _ = compress_files(args.net, args.weights, args.output, scheme=args.scheme, rank=args.rank,
                          energy=args.energy, speedup=args.speedup, rank_method=args.rank_method,
                          layers=args.layers, inputs=args.inputs, train_net=args.train_net, onnx=args.onnx,
                          engine=args.engine, verify=not args.no_verify, svd=args.svd, seed=args.seed,
@@ -64,7 +57,7 @@ def cmd_compress(args) -> int:
                          criterion=args.criterion, prune=args.prune, prune_scope=args.prune_scope,
                          prune_method=args.prune_method, quality=args.quality,
                          prune_structured=args.prune_structured, prune_exclude=args.prune_exclude,
-                         sparse=args.sparse, labels=_labels(args.labels), opset=args.opset,
+                         sparse=args.sparse, labels=args.labels, opset=args.opset,
                          **_precision_options(args))
     if args.json:
         print(json.dumps(json_safe(report), indent=2))
@@ -79,9 +72,9 @@ def cmd_compress(args) -> int:
 
 def cmd_verify(args) -> int:
     from .common import print_table
-    from lrprune_caffe.core.compress import verify
-    from lrprune_caffe.core.report import verification_rows
-    res = verify(args.net, args.weights, args.net2, args.weights2, inputs=args.inputs, engine=args.engine,
+    from lrprune_caffe.api import verify_files
+    from lrprune_caffe.core.markdown import verification_rows
+    res = verify_files(args.net, args.weights, args.net2, args.weights2, inputs=args.inputs, engine=args.engine,
                  seed=args.seed, threads=args.threads, phase=args.phase, labels=args.labels)
     worst = res.get("worst_rel_l2")
     failed = bool(res["errors"] or res["missing"]) or (
@@ -115,7 +108,7 @@ def _positive_int(text):
 
 
 def register(sub):
-    from lrprune_caffe.core.compress import RANK_METHODS, SCHEMES, SVD_METHODS
+    from lrprune_caffe.core.options import RANK_METHODS, SCHEMES, SVD_METHODS
     from lrprune_caffe.engines.runtime import ENGINES
 
     p = sub.add_parser(

@@ -204,9 +204,8 @@ def cmd_finetune(args):
     require_torch()  # say how to install it before reading anything
     from lrprune_caffe.api import write_net
     from lrprune_caffe.engines.evaluate import evaluate
-    from lrprune_caffe.train.finetune import check_masks, finetune, load_masks
-    import numpy as np
-    import io
+    from lrprune_caffe.ir.masks import load_masks, masks_npz
+    from lrprune_caffe.train.finetune import finetune
     import os
 
     solver = solver_from_args(args)
@@ -222,7 +221,7 @@ def cmd_finetune(args):
             _log(f"note: {note}")
     masks = None
     if args.masks:
-        masks = check_masks(net, load_masks(args.masks), args.masks)
+        masks = load_masks(args.masks, net)
     seed = args.seed if args.seed is not None else (solver.random_seed if solver.random_seed is not None else 0)
     ckpt = _checkpoint_path(args)
     trained, history = finetune(net, train, val, masks=masks, solver=solver, epochs=args.epochs,
@@ -244,9 +243,7 @@ def cmd_finetune(args):
     history["masks_file"] = args.masks
     extra = {"history.json": json.dumps(history, indent=2) + "\n"}
     if masks:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **masks)
-        extra["masks.npz"] = buf.getvalue()
+        extra["masks.npz"] = masks_npz(masks)
     written = write_net(trained, args.output, extra=extra)
     if not args.checkpoint and os.path.exists(ckpt):
         os.remove(ckpt)  # the run is written: its default checkpoint has served
@@ -383,7 +380,7 @@ def register(sub):
     p.add_argument("--json", action="store_true", help="print what was written and the history as JSON")
     p.set_defaults(func=cmd_finetune)
 
-    from lrprune_caffe.core.compress import SCHEMES
+    from lrprune_caffe.core.options import SCHEMES
     p = sub.add_parser(
         "pipeline", help="compress and fine-tune in rounds (schedules han, lowrank-prune); count the rounds",
         description="Run a compression schedule with fine-tuning (PyTorch) after each step. han: prune "

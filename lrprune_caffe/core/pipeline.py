@@ -34,18 +34,21 @@ OpenCV), not by the torch model that was trained.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from lrprune_caffe.version import __version__
-from lrprune_caffe.ir.analysis import layer_stats, totals, validate
+from lrprune_caffe.ir.analysis import layer_stats, sparsity_rows, sparsity_totals, totals, validate
+from lrprune_caffe.ir.masks import apply_masks, grow_masks, masks_npz
 from lrprune_caffe.io.caffe import load_net
+from lrprune_caffe.io.output import write_net
 from lrprune_caffe.engines.compare import json_safe
 from lrprune_caffe.errors import UserError
+from lrprune_caffe.fileutil import check_outdir
+from lrprune_caffe.transforms.prune import PruneSpec, prune_net
+
+from .compress import CompressOptions, compress
 
 SCHEDULES = ("han", "lowrank-prune")
 DEFAULT_PRUNE_STEPS = (0.5, 0.7, 0.8, 0.9)
@@ -98,32 +101,18 @@ class PipelineOptions:
     solver: object = None  # train.SolverSettings
 
 
-def _masks_str(masks: dict) -> dict:
-    return {f"{k[0]}/{k[1]}": v for k, v in masks.items()}
-
-
-def _grow_masks(old: dict, new: dict) -> dict:
-    """Union of the pruned sets (keep = keep in both)."""
-    out = dict(new)
-    for k, m in old.items():
-        out[k] = out[k] & m if k in out else m
-    return out
-
-
 def net_numbers(net) -> dict:
     """params, nonzero_params, sparsity (over every blob) and MACs of ``net``."""
-    from lrprune_caffe.transforms.prune import sparsity_rows, sparsity_totals
     return {**sparsity_totals(sparsity_rows(net)), "macs": int(totals(layer_stats(net))["macs"])}
 
 
-def run_pipeline(net, train, val, opts: PipelineOptions, log=None, prototxt=None, weights=None):
+def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
     """Run ``opts.schedule`` on ``net`` (an IR net with weights; not modified).
 
     ``train`` / ``val``: Datasets (see :mod:`lrprune_caffe.data.datasets`). Returns ``(final_net,
     masks, report)``; masks = {"layer/blob": keep bool array} held at the end.
     """
     from lrprune_caffe.engines.evaluate import evaluate
-    from lrprune_caffe.transforms.prune import PruneSpec, prune_net
     from lrprune_caffe.train import require_torch
     from lrprune_caffe.train.finetune import finetune
     from lrprune_caffe.train.solver import SolverSettings
@@ -160,13 +149,12 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None, prototxt=None
 
     for i, (kind, s) in enumerate(steps, 1):
         if kind == "factorize":
-            factorize_report, cur = _factorize(cur, opts, prototxt, weights)
+            factorize_report, cur = _factorize(cur, opts)
             what = f"factorize ({opts.scheme}, {opts.speedup:g}x MACs)"
         else:
             pruned = cur.copy()
             new_masks, _ = prune_net(pruned, PruneSpec(fraction=float(s), scope=opts.prune_scope))
-            masks = _grow_masks(masks, new_masks)
-            from lrprune_caffe.transforms.prune import apply_masks
+            masks = grow_masks(masks, new_masks)
             apply_masks(pruned, masks)
             cur = pruned
             what = f"prune to {s:.0%} " + ("per layer" if opts.prune_scope == "layer" else "over the net")
@@ -176,8 +164,7 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None, prototxt=None
                "iterations": 0}
         say(f"round {i}: {what}: val top-1 {before:.4f}")
         if before < goal:
-            smasks = _masks_str(masks)
-            trained, hist = finetune(cur, train, val, masks=smasks, solver=solver, epochs=int(opts.max_epochs),
+            trained, hist = finetune(cur, train, val, masks=masks, solver=solver, epochs=int(opts.max_epochs),
                                      batch_size=opts.batch_size, seed=opts.seed + i, threads=opts.threads,
                                      progress=opts.progress, log=None, check=(i == 1),
                                      stop=lambda r: r.get("val_top1", 0.0) >= goal)
@@ -219,22 +206,14 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None, prototxt=None
         report["factorize"] = {"layers": [{k: r.get(k) for k in ("name", "action", "scheme", "rank", "reason")}
                                           for r in factorize_report["layers"]],
                                "totals": factorize_report["totals"]}
-    return cur, _masks_str(masks), report
+    return cur, masks, report
 
 
-def _factorize(net, opts, prototxt, weights):
-    """compress() works from files: write the current net to a temporary folder first."""
-    import tempfile
-    from pathlib import Path
-
-    from lrprune_caffe.io.caffe import save_net
-    from .compress import compress
-    with tempfile.TemporaryDirectory() as d:
-        p, w = Path(d) / "in.prototxt", Path(d) / "in.caffemodel"
-        save_net(net, p, w)
-        report, new = compress(p, w, None, scheme=opts.scheme, speedup=float(opts.speedup), verify=False,
-                               criterion=opts.criterion, seed=opts.seed)
-    return report, new
+def _factorize(net, opts):
+    """The factorization round: ``compress`` on the net itself, MAC budget, no check."""
+    result = compress(net, CompressOptions(scheme=opts.scheme, speedup=float(opts.speedup), verify=False,
+                                           criterion=opts.criterion, seed=opts.seed))
+    return result.report, result.net
 
 
 def pipeline_markdown(report: dict) -> str:
@@ -263,18 +242,14 @@ def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, lo
     net = net if net is not None else load_net(prototxt, weights)
     opts = PipelineOptions(**kw)
     if outdir is not None:
-        from lrprune_caffe.fileutil import check_outdir
         check_outdir(outdir)  # before the training, not after
-    final, masks, report = run_pipeline(net, train, val, opts, log=log, prototxt=prototxt, weights=weights)
+    final, masks, report = run_pipeline(net, train, val, opts, log=log)
     report["source"] = {"prototxt": str(prototxt), "weights": str(weights)}
     if outdir is not None:
-        from lrprune_caffe.api import write_net
         extra = {"report.json": json.dumps(json_safe(report), indent=2) + "\n",
                  "report.md": pipeline_markdown(report)}
         if masks:
-            buf = io.BytesIO()
-            np.savez_compressed(buf, **masks)
-            extra["masks.npz"] = buf.getvalue()
+            extra["masks.npz"] = masks_npz(masks)
         if onnx:
             from lrprune_caffe.export.onnx import export_model
             extra["model.onnx"] = export_model(final).SerializeToString()

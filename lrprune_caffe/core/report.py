@@ -1,154 +1,230 @@
-"""report.json's readable twin: report.md (Markdown tables), and the CLI's text summary."""
+"""compress's report: one typed row per layer, the byte counts of what is written, the outcome.
+
+:class:`LayerRow` is what each step fills in (planning: scheme, ranks,
+reason; factorization: errors, new layers; pruning and sizes: nonzeros and
+bytes). :func:`build_report` turns the rows and the steps' records into
+report.json's dict (``report.md`` is :mod:`lrprune_caffe.core.markdown`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Optional
 
-def _n(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    v = int(v)
-    if abs(v) >= 10**9:
-        return f"{v / 1e9:.2f}G"
-    if abs(v) >= 10**6:
-        return f"{v / 1e6:.2f}M"
-    if abs(v) >= 10**4:
-        return f"{v / 1e3:.1f}K"
-    return str(v)
+from lrprune_caffe.export.sparse import dense_onnx_bytes, storage_report
+from lrprune_caffe.ir.analysis import layer_stats, sparsity_rows, sparsity_totals, totals
+from lrprune_caffe.version import __version__
+
+STANDARD_FILES = ["model.prototxt", "model.caffemodel", "report.json", "report.md"]
 
 
-def _f(v, fmt="{:.4g}") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    return fmt.format(v)
+@dataclass
+class LayerRow:
+    """One reported layer (a Convolution / InnerProduct / Deconvolution with weights)."""
+
+    name: str
+    type: str
+    params_before: int
+    macs_before: int
+    action: str = "kept"  # kept | factorized | pruned | factorized+pruned | shrunk
+    scheme: Optional[str] = None
+    rank: object = None  # int, or [r1, r2] for tucker2
+    max_rank: object = None
+    energy_kept: float = 1.0
+    weight_rel_error: float = 0.0
+    params_after: int = None
+    macs_after: int = None
+    reason: Optional[str] = None  # why the layer was not (fully) compressed
+    new_layers: Optional[list] = None  # factorized: the layers that replace it
+    storage: dict = field(default_factory=dict)  # nonzero_params, sparsity, *_bytes (sizes of the written files)
+    rank_factorized: object = None  # structured pruning removed rank components: the rank before that
+    note: Optional[str] = None
+
+    def __post_init__(self):
+        if self.params_after is None:
+            self.params_after = self.params_before
+        if self.macs_after is None:
+            self.macs_after = self.macs_before
+
+    @property
+    def factorized(self) -> bool:
+        return self.new_layers is not None
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name, "type": self.type, "action": self.action, "scheme": self.scheme,
+             "rank": self.rank, "max_rank": self.max_rank, "energy_kept": self.energy_kept,
+             "params_before": self.params_before, "params_after": self.params_after,
+             "macs_before": self.macs_before, "macs_after": self.macs_after,
+             "weight_rel_error": self.weight_rel_error}
+        if self.reason is not None:
+            d["reason"] = self.reason
+        if self.new_layers is not None:
+            d["new_layers"] = list(self.new_layers)
+        d.update(self.storage)
+        if self.rank_factorized is not None:
+            d["rank_factorized"] = self.rank_factorized
+        if self.note is not None:
+            d["note"] = self.note
+        return d
 
 
-def _rank(r) -> str:
-    if r is None:
-        return "-"
-    if isinstance(r, (list, tuple)):
-        return "x".join(str(x) for x in r)
-    return str(r)
+def rank_value(ranks):
+    """A rank as the report holds it: an int, or a list for two ranks."""
+    ranks = [int(r) for r in ranks]
+    return ranks[0] if len(ranks) == 1 else ranks
 
 
-def _ratio(a, b) -> str:
-    return f"{a / b:.2f}x" if a and b else "-"
+@dataclass
+class PruneRecord:
+    """What pruning did (report.json's ``prune`` section)."""
+
+    spec: object  # the PruneSpec, with factorized layers' names mapped to their new layers
+    masks_file: Optional[str]  # "masks.npz", or None (structured: nothing to hold at zero)
+    layers: list  # sparsity rows of the pruned (or shrunk) layers
+
+    def touched(self) -> set:
+        return {r["name"] for r in self.layers if r.get("pruned") or r.get("structured")}
+
+    def structured(self) -> set:
+        return {r["name"] for r in self.layers if r.get("structured")}
+
+    def as_dict(self) -> dict:
+        s = self.spec
+        return {"fraction": s.fraction, "per_layer": dict(s.per_layer), "exclude": list(s.exclude),
+                "scope": s.scope, "method": s.method, "quality": s.quality, "structured": s.structured,
+                "masks": self.masks_file, "layers": self.layers}
 
 
-def layer_table(report) -> tuple:
-    sparse = any("nonzero_params" in r for r in report["layers"])
-    headers = ["layer", "type", "action", "scheme", "rank", "params", "params_after", "MACs", "macs_after",
-               "energy kept", "weight err"] + (["nonzero", "sparsity"] if sparse else []) + ["reason"]
-    rows = []
-    for r in report["layers"]:
-        row = [r["name"], r["type"], r["action"], r.get("scheme") or "-", _rank(r.get("rank")),
-               _n(r["params_before"]), _n(r["params_after"]), _n(r["macs_before"]), _n(r["macs_after"]),
-               _f(r.get("energy_kept"), "{:.4f}"), _f(r.get("weight_rel_error"), "{:.4f}")]
-        if sparse:
-            row += [_n(r.get("nonzero_params")), _f(r.get("sparsity"), "{:.1%}")]
-        rows.append(row + [r.get("reason", "")])
-    return headers, rows
+def count_after(rows: dict, new) -> list:
+    """Fill ``params_after`` / ``macs_after`` of each row from the new net; returns its layer stats."""
+    new_stats = layer_stats(new)
+    by_name = {r.name: r for r in new_stats}
+    for name, row in rows.items():
+        if row.factorized:
+            parts = [by_name[n] for n in row.new_layers]
+            row.params_after = sum(p.params for p in parts)
+            row.macs_after = sum(p.macs for p in parts)
+        elif name in by_name:
+            row.params_after, row.macs_after = by_name[name].params, by_name[name].macs
+    return new_stats
 
 
-def verification_rows(ver) -> tuple:
-    headers = ["output", "shape", "max abs err", "rel L2 err", "SNR dB", "top-1 agree"]
-    rows = []
-    for name, v in (ver or {}).get("blobs", {}).items():
-        if "error" in v:
-            rows.append([name, "x".join(map(str, v["shape"])), v["error"], "", "", ""])
-            continue
-        snr = v.get("snr_db")
-        rows.append([name, "x".join(map(str, v["shape"])), _f(v["max_abs"], "{:.3g}"), _f(v["rel_l2"], "{:.3g}"),
-                     "inf (identical)" if snr is None else _f(snr, "{:.1f}"),
-                     "-" if v.get("top1_agreement") is None else f"{100 * v['top1_agreement']:.1f}%"])
-    return headers, rows
+def count_storage(rows: dict, new, model, pruned: Optional[PruneRecord]) -> dict:
+    """What the written files hold, per row (a factorized layer: summed over its new layers):
+    ``nonzero_params``, ``sparsity``, ``dense_bytes`` (4 per param), ``caffemodel_bytes`` (its
+    share of the written caffemodel), ``onnx_bytes`` (its initializers in ``model``, when given)
+    and ``csr_bytes`` (Han et al.'s CSR with 8-bit relative indices). With pruning, each row's
+    action and reason say what pruning did to it. Returns the storage table (report["storage"])."""
+    storage = storage_report(new, model)
+    by_layer = {r["name"]: r for r in storage["layers"]}
+    keys = ("params", "nonzero_params", "dense_bytes", "caffemodel_bytes", "csr_bytes") + \
+        (("onnx_bytes",) if model is not None else ())
+    touched = pruned.touched() if pruned else set()
+    structured = pruned.structured() if pruned else set()
+    excluded = set(pruned.spec.exclude) if pruned else set()
+    for name, row in rows.items():
+        names = row.new_layers if row.factorized else [name]
+        parts = [by_layer[n] for n in names if n in by_layer]
+        sums = {k: sum(p[k] for p in parts) for k in keys}
+        params = sums.pop("params")
+        row.storage = {**sums, "sparsity": (1.0 - sums["nonzero_params"] / params) if params else 0.0}
+        if pruned is not None:
+            _say_what_pruning_did(row, names, touched, structured, excluded, new)
+    return storage
 
 
-def _md_table(headers, rows) -> str:
-    esc = [[str(c).replace("|", "\\|") for c in row] for row in rows]
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in esc]
-    return "\n".join(out)
-
-
-def report_markdown(report: dict) -> str:
-    t = report["totals"]
-    o = report.get("options", {})
-    rule = (f"rank {o['rank']}" if o.get("rank") else f"energy {o['energy']}" if o.get("energy")
-            else f"speed-up {o['speedup']}x" if o.get("speedup") else
-            f"rank method {o.get('rank_method')}" if o.get("rank_method") == "vbmf" else "no factorization")
-    pr = report.get("prune")
-    if pr:
-        what = (f"{pr['method']} pruning" + (f", Q={pr['quality']}" if pr.get("quality") is not None else "")
-                + (f", fraction {pr['fraction']}" if pr.get("fraction") is not None else "")
-                + (f", per layer {pr['per_layer']}" if pr.get("per_layer") else "")
-                + f", scope {pr['scope']}" + (", structured" if pr.get("structured") else ""))
-        rule += "; " + what
-    factorized = rule != "no factorization" and not rule.startswith("no factorization;")
-    scheme_prefix = o.get("scheme") + ", " if factorized else ""
-    lines = [f"# Compression of {report.get('net') or 'the net'}", "",
-             f"- source: `{report['source']['prototxt']}` + `{report['source']['weights']}`",
-             f"- scheme: {scheme_prefix}{rule}" + (", VBMF" if o.get("rank_method") == "vbmf" and o.get("rank")
-                                                   else "") + f"; SVD: {o.get('svd')}",
-             f"- tool: {report.get('tool')}", "", "## Totals", "",
-             _md_table(["", "before", "after", "reduction"], [
-                 ["params", f"{t['params_before']:,}", f"{t['params_after']:,}",
-                  _ratio(t["params_before"], t["params_after"])],
-                 ["MACs", f"{t['macs_before']:,}", f"{t['macs_after']:,}", _ratio(t["macs_before"], t["macs_after"])],
-             ] + ([["nonzero params", f"{t.get('nonzero_params_before', t['params_before']):,}",
-                    f"{t['nonzero_params']:,}",
-                    _ratio(t.get("nonzero_params_before", t["params_before"]), t["nonzero_params"])]]
-                  if t.get("nonzero_params") is not None else []))]
-    if t.get("caffemodel_bytes") is not None:
-        lines += ["", f"Written: model.caffemodel {t['caffemodel_bytes']:,} bytes"
-                  + (f", model.onnx {t['onnx_bytes']:,} bytes" if t.get("onnx_bytes") else "")
-                  + (" (sparse initializers)" if report.get("sparse_onnx") else "") + "."]
-    if report.get("outcome"):
-        lines += ["", f"**Outcome**: {report['outcome']['summary']}."]
-    st = report.get("storage")
-    if st and st.get("totals"):
-        s_t = st["totals"]
-        lines += [f"Weight storage: dense {s_t.get('dense_bytes', 0):,} bytes, CSR with 8-bit relative indices "
-                  f"{s_t.get('csr_bytes', 0):,} bytes."]
-    s = report.get("selected_totals")
-    if s:
-        lines += ["", f"Selected layers ({s['layers']}): MACs {s['macs_before']:,} -> {s['macs_after']:,} "
-                      f"({_ratio(s['macs_before'], s['macs_after'])})."]
-    b = report.get("budget")
-    if b:
-        lines += [f"Budget: MACs of the selected layers / {b['speedup']} = {b['target_macs']:,}; "
-                  f"criterion: {b.get('criterion_text', b['criterion'])}."]
-    lines += ["", "## Layers", "", _md_table(*layer_table(report))]
-    if st and st.get("layers"):
-        has_onnx = "onnx_bytes" in st["totals"]
-        rows = [[r["name"], _n(r["params"]), _n(r["nonzero_params"]), f"{r['sparsity']:.1%}",
-                 f"{r['dense_bytes']:,}", f"{r['caffemodel_bytes']:,}"]
-                + ([f"{r.get('onnx_bytes', 0):,}"] if has_onnx else []) + [f"{r['csr_bytes']:,}"]
-                for r in st["layers"]]
-        tt = st["totals"]
-        rows.append(["**total**", _n(tt["params"]), _n(tt["nonzero_params"]), f"{tt['sparsity']:.1%}",
-                     f"{tt['dense_bytes']:,}", f"{tt['caffemodel_bytes']:,} (file)"]
-                    + ([f"{tt['onnx_bytes']:,} (file)"] if has_onnx else []) + [f"{tt['csr_bytes']:,}"])
-        lines += ["", "## Storage", "", "Bytes per layer of the written net (factorized layers appear as their "
-                  "new layers). CSR: Han et al.'s layout, 8-bit relative indices, 4-byte values.", "",
-                  _md_table(["layer", "params", "nonzero", "sparsity", "dense", "caffemodel"]
-                            + (["onnx"] if has_onnx else []) + ["CSR"], rows)]
-    ver = report.get("verification") or {}
-    lines += ["", "## Verification", ""]
-    if ver.get("skipped"):
-        lines.append(f"Not run: {ver['reason']}." if ver.get("reason") else "Skipped (--no-verify).")
+def _say_what_pruning_did(row, names, touched, structured, excluded, new):
+    reason, row.reason = row.reason, None
+    if touched & set(names):
+        row.action = "factorized+pruned" if row.factorized else "pruned"
+        if reason:
+            row.reason = f"not factorized: {reason}"
+    elif not row.factorized and row.params_after != row.params_before:
+        row.action = "shrunk"
+        row.reason = "its inputs were removed by structured pruning of the layer before it"
+    elif not row.factorized:
+        why = ("excluded from pruning (--prune-exclude)" if row.name in excluded
+               else "not selected for pruning (--prune names other layers, or LAYER=0)")
+        row.reason = f"not factorized: {reason}; {why}" if reason else why
     else:
-        lines.append(f"Original vs compressed on {ver.get('inputs')} (batch {ver.get('batch')}), "
-                     f"engine {ver.get('engine')}.")
-        lines += ["", _md_table(*verification_rows(ver))]
-        for n in ver.get("notes", []):
-            lines.append(f"\n> note: {n}")
-    if report.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines) + "\n"
+        row.reason = reason
+    if row.factorized and structured & set(names[:-1]):
+        # rank components were removed: the rank is what the written layers have now
+        row.rank_factorized = row.rank
+        row.rank = rank_value(int(new.layer(n).blobs[0].shape[0]) for n in names[:-1])
+        row.note = ("energy_kept and weight_rel_error are those of the factorization (rank_factorized), "
+                    "before structured pruning removed rank components")
 
 
-__all__ = ["report_markdown", "layer_table", "verification_rows"]
+def outcome(t: dict, original_bytes: Optional[int] = None, sparse=False, dense_onnx_size=None) -> dict:
+    """Whether the written net is really faster (fewer dense MACs) and its files really smaller,
+    in words: zeros kept in dense tensors save neither time nor bytes. ``t``: the report's totals."""
+    faster = bool(t["macs_after"] < t["macs_before"])
+    cm_ratio = original_bytes / t["caffemodel_bytes"] if original_bytes and t.get("caffemodel_bytes") else None
+    smaller_cm = cm_ratio is not None and cm_ratio > 1.01
+    parts = [f"faster: {t['macs_before'] / t['macs_after']:.2f}x fewer multiply-adds in any dense runtime"
+             if faster else "not faster: the same multiply-adds (zeros in dense tensors cost a dense runtime "
+                            "the same time; factorize or use --prune-structured for speed)"]
+    if cm_ratio is not None:
+        parts.append(f"model.caffemodel {cm_ratio:.2f}x smaller than the original" if smaller_cm else
+                     "model.caffemodel not smaller (Caffe stores every blob dense, zeros included)")
+    onnx_ratio = None
+    if t.get("onnx_bytes") and dense_onnx_size:
+        onnx_ratio = t["onnx_bytes"] / dense_onnx_size
+        parts.append(f"model.onnx is {onnx_ratio:.2f}x the size of its dense form (sparse initializers)")
+    elif t.get("sparsity", 0) > 0.05 and not sparse:
+        parts.append(f"the zeros could be stored compactly: --onnx --sparse (layers above about 67% zeros), "
+                     f"or CSR {t['csr_bytes']:,} bytes vs {t['dense_bytes']:,} dense")
+    return {"faster": faster, "caffemodel_smaller": smaller_cm, "caffemodel_ratio": cm_ratio,
+            "original_caffemodel_bytes": original_bytes, "onnx_vs_dense": onnx_ratio, "summary": "; ".join(parts)}
+
+
+def build_report(*, net, new, shapes, options, rows: dict, selected: list, budget: Optional[dict],
+                 pruned: Optional[PruneRecord], verification: dict, notes: list, files: list,
+                 onnx_model=None, onnx_bytes: Optional[int] = None, original_bytes: Optional[int] = None) -> dict:
+    """report.json's dict from the steps' records (every number counted on the nets themselves)."""
+    new_stats = count_after(rows, new)
+    storage = count_storage(rows, new, onnx_model, pruned)
+    before = totals(layer_stats(net, shapes))
+    after = totals(new_stats)
+    chosen = set(selected)
+    sel = [r for n, r in rows.items() if n in chosen]
+    sel_before = sum(r.macs_before for r in sel)
+    sel_after = sum(r.macs_after for r in sel)
+    st = storage["totals"]
+    t = {"params_before": before["params"], "params_after": after["params"],
+         "macs_before": before["macs"], "macs_after": after["macs"],
+         "macs_reduction": before["macs"] / after["macs"] if after["macs"] else None,
+         "params_reduction": before["params"] / after["params"] if after["params"] else None,
+         "nonzero_params_before": sparsity_totals(sparsity_rows(net))["nonzero_params"],
+         "nonzero_params": st["nonzero_params"], "sparsity": st["sparsity"], "dense_bytes": st["dense_bytes"],
+         "csr_bytes": st["csr_bytes"], "caffemodel_bytes": st["caffemodel_bytes"], "onnx_bytes": onnx_bytes}
+    report = {
+        "tool": f"lrprune-caffe {__version__}",
+        "net": net.name,
+        "source": {"prototxt": net.source, "weights": net.weights_source},
+        "options": options.as_report(),
+        "layers": [r.as_dict() for r in rows.values()],
+        "totals": t,
+        "selected_totals": {"layers": len(sel), "macs_before": sel_before, "macs_after": sel_after,
+                            "macs_reduction": sel_before / sel_after if sel_after else None},
+    }
+    if budget is not None:
+        report["budget"] = budget
+    if pruned is not None:
+        report["prune"] = pruned.as_dict()
+    report.update({"verification": verification, "notes": list(notes), "files": list(files)})
+    if onnx_model is not None:
+        report["onnx"] = {"opset": int(options.opset), "ir_version": int(onnx_model.ir_version),
+                          "bytes": onnx_bytes, "sparse": bool(options.sparse)}
+        if options.sparse:
+            report["sparse_onnx"] = {"sparse_initializers": len(onnx_model.graph.sparse_initializer),
+                                     "dense_initializers": len(onnx_model.graph.initializer)}
+    report["storage"] = storage
+    report["outcome"] = outcome(t, original_bytes, sparse=bool(options.sparse),
+                                dense_onnx_size=dense_onnx_bytes(onnx_model) if options.sparse else None)
+    return report
+
+
+__all__ = ["LayerRow", "PruneRecord", "rank_value", "count_after", "count_storage", "outcome", "build_report",
+           "STANDARD_FILES"]

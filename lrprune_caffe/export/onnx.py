@@ -34,7 +34,9 @@ from typing import Iterable, Optional
 import numpy as np
 
 from lrprune_caffe.errors import BadFileError, UserError
-from lrprune_caffe.fileutil import atomic_write_bytes, check_output_dir
+from lrprune_caffe.fileutil import atomic_write_bytes, check_output_file
+
+from .sparse import SPARSE_MIN_IR_VERSION, sparse_if_smaller
 
 MIN_OPSET = 11
 DEFAULT_OPSET = 13
@@ -74,11 +76,13 @@ class OnnxContext:
     a lowering can tell which dims follow the batch.
     """
 
-    def __init__(self, opset: int, dynamic_batch: bool):
+    def __init__(self, opset: int, dynamic_batch: bool, sparse: bool = False):
         self.opset = opset
         self.dynamic_batch = dynamic_batch
+        self.sparse = sparse  # float weights smaller as sparse tensors become sparse initializers
         self.nodes: list = []
         self.initializers: list = []
+        self.sparse_initializers: list = []
         self._used_values: set = set()
         self._used_nodes: set = set()
         # per-layer state
@@ -164,11 +168,17 @@ class OnnxContext:
         return outs[0] if (isinstance(out, str) or (out is None and n_out == 1)) else outs
 
     def const(self, suffix: str, array, dtype=np.float32) -> str:
-        """An initializer named ``layer/suffix`` holding ``array``."""
+        """An initializer named ``layer/suffix`` holding ``array`` (a sparse one when the
+        context is sparse and that is smaller: :func:`lrprune_caffe.export.sparse.sparse_if_smaller`)."""
         from onnx import numpy_helper
         name = self.unique_value(f"{self.layer.name}/{suffix}")
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(np.asarray(array, dtype=dtype)),
-                                                         name))
+        arr = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        tensor = numpy_helper.from_array(arr, name)
+        st = sparse_if_smaller(arr, tensor) if self.sparse else None
+        if st is None:
+            self.initializers.append(tensor)
+        else:
+            self.sparse_initializers.append(st)
         return name
 
     def ints(self, suffix: str, values) -> str:
@@ -275,8 +285,9 @@ def _shapes(net, batch_factor: int = 1):
         raise UserError(f"cannot export with a dynamic batch: at batch x{batch_factor} {e}") from None
 
 
-def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, extra_outputs=()):
-    """(GraphProto, output names) of ``net``; no folding, no model wrapper."""
+def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, extra_outputs=(), sparse=False):
+    """(GraphProto, output names) of ``net``; no folding, no model wrapper. ``sparse``: float
+    weights smaller as sparse tensors are written as sparse initializers."""
     from onnx import helper
     from lrprune_caffe.ir.layers import NoLowering, ShapeError, get_spec
 
@@ -292,7 +303,7 @@ def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, ex
             outputs.append(o)
     exposed = set(outputs)
 
-    ctx = OnnxContext(opset, dynamic_batch)
+    ctx = OnnxContext(opset, dynamic_batch, sparse)
     # every Caffe blob name is reserved for its plain version
     for layer in net.layers:
         ctx._used_values.update(layer.tops)
@@ -347,18 +358,21 @@ def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, ex
         graph_outputs.append(_value_info(o, shapes.blobs[o], shapes2.blobs[o], dynamic_batch,
                                          batch_pair or (None, None)))
     graph = helper.make_graph(ctx.nodes, net.name or "caffe_net", graph_inputs, graph_outputs,
-                              initializer=ctx.initializers)
+                              initializer=ctx.initializers, sparse_initializer=ctx.sparse_initializers)
     return graph, outputs
 
 
 def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, fold_bn: bool = False,
-                 extra_outputs=(), report: Optional[dict] = None):
+                 extra_outputs=(), report: Optional[dict] = None, sparse: bool = False):
     """``net`` as an ``onnx.ModelProto`` (opset pinned, IR version matched to it).
 
     ``extra_outputs`` names intermediate Caffe blobs to expose as graph
     outputs too (their final, post-in-place values). ``fold_bn`` folds
     BatchNorm(+Scale) into the preceding convolutions first (on a copy).
     ``report``, if given, is filled with what was done (folds, counts).
+    ``sparse``: weights that are smaller as ``SparseTensorProto`` (values + int64 linear
+    indices) are written as sparse initializers (IR version at least 6); see
+    :mod:`lrprune_caffe.export.sparse`.
     """
     from onnx import helper
     from lrprune_caffe.version import __version__
@@ -370,10 +384,12 @@ def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, f
         from lrprune_caffe.transforms import fold_bn as _fold  # noqa: F401  (registers the pass)
         net = net.copy()
         folded = run_pass("fold_bn", net)
-    graph, outputs = build_graph(net, opset, dynamic_batch, extra_outputs)
+    graph, outputs = build_graph(net, opset, dynamic_batch, extra_outputs, sparse=sparse)
     opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(graph, opset_imports=opsets,
-                              ir_version=helper.find_min_ir_version_for(opsets),
+    ir_version = helper.find_min_ir_version_for(opsets)
+    if len(graph.sparse_initializer):
+        ir_version = max(ir_version, SPARSE_MIN_IR_VERSION)
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version,
                               producer_name="lrprune-caffe", producer_version=__version__)
     src = net.source or "a Caffe net"
     model.doc_string = f"exported from {src} by lrprune-caffe {__version__}"
@@ -394,7 +410,7 @@ def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, f
 def save_onnx(net, path, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, fold_bn: bool = False,
               extra_outputs=()) -> dict:
     """Export and write ``path`` atomically (nothing written on error). Returns a report."""
-    check_output_dir(path)
+    check_output_file(path)
     report = {}
     model = export_model(net, opset=opset, dynamic_batch=dynamic_batch, fold_bn=fold_bn,
                          extra_outputs=extra_outputs, report=report)
@@ -410,7 +426,7 @@ def export_files(prototxt, weights, output, phase="TEST", **kw) -> dict:
     from lrprune_caffe.io.caffe import load_net
     if "opset" in kw:
         check_opset(kw["opset"])  # fail before reading large files
-    check_output_dir(output)
+    check_output_file(output)
     net = load_net(prototxt, weights, phase=phase)
     report = save_onnx(net, output, **kw)
     report["notes"] = list(net.notes)

@@ -1,7 +1,8 @@
 """Sparse storage: ONNX sparse initializers and what each layout costs in bytes.
 
-* :func:`sparsify_model` rewrites an ONNX model's float initializers that are
-  smaller sparse as ``sparse_initializer`` entries (``SparseTensorProto``:
+* :func:`sparse_if_smaller` (used by the exporter for ``export_model(...,
+  sparse=True)``) and :func:`sparsify_model` (for an existing model) write a
+  float initializer that is smaller sparse as a ``sparse_initializer`` entry (``SparseTensorProto``:
   the nonzero values + their int64 *linear* indices into the dense tensor,
   ascending - the form ``onnx.checker.check_model`` accepts; int32 indices
   load in onnxruntime but fail the checker). onnxruntime densifies them at
@@ -25,6 +26,8 @@ import numpy as np
 #: bytes per nonzero of a sparse initializer: float32 value + int64 linear index
 SPARSE_BYTES_PER_NONZERO = 12
 DENSE_BYTES_PER_ELEMENT = 4
+#: the lowest ONNX IR version with sparse initializers
+SPARSE_MIN_IR_VERSION = 6
 _FLOAT_TYPES = None
 
 
@@ -45,18 +48,41 @@ def break_even_sparsity(value_bytes: int = 4, index_bytes: int = 8) -> float:
 def to_sparse_tensor(tensor):
     """A ``SparseTensorProto`` (values + int64 linear indices, ascending) of a dense
     ``TensorProto``, with the same name, dtype and dims."""
+    from onnx import numpy_helper
+    return _sparse_of(numpy_helper.to_array(tensor), tensor.name)
+
+
+def _sparse_of(arr, name):
     from onnx import helper, numpy_helper
-    arr = numpy_helper.to_array(tensor)
     flat = arr.reshape(-1)
     idx = np.flatnonzero(flat).astype(np.int64)
-    values = numpy_helper.from_array(np.ascontiguousarray(flat[idx]), tensor.name)
-    indices = numpy_helper.from_array(idx, f"{tensor.name}_indices")
+    values = numpy_helper.from_array(np.ascontiguousarray(flat[idx]), name)
+    indices = numpy_helper.from_array(idx, f"{name}_indices")
     return helper.make_sparse_tensor(values, indices, list(arr.shape))
 
 
+def sparse_if_smaller(arr, dense, min_sparsity: Optional[float] = None):
+    """The ``SparseTensorProto`` of ``arr`` (whose dense ``TensorProto`` is ``dense``) when it is
+    smaller than ``dense``, else None. Dense stays: non-float or 0-d tensors, tensors below
+    ``min_sparsity`` zeros (when given), and any below the break-even (:func:`break_even_sparsity`)."""
+    if dense.data_type not in _float_types() or arr.ndim == 0:
+        return None
+    size = arr.size
+    nnz = int(np.count_nonzero(arr))
+    sparsity = 1.0 - nnz / size if size else 0.0
+    if min_sparsity is not None and sparsity < float(min_sparsity):
+        return None
+    itemsize = arr.dtype.itemsize
+    if nnz * (itemsize + 8) >= size * itemsize:  # cheap pre-check: not smaller
+        return None
+    st = _sparse_of(arr, dense.name)
+    return None if st.ByteSize() >= dense.ByteSize() else st
+
+
 def sparsify_model(model, min_sparsity: Optional[float] = None):
-    """A copy of ``model`` where each floating-point initializer that is smaller as a
-    ``SparseTensorProto`` becomes a ``sparse_initializer`` (see the module docstring).
+    """A copy of an existing ``model`` where each floating-point initializer that is smaller as a
+    ``SparseTensorProto`` becomes a ``sparse_initializer`` (see the module docstring; our own
+    exporter writes them directly: ``export_model(..., sparse=True)``).
 
     An initializer stays dense when the sparse form is not smaller (below the
     break-even, :func:`break_even_sparsity`), when ``min_sparsity`` is given and
@@ -65,41 +91,40 @@ def sparsify_model(model, min_sparsity: Optional[float] = None):
     need it).
     """
     import onnx
-    from onnx import TensorProto
+    from onnx import TensorProto, numpy_helper
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     graph_inputs = {i.name for i in g.input}
     keep, sparse = [], []
     for t in g.initializer:
-        if (t.data_type not in _float_types() or len(t.dims) == 0 or t.name in graph_inputs
-                or t.data_location == TensorProto.EXTERNAL):
+        st = None
+        if (t.data_type in _float_types() and len(t.dims) and t.name not in graph_inputs
+                and t.data_location != TensorProto.EXTERNAL):
+            st = sparse_if_smaller(numpy_helper.to_array(t), t, min_sparsity)
+        if st is None:
             keep.append(t)
-            continue
-        from onnx import numpy_helper
-        arr = numpy_helper.to_array(t)
-        size = arr.size
-        nnz = int(np.count_nonzero(arr))
-        sparsity = 1.0 - nnz / size if size else 0.0
-        if min_sparsity is not None and sparsity < float(min_sparsity):
-            keep.append(t)
-            continue
-        itemsize = arr.dtype.itemsize
-        if nnz * (itemsize + 8) >= size * itemsize:  # cheap pre-check: not smaller
-            keep.append(t)
-            continue
-        st = to_sparse_tensor(t)
-        if st.ByteSize() >= t.ByteSize():
-            keep.append(t)
-            continue
-        sparse.append(st)
+        else:
+            sparse.append(st)
     if sparse:
         del g.initializer[:]
         g.initializer.extend(keep)
         g.sparse_initializer.extend(sparse)
-        if out.ir_version < 6:
-            out.ir_version = 6
+        if out.ir_version < SPARSE_MIN_IR_VERSION:
+            out.ir_version = SPARSE_MIN_IR_VERSION
     return out
+
+
+def dense_onnx_bytes(model) -> int:
+    """What ``model`` would take with every initializer dense: its size minus what the sparse
+    initializers take, plus their dense bytes."""
+    dense_extra = 0
+    for st in model.graph.sparse_initializer:
+        n = 1
+        for d in st.dims:
+            n *= int(d)
+        dense_extra += DENSE_BYTES_PER_ELEMENT * n - st.ByteSize()
+    return model.ByteSize() + dense_extra
 
 
 def csr_relative_bytes(array, index_bits: int = 8, value_bytes: int = 4) -> int:
@@ -200,8 +225,8 @@ def storage_report(net, onnx_model=None, index_bits: int = 8) -> dict:
     ``onnx_model``, a ModelProto, if given; the total is the file size) and
     ``csr_bytes`` (:func:`csr_relative_bytes` with ``index_bits``, summed over blobs).
     Counts are of the zeros actually in the blobs, i.e. in the written caffemodel."""
+    from lrprune_caffe.ir.analysis import sparsity_rows, sparsity_totals
     cm = caffemodel_layer_bytes(net)
-    from lrprune_caffe.transforms.prune import sparsity_rows, sparsity_totals
     ox = onnx_layer_bytes(onnx_model, net) if onnx_model is not None else None
     rows = sparsity_rows(net)
     for row in rows:
@@ -218,6 +243,7 @@ def storage_report(net, onnx_model=None, index_bits: int = 8) -> dict:
     return {"layers": rows, "totals": totals, "csr_index_bits": int(index_bits)}
 
 
-__all__ = ["sparsify_model", "to_sparse_tensor", "break_even_sparsity", "csr_relative_bytes",
+__all__ = ["sparsify_model", "sparse_if_smaller", "dense_onnx_bytes", "to_sparse_tensor", "break_even_sparsity",
+           "csr_relative_bytes",
            "caffemodel_layer_bytes", "onnx_layer_bytes", "storage_report",
            "SPARSE_BYTES_PER_NONZERO"]

@@ -196,3 +196,28 @@ def layer_stats(net, shapes: NetShapes = None) -> list:
 
 def totals(rows) -> dict:
     return {"params": sum(r.params for r in rows), "macs": sum(r.macs for r in rows)}
+
+
+def sparsity_rows(net, info: dict = None) -> list:
+    """Per layer with blobs: name, type, params, nonzero_params, sparsity (zeros / params,
+    counted over all of its blobs, as they are in the caffemodel), plus ``info[name]``."""
+    import numpy as np
+    rows = []
+    for layer in net.layers:
+        if not layer.blobs:
+            continue
+        params = sum(int(b.size) for b in layer.blobs)
+        nonzero = sum(int(np.count_nonzero(b)) for b in layer.blobs)
+        row = {"name": layer.name, "type": layer.type, "params": params, "nonzero_params": nonzero,
+               "sparsity": (1.0 - nonzero / params) if params else 0.0}
+        if info and layer.name in info:
+            row.update(info[layer.name])
+        rows.append(row)
+    return rows
+
+
+def sparsity_totals(rows) -> dict:
+    params = sum(r["params"] for r in rows)
+    nonzero = sum(r["nonzero_params"] for r in rows)
+    return {"params": params, "nonzero_params": nonzero,
+            "sparsity": (1.0 - nonzero / params) if params else 0.0}

@@ -17,13 +17,11 @@ Passes (see :mod:`lrprune_caffe.transforms`) rewrite a Net and call
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 
-from lrprune_caffe.errors import BadFileError
 from lrprune_caffe.schema.proto import pb
 
 Shape = Optional[tuple]  # None means "unknown"
@@ -174,6 +172,32 @@ class Net:
                 return layer
         return None
 
+    def index_by_name(self) -> "NetIndex":
+        """A snapshot of name / blob lookups built in one walk (stale after a mutation)."""
+        return NetIndex(self)
+
+    # ---- mutation ------------------------------------------------------
+    def replace_layers(self, replacements: dict) -> None:
+        """Replace each layer named in ``replacements`` ({name: [new layers]}) by its new
+        layers, in place of it, in one walk; a name the net lacks is a KeyError."""
+        missing = [n for n in replacements if n not in self.index_by_name().position]
+        if missing:
+            raise KeyError(missing[0])
+        out = []
+        for layer in self.layers:
+            new = replacements.get(layer.name)
+            out.extend([layer] if new is None else new)
+        self.layers[:] = out
+
+    def replace_layer(self, name: str, new_layers) -> None:
+        """Replace layer ``name`` by ``new_layers`` (one layer or a list)."""
+        self.replace_layers({name: [new_layers] if isinstance(new_layers, Layer) else list(new_layers)})
+
+    def insert_after(self, name: str, new_layers) -> None:
+        """Insert ``new_layers`` (one layer or a list) right after layer ``name``."""
+        i = self.index(name)
+        self.layers[i + 1:i + 1] = [new_layers] if isinstance(new_layers, Layer) else list(new_layers)
+
     # ---- conversion ----------------------------------------------------
     def to_proto(self, with_blobs: bool = False):
         np_ = pb.NetParameter()
@@ -200,24 +224,46 @@ def array_to_blobproto(arr: np.ndarray):
     return bp
 
 
-def blobproto_to_array(bp) -> np.ndarray:
-    if len(bp.double_data):
-        data = np.asarray(bp.double_data, dtype=np.float64).astype(np.float32)
-    else:
-        data = np.asarray(bp.data, dtype=np.float32)
-    if bp.HasField("shape"):
-        shape = tuple(int(d) for d in bp.shape.dim)
-    else:
-        shape = (bp.num, bp.channels, bp.height, bp.width)
-    if int(np.prod(shape)) != data.size:
-        raise BadFileError(f"blob holds {data.size} values but its shape {shape} needs {int(np.prod(shape))}")
-    return data.reshape(shape)
+class NetIndex:
+    """Lookups over a net's layers built in one walk: ``position`` {layer name: index},
+    ``layer(name)``, ``writers`` {blob: [indices of layers writing it]}, ``readers``
+    {blob: [indices of layers reading it]}. A snapshot: rebuild it after changing the net."""
 
+    def __init__(self, net: "Net"):
+        self.layers = list(net.layers)
+        self.position = {}
+        self.writers: dict = {}
+        self.readers: dict = {}
+        for i, layer in enumerate(self.layers):
+            self.position.setdefault(layer.name, i)
+            for b in layer.bottoms:
+                self.readers.setdefault(b, []).append(i)
+            for t in layer.tops:
+                self.writers.setdefault(t, []).append(i)
 
-def iter_blob_names(layers: Iterable[Layer]):
-    for layer in layers:
-        yield from layer.bottoms
-        yield from layer.tops
+    def __contains__(self, name) -> bool:
+        return name in self.position
+
+    def layer(self, name: str) -> Layer:
+        return self.layers[self.position[name]]
+
+    def producer(self, blob: str, before: int = None) -> Optional[Layer]:
+        """The last layer before index ``before`` writing ``blob`` (as :meth:`Net.producer`)."""
+        idx = [i for i in self.writers.get(blob, ()) if before is None or i < before]
+        return self.layers[idx[-1]] if idx else None
+
+    def consumers(self, blob: str, after: int = -1) -> list:
+        """Layers after index ``after`` reading ``blob`` before it is re-produced (as :meth:`Net.consumers`)."""
+        out = []
+        for i in sorted(set(self.readers.get(blob, ())) | set(self.writers.get(blob, ()))):
+            if i <= after:
+                continue
+            layer = self.layers[i]
+            if blob in layer.bottoms:
+                out.append(layer)
+            if blob in layer.tops and blob not in layer.bottoms:
+                break
+        return out
 
 
 def clone_msg(msg):
@@ -226,4 +272,4 @@ def clone_msg(msg):
     return new
 
 
-__all__ = ["Layer", "Net", "Shape", "array_to_blobproto", "blobproto_to_array", "clone_msg", "copy"]
+__all__ = ["Layer", "Net", "NetIndex", "Shape", "array_to_blobproto", "clone_msg"]

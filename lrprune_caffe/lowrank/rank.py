@@ -122,7 +122,7 @@ def energy_ranks(spectra, fraction: float) -> tuple:
 # whole-net budget
 
 @dataclass
-class Options:
+class LayerChoices:
     """One layer's candidate configurations for the budget.
 
     ``macs``/``err`` are arrays over the configurations, ``ranks`` an (n, d)
@@ -196,7 +196,7 @@ def lower_hull(x, y):
 def budget_allocation(layers: list, target_macs: float, fixed_macs: float = 0.0) -> dict:
     """Choose one configuration per layer so that total MACs <= ``target_macs``.
 
-    ``layers``: [Options]; ``fixed_macs``: MACs of selected layers that cannot
+    ``layers``: [LayerChoices]; ``fixed_macs``: MACs of selected layers that cannot
     change (counted in the total). Returns {name: index into that layer's
     configurations, or None for "left alone"}. Raises ValueError with the best
     reachable total when the target cannot be met.
@@ -248,6 +248,6 @@ def budget_allocation(layers: list, target_macs: float, fixed_macs: float = 0.0)
     return out
 
 
-__all__ = ["energy_rank", "energy_ranks", "evbmf_rank", "vbmf_ranks", "Options", "tail_errors", "log_kept_costs",
+__all__ = ["energy_rank", "energy_ranks", "evbmf_rank", "vbmf_ranks", "LayerChoices", "tail_errors", "log_kept_costs",
            "CRITERIA",
            "pareto_front", "lower_hull", "budget_allocation"]

@@ -31,7 +31,8 @@ def require_torch():
 # torch-free modules, imported eagerly (this also binds the name ``finetune`` to the
 # function, not to the submodule of the same name)
 from .solver import SolverSettings, read_solver  # noqa: E402
-from .finetune import check_masks, finetune, load_masks  # noqa: E402
+from .finetune import finetune  # noqa: E402
+from lrprune_caffe.ir.masks import check_masks, load_masks  # noqa: E402,F401  (the masks fine-tuning holds)
 
 _LAZY = {"build_torch_model": "torch_model", "CaffeTorchNet": "torch_model", "run_torch": "torch_model"}
 

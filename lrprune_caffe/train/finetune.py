@@ -9,8 +9,8 @@ Softmax output, the loss is taken on the Softmax's bottom (the logits) with
 log_softmax, as Caffe's SoftmaxWithLoss does; otherwise on the blob itself.
 The mean over the batch (Caffe's VALID normalization without ignore_label).
 
-Masks (``{"<layer>/<blob idx>": bool array, True = keep}``, as written by
-pruning in masks.npz) hold pruned weights at exactly zero: they are zeroed
+Masks (``{"<layer>/<blob idx>": bool array, True = keep}``,
+:mod:`lrprune_caffe.ir.masks`, as written by pruning in masks.npz) hold pruned weights at exactly zero: they are zeroed
 first, their gradients are zeroed after each backward, and the mask is
 applied again after each update (momentum and weight decay would otherwise
 bring them back).
@@ -36,61 +36,8 @@ from . import require_torch
 from lrprune_caffe.ir.analysis import validate
 from lrprune_caffe.data.datasets import as_dataset, check_against_net
 from lrprune_caffe.errors import BadFileError, UserError
+from lrprune_caffe.ir.masks import apply_masks, check_masks, split_key
 from .solver import CaffeOptimizer, SolverSettings
-
-
-# ---- masks -------------------------------------------------------------------
-
-def load_masks(path) -> dict:
-    """masks.npz -> {"<layer>/<blob idx>": bool array}."""
-    from lrprune_caffe.fileutil import read_npz
-    masks = read_npz(path, "a masks .npz")
-    for k, m in masks.items():
-        if m.dtype != np.bool_:
-            if m.dtype.kind in "iuf" and np.isin(m, (0, 1)).all():
-                masks[k] = m.astype(bool)
-            else:
-                raise BadFileError(f"mask '{k}' is {m.dtype}; masks are bool arrays (True = keep)", path=path)
-    return masks
-
-
-def check_masks(net, masks: dict, source="masks") -> dict:
-    """Every mask names an existing blob of the same shape; else BadFileError.
-
-    Keys are ``"<layer>/<blob idx>"`` strings or ``(layer, blob idx)`` tuples (as
-    :func:`lrprune_caffe.transforms.prune.load_masks` returns them); the result uses strings.
-    """
-    if not masks:
-        return {}
-    by_name = {layer.name: layer for layer in net.layers}
-    out = {}
-    for key, m in masks.items():
-        if isinstance(key, tuple):
-            key = f"{key[0]}/{int(key[1])}"
-        lname, _, idx = key.rpartition("/")
-        layer = by_name.get(lname)
-        if layer is None or not idx.isdigit() or int(idx) >= len(layer.blobs):
-            known = [f"{x.name}/{i}" for x in net.layers for i in range(len(x.blobs))][:6]
-            raise BadFileError(f"mask '{key}' names no blob of this net (expected keys like "
-                               f"{', '.join(known)}...): is the mask file for another net?", path=source)
-        blob = layer.blobs[int(idx)]
-        m = np.asarray(m)
-        if m.shape != blob.shape:
-            raise BadFileError(f"mask '{key}' has shape {m.shape} but the blob of layer '{lname}' "
-                               f"({layer.type}) has shape {blob.shape}: is the mask file for another net?",
-                               path=source)
-        out[key] = m.astype(bool)
-    return out
-
-
-def apply_masks(net, masks: dict):
-    """Zero the masked-out entries of the net's blobs (in place)."""
-    for key, m in masks.items():
-        lname, _, idx = key.rpartition("/")
-        layer = net.layer(lname)
-        b = np.array(layer.blobs[int(idx)], dtype=np.float32, copy=True)
-        b[~m] = 0.0
-        layer.blobs[int(idx)] = b
 
 
 # ---- pre-flight: torch vs an independent engine --------------------------------
@@ -342,8 +289,8 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     finally:
         torch.set_num_threads(old_threads)
     for key_, m in masks.items():  # the promise: masked entries are exactly zero
-        lname, _, idx = key_.rpartition("/")
-        assert not np.any(net.layer(lname).blobs[int(idx)][~m]), key_
+        lname, idx = split_key(key_)
+        assert not np.any(net.layer(lname).blobs[idx][~m]), key_
     validate(net)
     if history["epochs"]:
         history["final"] = {k: v for k, v in history["epochs"][-1].items()
@@ -351,4 +298,4 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     return net, history
 
 
-__all__ = ["finetune", "load_masks", "check_masks", "apply_masks", "preflight"]
+__all__ = ["finetune", "preflight"]

@@ -39,7 +39,7 @@ without weights, so a user can fine-tune the result in Caffe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -285,7 +285,6 @@ class LayerPlan:
     scheme: str  # channel / spatial / tucker2 (ignored for InnerProduct: always "fc")
     ranks: tuple  # (r,) or (r1, r2) for tucker2
     info: LayerInfo = None
-    extra: dict = field(default_factory=dict)
 
 
 def check_ranks(info: LayerInfo, scheme: str, ranks) -> str:
@@ -314,12 +313,13 @@ def factorize(net, plan: dict, method: str = "auto", seed: int = 0, hooi_iters: 
     ``progress``: an optional callable(name) called after each layer.
     """
     shapes = infer_shapes(net)
-    names_in_use = {layer.name for layer in net.layers} | {b for layer in net.layers for b in layer.tops}
+    index = net.index_by_name()
+    names_in_use = set(index.position) | set(index.writers)
     infos = {}
     for name, lp in plan.items():
-        if name not in net:
+        if name not in index:
             raise Precondition(f"no layer named '{name}'")
-        layer = net.layer(name)
+        layer = index.layer(name)
         try:
             info = layer_info(layer, shapes.inputs[name][0] if shapes.inputs[name] else None,
                               shapes.outputs[name][0] if shapes.outputs[name] else None)
@@ -333,11 +333,10 @@ def factorize(net, plan: dict, method: str = "auto", seed: int = 0, hooi_iters: 
                 raise Precondition(f"layer '{name}': the name '{new}' for its factor is already in use")
         infos[name] = info
     details = []
-    new_layers = []
-    for layer in net.layers:
+    chains = {}
+    for layer in net.layers:  # net order: the progress and the details follow it
         lp = plan.get(layer.name)
         if lp is None:
-            new_layers.append(layer)
             continue
         info = infos[layer.name]
         scheme = info.scheme_for(lp.scheme)
@@ -346,12 +345,12 @@ def factorize(net, plan: dict, method: str = "auto", seed: int = 0, hooi_iters: 
                                      hooi_iters=hooi_iters, cache=(caches or {}).get(layer.name))
         for new, b in zip(built, blobs):
             new.blobs = b
-        new_layers.extend(built)
+        chains[layer.name] = built
         details.append({"name": layer.name, "scheme": scheme, "rank": [int(r) for r in lp.ranks],
                         "new_layers": [b.name for b in built], **record})
         if progress is not None:
             progress(layer.name)
-    net.layers[:] = new_layers
+    net.replace_layers(chains)
     return PassResult("factorize", changed=bool(details), details=details)
 
 
@@ -401,7 +400,6 @@ def rewrite_train_net(train_net, plan: dict, path=None):
         raise UserError(f"{where}has no layer named {', '.join(repr(m) for m in missing)} "
                         f"(factorized in the deploy net); is it the matching training net?")
     train_net.layers[:] = out
-    return []
 
 
 __all__ = ["LayerInfo", "LayerPlan", "layer_info", "build_layers", "factor_blobs", "factorize",

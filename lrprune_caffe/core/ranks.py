@@ -1,0 +1,242 @@
+"""compress, step 1: which layers to factorize, and at which ranks.
+
+:func:`plan_ranks` reads the net (never changes it) and returns a
+:class:`RankPlan`: one report row per Convolution / InnerProduct /
+Deconvolution layer with weights, the ``LayerPlan`` of each layer to
+factorize, the SVDs computed on the way (reused by the factorization) and
+the budget record with ``--speedup``. The rank rules: fixed (``--rank``),
+energy (``--energy``), VBMF (``--rank-method vbmf``,
+:mod:`lrprune_caffe.lowrank.rank`), or a whole-net MAC budget (``--speedup``,
+:mod:`lrprune_caffe.lowrank.budget`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+
+
+from lrprune_caffe.errors import UserError
+from lrprune_caffe.ir.analysis import layer_stats
+from lrprune_caffe.lowrank import budget as bg, decompose as dec, rank as rk
+from lrprune_caffe.transforms import Precondition
+from lrprune_caffe.transforms.factorize import FACTORIZABLE, LayerPlan, check_ranks, format_ranks, layer_info
+
+from .options import CompressOptions, _as_list, parse_rank_spec
+from .report import LayerRow, rank_value
+
+REPORTED_TYPES = FACTORIZABLE + ("Deconvolution",)
+
+
+@dataclass
+class RankPlan:
+    rows: dict  # name -> LayerRow, in net order
+    selected: list  # names of the selected Convolution / InnerProduct layers
+    plan: dict = field(default_factory=dict)  # name -> LayerPlan (the layers to factorize)
+    caches: dict = field(default_factory=dict)  # name -> SVDs computed for the spectra
+    budget: dict = None  # --speedup: the budget record for the report
+    notes: list = field(default_factory=list)
+
+
+def progress_bar(total, desc, progress):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False,
+                disable=True if not progress else None)
+
+
+def select_layers(net, patterns, candidates=None) -> list:
+    """Names of the Convolution / InnerProduct layers ``patterns`` picks (all when None).
+
+    Each comma-separated item is an exact layer name or else a regular
+    expression that must match a whole name. An item matching nothing is an error.
+    """
+    cands = candidates if candidates is not None else [l.name for l in net.layers if l.type in FACTORIZABLE]
+    items = _as_list(patterns)
+    if not items:
+        return list(cands)
+    chosen = set()
+    where = f"{net.source}" if net.source else "the net"
+    index = net.index_by_name()
+    for item in items:
+        if item in cands:
+            chosen.add(item)
+            continue
+        if item in index:
+            raise UserError(f"--layers: layer '{item}' of {where} is a {index.layer(item).type}, not a "
+                            f"Convolution or InnerProduct layer")
+        try:
+            rx = re.compile(item)
+        except re.error as e:
+            raise UserError(f"--layers: '{item}' is neither a layer name nor a valid regular expression ({e})") \
+                from None
+        hits = [n for n in cands if rx.fullmatch(n)]
+        if not hits:
+            shown = ", ".join(cands[:12]) + ("..." if len(cands) > 12 else "")
+            raise UserError(f"--layers: '{item}' matches no Convolution or InnerProduct layer of {where} "
+                            f"(they are: {shown or 'none'})")
+        chosen.update(hits)
+    return [n for n in cands if n in chosen]
+
+
+def _select(net, o: CompressOptions, layer_ranks, default_rank) -> list:
+    cands = [l.name for l in net.layers if l.type in FACTORIZABLE]
+    index = net.index_by_name()
+    for name in layer_ranks:
+        if name not in cands:
+            if name in index:
+                raise UserError(f"--rank: layer '{name}' is a {index.layer(name).type}, not a Convolution "
+                                f"or InnerProduct layer")
+            raise UserError(f"--rank: {net.source} has no layer named '{name}'")
+    if o.layers is not None:
+        selected = select_layers(net, o.layers, cands)
+        outside = [n for n in layer_ranks if n not in selected]
+        if outside:
+            raise UserError(f"--rank names layer '{outside[0]}', which --layers does not select")
+        return selected
+    if layer_ranks and default_rank is None:
+        return [n for n in cands if n in layer_ranks]
+    return list(cands)
+
+
+def _rows(net, shapes, o: CompressOptions, selected) -> tuple:
+    """(rows, {name: LayerInfo} of the selected layers that can be factorized)."""
+    stats = {r.name: r for r in layer_stats(net, shapes)}
+    chosen = set(selected)
+    rows, infos = {}, {}
+    for layer in net.layers:
+        if layer.type not in REPORTED_TYPES or not layer.blobs:
+            continue
+        s = stats[layer.name]
+        row = rows[layer.name] = LayerRow(layer.name, layer.type, s.params, s.macs)
+        if layer.type == "Deconvolution":
+            row.reason = "Deconvolution layers are not factorized"
+            continue
+        if layer.name not in chosen:
+            row.reason = "not selected (--layers / per-layer --rank)"
+            continue
+        try:
+            info = layer_info(layer, shapes.inputs[layer.name][0], shapes.outputs[layer.name][0])
+        except Precondition as e:
+            row.reason = str(e)
+            continue
+        scheme = info.scheme_for(o.scheme)
+        row.scheme = scheme
+        row.max_rank = rank_value(info.max_ranks(scheme))
+        infos[layer.name] = info
+    return rows, infos
+
+
+def _spectra(net, infos, names, o: CompressOptions, caches) -> dict:
+    out = {}
+    index = net.index_by_name()
+    with progress_bar(len(names), "spectra", o.progress) as bar:
+        for name in names:
+            info = infos[name]
+            W = index.layer(name).blobs[0]
+            if info.kind == "ip" and info.transpose:
+                W = W.T
+            out[name] = dec.scheme_spectra(W, info.scheme_for(o.scheme), group=info.group, method=o.svd,
+                                           cache=caches.setdefault(name, {}))
+            bar.update(1)
+    return out
+
+
+def _fixed_ranks(net, name, info, scheme, layer_ranks, default_rank) -> tuple:
+    ranks = layer_ranks.get(name, default_rank)
+    if scheme == "tucker2" and len(ranks) == 1:
+        ranks = (ranks[0], ranks[0])
+    why = check_ranks(info, scheme, ranks)
+    if why:
+        hint = "" if name in layer_ranks else f"; give it its own rank ({name}=R) or leave it out with --layers"
+        raise UserError(f"--rank: layer '{name}' ({info.type}): {why}{hint}")
+    return tuple(int(r) for r in ranks)
+
+
+def _vbmf_note(name, ranks, spectra):
+    if not any(m.energies.sum() > 0 for m in spectra):
+        return None
+    kept = min(float(m.energies[:r].sum() / m.energies.sum()) for m, r in zip(spectra, ranks)
+               if m.energies.sum() > 0)
+    if kept >= 0.5:
+        return None
+    return (f"layer {name}: VBMF judged most of its spectrum to be noise (rank {format_ranks(ranks)} keeps "
+            f"{kept:.1%} of the energy); an under-trained layer (weights near their random initialization) "
+            f"looks like this, and accuracy may fall: consider --energy or --speedup")
+
+
+def _per_layer_ranks(net, rp: RankPlan, infos, names, o, layer_ranks, default_rank):
+    spectra = _spectra(net, infos, names, o, rp.caches) if o.rank is None else {}  # energy / vbmf: all values
+    for name in names:
+        info, row = infos[name], rp.rows[name]
+        scheme = info.scheme_for(o.scheme)
+        if o.rank is not None:
+            ranks = _fixed_ranks(net, name, info, scheme, layer_ranks, default_rank)
+            rule = f"rank {format_ranks(ranks)}"
+        elif o.energy is not None:
+            ranks = rk.energy_ranks(spectra[name], float(o.energy))
+            rule = f"energy {o.energy}: rank {format_ranks(ranks)}"
+        else:
+            ranks = rk.vbmf_ranks(spectra[name])
+            rule = f"VBMF rank {format_ranks(ranks)}"
+            note = _vbmf_note(name, ranks, spectra[name])
+            if note:
+                rp.notes.append(note)
+        macs, _ = info.cost(scheme, ranks)
+        if int(macs) >= info.macs:
+            row.reason = f"{rule} would not cut MACs ({info.macs:,} -> {int(macs):,})"
+            row.rank = rank_value(ranks)
+            continue
+        rp.plan[name] = LayerPlan(scheme, ranks, info)
+
+
+def _budget_layer(info, scheme, spectra) -> bg.BudgetLayer:
+    return bg.BudgetLayer(info.name, info.macs, tuple(m.energies for m in spectra), info.max_ranks(scheme),
+                          lambda ranks, info=info, scheme=scheme: info.cost(scheme, ranks)[0])
+
+
+def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
+    spectra = _spectra(net, infos, names, o, rp.caches)
+    macs_before = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows)
+    fixed = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows and n not in infos)
+    layers = [_budget_layer(infos[n], infos[n].scheme_for(o.scheme), spectra[n]) for n in names]
+    try:
+        alloc = bg.allocate(layers, float(o.speedup), o.criterion, macs_before, fixed)
+    except bg.Unreachable as e:
+        best_factor = macs_before / e.best_macs if e.best_macs > 0 else float("inf")
+        raise UserError(f"--speedup {o.speedup} cannot be reached with the {o.scheme} scheme: the selected "
+                        f"layers' MACs can fall at most {best_factor:.2f}x ({macs_before:,} -> "
+                        f"{int(e.best_macs):,}) even at rank 1") from None
+    for name in names:
+        info, row, ranks = infos[name], rp.rows[name], alloc.ranks[name]
+        if ranks is None:
+            least = alloc.min_macs[name]
+            row.reason = (f"no rank cuts its MACs (rank 1 costs {int(least):,}, the layer {info.macs:,})"
+                          if not least < info.macs else
+                          "left alone: the --speedup budget was met at less error in other layers")
+            continue
+        rp.plan[name] = LayerPlan(info.scheme_for(o.scheme), ranks, info)
+    rp.budget = {"speedup": float(o.speedup), "macs_before": int(macs_before), "target_macs": int(alloc.target_macs),
+                 "criterion": o.criterion, "criterion_text": bg.CRITERION_TEXT[o.criterion]}
+
+
+def plan_ranks(net, shapes, o: CompressOptions) -> RankPlan:
+    """Rows, selection and the factorization plan of ``net`` (see the module docstring)."""
+    default_rank, layer_ranks = parse_rank_spec(o.rank)
+    selected = _select(net, o, layer_ranks, default_rank)
+    rows, infos = _rows(net, shapes, o, selected)
+    rp = RankPlan(rows, selected)
+    if not o.factorizing:
+        for name in selected:
+            if name in rows and rows[name].action == "kept":
+                rows[name].scheme = None
+        return rp
+    names = [n for n in selected if n in infos]
+    if o.speedup is not None:
+        _budget_ranks(net, rp, infos, names, o)
+    else:
+        _per_layer_ranks(net, rp, infos, names, o, layer_ranks, default_rank)
+    return rp
+
+
+__all__ = ["RankPlan", "plan_ranks", "select_layers", "progress_bar", "REPORTED_TYPES"]
