@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sla
 
-from lrprune_caffe.lowrank import decompose as dec, rank as rk
+from lrprune_caffe.lowrank import decompose as dec, rank as rk, svd_methods as svd_backends
 
 METHODS = ["gram", "exact"]
 
@@ -63,7 +63,7 @@ def test_eckart_young_fc(shape, method):
 
 def test_eckart_young_float32_gram_route(monkeypatch):
     """The float32 Gram route (used above GRAM64_MAX_SIDE) still gives the optimum closely."""
-    monkeypatch.setattr(dec, "GRAM64_MAX_SIDE", 8)
+    monkeypatch.setattr(svd_backends, "GRAM64_MAX_SIDE", 8)
     W = weights((30, 200), seed=5, decay=0.9)
     r = 10
     W1, W2, _ = dec.fc_decompose(W, r)
@@ -223,7 +223,7 @@ def test_budget_unreachable_reports_the_best_total():
 @pytest.mark.parametrize("rank", [4, 25])  # below m/3: leading eigenpairs only; above: all
 def test_lazy_vectors_after_spectra(monkeypatch, rank):
     """Rank selection computes singular values only; the truncation computes the vectors it needs."""
-    monkeypatch.setattr(dec, "LAZY_VECTORS_SIDE", 8)
+    monkeypatch.setattr(svd_backends, "LAZY_VECTORS_SIDE", 8)
     W = weights((40, 100), seed=6, decay=0.93)
     cache = {}
     (mode,) = dec.scheme_spectra(W, "fc", cache=cache)

@@ -6,7 +6,7 @@ What it does
 1. builds VGG-16 (``tools/bench_io.py: build_vgg16``, seeded He-normal
    weights, 138M params, ~553 MB caffemodel) and writes it once (not measured);
 2. in a fresh subprocess per run, after imports, times
-   ``lrprune_caffe.core.compress.compress(prototxt, caffemodel, outdir, speedup=S,
+   ``lrprune_caffe.api.compress_files(prototxt, caffemodel, outdir, speedup=S,
    scheme=..., verify=False)``: read + validate, singular values of every
    eligible layer, rank budget, factorization, write of model.prototxt /
    model.caffemodel / report.json / report.md (the CLI's ``compress ...
@@ -70,22 +70,26 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify) -> dict:
     import scipy.linalg  # noqa: F401
     import tqdm  # noqa: F401
 
-    import lrprune_caffe.transforms.factorize  # noqa: F401
-    from lrprune_caffe import compress as C
+    from lrprune_caffe import api
+    from lrprune_caffe.core import compress as core
 
+    # the steps of compress_files / core.compress, timed where they are looked up
     steps = {}
-    timed = []
-    for name, fn in C.PIPELINE:
-        def wrap(job, fn=fn, name=name):
+    for mod, attr, name in ((api, "load_net", "load"), (core, "plan_ranks", "rank"),
+                            (core, "factorize_net", "factorize"), (core, "prune_new", "prune"),
+                            (core, "check_compressed", "verify"), (core, "export_onnx", "onnx"),
+                            (core, "build_report", "report"), (api, "write_net", "write")):
+        def wrap(*a, fn=getattr(mod, attr), name=name, **k):
             t = time.perf_counter()
-            fn(job)
-            steps[name] = time.perf_counter() - t
-        timed.append((name, wrap))
-    C.PIPELINE[:] = timed
+            try:
+                return fn(*a, **k)
+            finally:
+                steps[name] = steps.get(name, 0.0) + time.perf_counter() - t
+        setattr(mod, attr, wrap)
     base = _status_kb("VmRSS") or 0
     t0 = time.perf_counter()
-    report, _ = C.compress(prototxt, caffemodel, outdir, speedup=float(speedup), scheme=scheme,
-                           verify=verify == "1")
+    report, _ = api.compress_files(prototxt, caffemodel, outdir, speedup=float(speedup), scheme=scheme,
+                                   verify=verify == "1")
     seconds = time.perf_counter() - t0
     peak = _peak_kb()
     fact = [r for r in report["layers"] if r["action"] == "factorized"]

@@ -52,7 +52,7 @@ GOLDEN = ROOT.parent / "shared" / "golden" / "lenet_mnist"
 
 def _lowrank(scheme, criterion="log-energy"):
     def run(prototxt, weights, target):
-        from lrprune_caffe.core.compress import compress
+        from lrprune_caffe.api import compress_files as compress
         report, net = compress(prototxt, weights, None, scheme=scheme, speedup=target, verify=False,
                                criterion=criterion)
         ranks = {r["name"]: r["rank"] for r in report["layers"] if r["action"] == "factorized"}
@@ -72,7 +72,7 @@ DEFAULT_METHODS = "channel,spatial,tucker2"
 def prune_rows(prototxt, weights, sparsities, after, x, labels, engine):
     """Accuracy of magnitude pruning (per layer) at each sparsity: alone, and after factorizing
     with ``after`` = "SCHEME@SPEEDUP" (or None)."""
-    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.api import compress_files as compress
     rows = []
     bases = [("prune", None)]
     for item in [a.strip() for a in (after or "").split(",") if a.strip()]:

@@ -1,8 +1,10 @@
 """Low-rank factorization: pure numeric decompositions and rank selection.
 
-* :mod:`.decompose` - SVD (exact, Gram-side, randomized), the channel / spatial /
+* :mod:`.svd_methods` - SVD back ends (exact, Gram-side, randomized);
+* :mod:`.decompose` - the channel / spatial /
   Tucker-2 / FC schemes on Caffe weight blobs, per group;
-* :mod:`.rank` - rank choice: fixed, energy, VBMF, whole-net MAC budget;
+* :mod:`.rank` - rank choice: fixed, energy, VBMF, the whole-net MAC budget allocation;
+* :mod:`.budget` - each layer's candidates for that budget, and the allocation.
 * :mod:`.datafit` - data-aware fits on calibration moments: im2col, position
   sampling, ridge re-fit of a last factor, reduced-rank regression, Zhang et
   al. 2015's response reconstruction;

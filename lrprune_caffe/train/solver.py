@@ -124,7 +124,7 @@ class SolverSettings:
         return d
 
 
-def _f(v) -> float:
+def _proto_float(v) -> float:
     """A float32 proto field as the decimal the file wrote (0.01, not 0.009999999776)."""
     import numpy as np
     return float(str(np.float32(v)))
@@ -163,20 +163,20 @@ def read_solver(path) -> SolverSettings:
     if sp.iter_size != 1:
         raise BadFileError(f"iter_size {sp.iter_size} is not supported (use a larger --batch-size)", path=path)
     settings = SolverSettings(
-        base_lr=_f(sp.base_lr),
-        momentum=_f(sp.momentum),
-        weight_decay=_f(sp.weight_decay),
+        base_lr=_proto_float(sp.base_lr),
+        momentum=_proto_float(sp.momentum),
+        weight_decay=_proto_float(sp.weight_decay),
         lr_policy=sp.lr_policy or "fixed",
-        gamma=_f(sp.gamma) if sp.HasField("gamma") else 0.1,
-        power=_f(sp.power) if sp.HasField("power") else 0.75,
+        gamma=_proto_float(sp.gamma) if sp.HasField("gamma") else 0.1,
+        power=_proto_float(sp.power) if sp.HasField("power") else 0.75,
         stepsize=int(sp.stepsize),
         stepvalue=tuple(int(s) for s in sp.stepvalue),
         max_iter=int(sp.max_iter) if sp.HasField("max_iter") else None,
         type=stype,
-        momentum2=_f(sp.momentum2),
-        delta=_f(sp.delta),
+        momentum2=_proto_float(sp.momentum2),
+        delta=_proto_float(sp.delta),
         regularization_type=sp.regularization_type,
-        clip_gradients=_f(sp.clip_gradients),
+        clip_gradients=_proto_float(sp.clip_gradients),
         random_seed=int(sp.random_seed) if sp.random_seed >= 0 else None,
         source=str(path),
         notes=notes,
