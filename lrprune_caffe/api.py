@@ -8,10 +8,6 @@ import os
 
 import numpy as np
 
-from .core.compress import CompressData, CompressOptions, compress
-from .core.markdown import report_markdown
-from .core.verify import verify_nets
-from .engines.compare import json_safe
 from .errors import UserError
 from .fileutil import check_outdir
 from .io.caffe import load_net
@@ -65,6 +61,10 @@ def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, 
     ``train_net``, model.onnx with ``onnx``, masks.npz when pruning) all or nothing.
     ``inputs``: an .npz of verification inputs; ``labels``: an .npz (or an array) of their labels;
     ``options``: the fields of :class:`CompressOptions`. Returns ``(report, new net)``."""
+    # the core (scipy, the exporter) loads on first use: "inspect" and "convert" start fast
+    from .core.compress import CompressData, CompressOptions, compress
+    from .core.markdown import report_markdown
+    from .engines.compare import json_safe
     o = CompressOptions.from_kwargs(**options)
     compress_checks(o, outdir, inputs, labels)
     if weights is None:
@@ -87,7 +87,7 @@ def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, 
     return report, result.net
 
 
-def compress_checks(o: CompressOptions, outdir=None, inputs=None, labels=None):
+def compress_checks(o, outdir=None, inputs=None, labels=None):
     """Before reading anything: the options, the output folder, --labels without --inputs."""
     from .core.options import check_options
     spec = check_options(o)
@@ -102,6 +102,7 @@ def verify_files(prototxt, weights, prototxt2, weights2, inputs=None, engine="on
                  phase="TEST", labels=None) -> dict:
     """Run two nets on the same inputs (an .npz, or seeded random of the first net's input shape)
     and compare every output blob of the first (see :mod:`lrprune_caffe.engines.compare`)."""
+    from .core.verify import verify_nets
     from .engines.runtime import ENGINES
     if engine not in ENGINES:
         raise UserError(f"--engine: unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
