@@ -1,4 +1,4 @@
 """The IR: :class:`Net` / :class:`Layer` (``net.py``), the layer registry (``layers/``),
-shape inference, validation and params/MACs (``analysis.py``)."""
+shape inference, validation, params/MACs and zeros (``analysis.py``), weight masks (``masks.py``)."""
 
 from .net import Layer, Net  # noqa: F401
