@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from lrprune_caffe.errors import BadFileError
 from lrprune_caffe.schema.proto import pb
 
 Shape = Optional[tuple]  # None means "unknown"
@@ -224,6 +225,21 @@ def array_to_blobproto(arr: np.ndarray):
     return bp
 
 
+def blobproto_to_array(bp) -> np.ndarray:
+    """A BlobProto's data as a float32 array (``shape``, or the legacy num/channels/height/width)."""
+    if len(bp.double_data):
+        data = np.asarray(bp.double_data, dtype=np.float64).astype(np.float32)
+    else:
+        data = np.asarray(bp.data, dtype=np.float32)
+    if bp.HasField("shape"):
+        shape = tuple(int(d) for d in bp.shape.dim)
+    else:
+        shape = (bp.num, bp.channels, bp.height, bp.width)
+    if int(np.prod(shape)) != data.size:
+        raise BadFileError(f"blob holds {data.size} values but its shape {shape} needs {int(np.prod(shape))}")
+    return data.reshape(shape)
+
+
 class NetIndex:
     """Lookups over a net's layers built in one walk: ``position`` {layer name: index},
     ``layer(name)``, ``writers`` {blob: [indices of layers writing it]}, ``readers``
@@ -272,4 +288,4 @@ def clone_msg(msg):
     return new
 
 
-__all__ = ["Layer", "Net", "NetIndex", "Shape", "array_to_blobproto", "clone_msg"]
+__all__ = ["Layer", "Net", "NetIndex", "Shape", "array_to_blobproto", "blobproto_to_array", "clone_msg"]
