@@ -55,11 +55,12 @@ def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False
 
 
 def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, train_net=None, phase="TEST",
-                   **options):
+                   calib=None, **options):
     """Read a Caffe net, :func:`lrprune_caffe.core.compress.compress` it, and (with ``outdir``) write
     OUTDIR/model.prototxt, model.caffemodel, report.json, report.md (+ train_val.prototxt with
     ``train_net``, model.onnx with ``onnx``, masks.npz when pruning) all or nothing.
     ``inputs``: an .npz of verification inputs; ``labels``: an .npz (or an array) of their labels;
+    ``calib``: an .npz of calibration inputs for ``quantize="int8"`` (default: ``inputs``);
     ``options``: the fields of :class:`CompressOptions`. Returns ``(report, new net)``."""
     # the core (scipy, the exporter) loads on first use: "inspect" and "convert" start fast
     from .core.compress import CompressData, CompressOptions, compress
@@ -67,6 +68,9 @@ def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, 
     from .engines.compare import json_safe
     o = CompressOptions.from_kwargs(**options)
     compress_checks(o, outdir, inputs, labels)
+    if calib is not None:
+        from .export.precision import check_options as check_precision
+        check_precision(o.precision, o.quantize, calib)
     if weights is None:
         raise UserError("compress needs the trained weights (WEIGHTS.caffemodel)")
     net = load_net(prototxt, weights, phase=phase)
@@ -77,6 +81,9 @@ def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, 
         data.labels = labels if isinstance(labels, np.ndarray) else load_labels(labels)
     if train_net is not None:
         data.train_net = read_train_net(train_net)
+    if calib is not None:
+        from .engines.model import load_arrays
+        data.calib = load_arrays(calib, net.inputs())
     result = compress(net, o, data)
     report = result.report
     if outdir is not None:

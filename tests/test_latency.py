@@ -183,7 +183,7 @@ def test_allocation_meets_the_target_at_the_hand_checked_optimum():
 
 
 def test_layer_without_options_counts_as_left_alone():
-    empty = rk.Options("c", 3.0)
+    empty = rk.LayerChoices("c", 3.0)
     b = lb.LayerTable("b", 10.0, "channel", (np.array([1, 2]),), np.array([5.0, 7.0]))
     ob, _, _ = lb.latency_options(b, [[1], [2]], [0.5, 0.2])
     alloc = lb.allocate([empty, ob], total_ms=13.0, speedup=1.2)

@@ -44,7 +44,7 @@ def _build(case, root):
     if case in _BUILT:
         return _BUILT[case]
     import onnx
-    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.api import compress_files as compress
     from lrprune_caffe.export.onnx import export_model
     from lrprune_caffe.export.precision import consumer_notes, reduce_precision
     from lrprune_caffe.export.sparse import sparsify_model

@@ -56,7 +56,7 @@ def _npz(path) -> dict:
 def build(case, golden, workdir, speedup):
     """[(label, OnnxModel)] for original/compressed x fp32/fp16/int8, plus the evaluation data."""
     import onnx
-    from lrprune_caffe.core.compress import compress
+    from lrprune_caffe.api import compress_files as compress
     from lrprune_caffe.engines.model import OnnxModel
     from lrprune_caffe.export.onnx import export_model
     from lrprune_caffe.export.precision import reduce_precision

@@ -48,6 +48,7 @@ class CompressData:
     labels: Optional[np.ndarray] = None  # labels of ``inputs`` (top-1 accuracy of both nets)
     train_net: Optional[Net] = None  # a training net (every phase) to rewrite as the net is
     original_weights_bytes: Optional[int] = None  # size of the caffemodel read (for the report's outcome)
+    calib: Optional[dict] = None  # --quantize int8: calibration arrays {input name: array}; default: ``inputs``
 
 
 @dataclass
@@ -108,11 +109,18 @@ def prune_new(net: Net, new: Net, spec: PruneSpec, rows: dict) -> tuple:
                               [r for r in prune_rows if r.get("pruned") or "structured" in r])
 
 
-def export_onnx(new: Net, o: CompressOptions) -> tuple:
-    """(ModelProto, its bytes) of the compressed net; sparse initializers with ``o.sparse``."""
+def export_onnx(new: Net, o: CompressOptions, calib: Optional[dict] = None) -> tuple:
+    """(ModelProto, its bytes, precision record or None) of the compressed net: sparse
+    initializers with ``o.sparse``; fp16 / int8 QDQ with ``o.precision`` / ``o.quantize``
+    (:func:`lrprune_caffe.export.precision.reduce_precision`, calibrated on ``calib``)."""
     from lrprune_caffe.export.onnx import export_model
-    model = export_model(new, opset=int(o.opset), sparse=bool(o.sparse))
-    return model, model.SerializeToString()
+    reduced = o.precision not in (None, "fp32") or o.quantize is not None
+    model = export_model(new, opset=int(o.opset), sparse=bool(o.sparse) and not reduced)
+    record = None
+    if reduced:
+        from lrprune_caffe.export.precision import reduce_precision
+        model, record = reduce_precision(model, o.precision or "fp32", o.quantize, calib, sparse=bool(o.sparse))
+    return model, model.SerializeToString(), record
 
 
 def compress(net: Net, options: CompressOptions = None, data: CompressData = None) -> CompressResult:
@@ -141,7 +149,8 @@ def compress(net: Net, options: CompressOptions = None, data: CompressData = Non
         notes += more
     else:
         verification = {"skipped": True}
-    model, onnx_bytes = export_onnx(new, o) if o.onnx else (None, None)
+    calib = data.calib if data.calib is not None else inputs
+    model, onnx_bytes, precision = export_onnx(new, o, calib) if o.onnx else (None, None, None)
 
     files = {}
     if data.train_net is not None:
@@ -156,6 +165,10 @@ def compress(net: Net, options: CompressOptions = None, data: CompressData = Non
                           budget=rp.budget, pruned=pruned, verification=verification, notes=notes, files=names,
                           onnx_model=model, onnx_bytes=None if onnx_bytes is None else len(onnx_bytes),
                           original_bytes=data.original_weights_bytes)
+    if precision is not None:
+        report["precision"] = precision
+        notes_of = precision.get("notes") or []
+        report["notes"] += [f"model.onnx: {n}" for n in notes_of]
     return CompressResult(new, masks, report, files)
 
 

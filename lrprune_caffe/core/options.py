@@ -44,6 +44,8 @@ class CompressOptions:
     onnx: bool = False
     sparse: bool = False
     opset: int = DEFAULT_OPSET
+    precision: str = None  # with onnx: "fp16" (export.precision); None / "fp32": as exported
+    quantize: str = None  # with onnx: "int8" static QDQ, calibrated on CompressData.calib
     verify: bool = True
     engine: str = "onnxruntime"
     threads: int = None
@@ -70,6 +72,8 @@ class CompressOptions:
         for name in ("prune", "prune_scope", "prune_method", "quality", "prune_structured", "prune_exclude",
                      "sparse"):
             out[name] = getattr(self, name)
+        if self.precision not in (None, "fp32") or self.quantize is not None:
+            out.update(precision=self.precision, quantize=self.quantize)
         return out
 
 
@@ -196,8 +200,12 @@ def check_options(o: CompressOptions):
         except ImportError as e:
             raise UserError(f"--onnx needs the ONNX exporter (lrprune_caffe.export.onnx): {e}") from None
         check_opset(int(o.opset))  # fail before the work, not after
+        from lrprune_caffe.export.precision import check_options as check_precision
+        check_precision(o.precision, o.quantize)
     elif o.opset != DEFAULT_OPSET:
         raise UserError("--opset applies to the ONNX file: add --onnx")
+    elif o.precision not in (None, "fp32") or o.quantize is not None:
+        raise UserError(f"--{'quantize' if o.quantize else 'precision'} converts model.onnx: add --onnx")
     parse_rank_spec(o.rank)
     return spec
 

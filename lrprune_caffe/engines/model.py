@@ -223,14 +223,14 @@ def export_onnx_files(prototxt, weights, output, precision="fp32", quantize=None
     ``calib``'s held-out split, or seeded random), with accuracy when ``labels``."""
     from lrprune_caffe.export.onnx import check_opset, export_model
     from lrprune_caffe.export.precision import check_options, reduce_precision
-    from lrprune_caffe.fileutil import atomic_write_bytes, check_output_dir
+    from lrprune_caffe.fileutil import atomic_write_bytes, check_output_file
     from lrprune_caffe.io.caffe import load_net
     check_options(precision, quantize, calib)
     if quantize and calib is None and inputs is None:
         raise UserError("--quantize int8 needs calibration inputs: --calib NPZ (or --inputs NPZ)")
     if "opset" in export_kw:
         check_opset(export_kw["opset"])
-    check_output_dir(output)
+    check_output_file(output)
     net = load_net(prototxt, weights, phase=phase)
     report = {}
     fp32 = export_model(net, report=report, **export_kw)

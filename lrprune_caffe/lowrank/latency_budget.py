@@ -127,7 +127,7 @@ def interp_2d(g1, g2, values, x1, x2) -> np.ndarray:
 # options and allocation
 
 def latency_options(table: LayerTable, ranks, err):
-    """(:class:`rank.Options` in milliseconds, number dropped as no faster than left alone,
+    """(:class:`rank.LayerChoices` in milliseconds, number dropped as no faster than left alone,
     number dropped as outside the measured grid) for one layer.
 
     ``ranks``: (n, d) candidate ranks; ``err``: their errors (n,).
@@ -139,7 +139,7 @@ def latency_options(table: LayerTable, ranks, err):
     ms = table.predict(ranks)
     known = np.isfinite(ms)
     faster = known & (ms < float(table.left_alone_ms))
-    opts = rk.Options(table.name, float(table.left_alone_ms), ms[faster], err[faster], ranks[faster])
+    opts = rk.LayerChoices(table.name, float(table.left_alone_ms), ms[faster], err[faster], ranks[faster])
     return opts, int(np.sum(known & ~faster)), int(np.sum(~known))
 
 
@@ -203,7 +203,7 @@ def allocate(options: list, total_ms: float, speedup: float, fixed_ms: float = N
              dropped_slower: dict = None) -> Allocation:
     """Choose per-layer configurations so that ``fixed_ms + sum(layer ms) <= total_ms / speedup``.
 
-    ``options``: [:class:`rank.Options`] in milliseconds (``macs_before`` = the
+    ``options``: [:class:`rank.LayerChoices`] in milliseconds (``macs_before`` = the
     layer left alone), e.g. from :func:`latency_options`; ``fixed_ms``
     defaults to :func:`fixed_part`. Raises :class:`Unreachable` when even the
     fastest configurations miss the target.
