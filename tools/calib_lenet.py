@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lrprune_caffe.core.compress import compress
+from lrprune_caffe.api import compress_files as compress
 from lrprune_caffe.io.caffe import load_net
 from lrprune_caffe.transforms.calibrate import calibrate_factorized, calibrate_pruned
 from lrprune_caffe.transforms.forward import forward
-from lrprune_caffe.transforms.prune import PruneSpec, apply_masks, compute_masks
+from lrprune_caffe.ir.masks import apply_masks
+from lrprune_caffe.transforms.prune import PruneSpec, compute_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT.parent / "shared" / "golden" / "lenet_mnist"

@@ -35,7 +35,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from .datafit import DEFAULT_DAMPING, Moments, damping_of, ridge_fit
-from .decompose import _one_blas_thread
+from .svd_methods import _one_blas_thread
 
 
 def _hessian(m: Moments, damping: float, intercept: bool = True):

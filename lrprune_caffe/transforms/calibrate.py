@@ -48,6 +48,7 @@ from __future__ import annotations
 import numpy as np
 
 from lrprune_caffe.ir.layers.conv import conv_geometry
+from lrprune_caffe.ir.masks import mask_key, split_key
 from lrprune_caffe.lowrank import datafit as df, prunefit as pf
 from . import PassResult, Precondition, graph_pass
 from .factorize import new_names
@@ -399,7 +400,7 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
                      prior="dense", max_inputs=8192, relu_aware=True, run=None, progress=None) -> PassResult:
     """Re-solve the kept weights of every masked layer of ``net_new``, sequentially (see the module docstring).
 
-    ``masks``: {(layer name, 0): bool array like the weights, True = keep}; with
+    ``masks``: {"<layer>/0": bool array like the weights, True = keep} (:mod:`lrprune_caffe.ir.masks`); with
     ``prune_method="sparsegpt"`` the entries are replaced by the new masks.
     ``dense``: the net before the masks were applied (default: ``net_new`` as
     it is now), the source of the dense weights for inner-factor targets and
@@ -415,7 +416,7 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
     _check((net_orig, net_new), calib_inputs, numpy_forward=run is None)
     run = run or run_layer
     names = {layer.name for layer in net_new.layers}
-    for (name, idx) in masks:
+    for name, idx in map(split_key, masks):
         if name not in names or idx != 0:
             raise Precondition(f"mask for '{name}/{idx}': no such weights in the new net")
     if dense is None:
@@ -425,7 +426,7 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
     R, N = _Runner(ref, calib_inputs, run), _Runner(net_new.layers, calib_inputs, run)
     details = []
     for i, layer in enumerate(net_new.layers):
-        key = (layer.name, 0)
+        key = mask_key(layer.name, 0)
         if key not in masks or layer.type not in ("Convolution", "InnerProduct"):
             if key in masks:
                 details.append({"name": layer.name, "skipped": f"{layer.type} weights are not re-solved"})
