@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from lrprune_caffe.io import caffe as caffe_io
+from lrprune_caffe.io import prototxt as prototxt_io
 from lrprune_caffe.cli.main import main
 from lrprune_caffe.errors import UserError
 from lrprune_caffe.ir.net import array_to_blobproto
@@ -236,7 +237,7 @@ def no_huge_reads(monkeypatch):
         if "r" in mode and os.path.exists(file) and os.path.getsize(file) > 2**31:
             raise AssertionError(f"{file} was opened for reading")
         return real_open(file, mode, *args, **kwargs)
-    monkeypatch.setattr(caffe_io, "open", guarded, raising=False)
+    monkeypatch.setattr(prototxt_io, "open", guarded, raising=False)
 
 
 def assert_one_line_error(rc, out, err, patterns):
@@ -303,7 +304,7 @@ def test_unreadable_file(tmp_path, capsys, monkeypatch, exc, words):
     """Works as root too: the read itself fails."""
     def failing_open(*a, **k):
         raise exc
-    monkeypatch.setattr(caffe_io, "open", failing_open, raising=False)
+    monkeypatch.setattr(prototxt_io, "open", failing_open, raising=False)
     outdir = tmp_path / "out"
     rc = main(["convert", str(PROTO), str(MODEL), "-o", str(outdir)])
     assert_one_line_error(rc, *capsys.readouterr(), [r"lenet\.prototxt", "cannot be read", words])

@@ -15,6 +15,7 @@ import pytest
 from lrprune_caffe.cli.main import main
 from lrprune_caffe.errors import UserError
 from lrprune_caffe.io import caffe as caffe_io
+from lrprune_caffe.io import prototxt as prototxt_io
 from lrprune_caffe.ir.net import array_to_blobproto
 from lrprune_caffe.schema.proto import pb
 
@@ -99,7 +100,7 @@ def test_enormous_prototxt_is_refused_before_reading(tmp_path, capsys, monkeypat
     rc, out, err = run(capsys, "inspect", big)
     one_line(rc, err, r"big\.prototxt", "binary file of 3,221,225,472 bytes")
     text = write(tmp_path, "t.prototxt", PROTO.read_text() + "\n" * 2000)
-    monkeypatch.setattr(caffe_io, "PROTOTXT_LIMIT", 1000)
+    monkeypatch.setattr(prototxt_io, "PROTOTXT_LIMIT", 1000)
     rc, out, err = run(capsys, "inspect", text)
     one_line(rc, err, r"t\.prototxt", "too large for a net definition", "under 0 MB|under")
 
