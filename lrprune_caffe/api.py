@@ -55,12 +55,13 @@ def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False
 
 
 def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, train_net=None, phase="TEST",
-                   calib=None, **options):
+                   calib=None, plot=False, **options):
     """Read a Caffe net, :func:`lrprune_caffe.core.compress.compress` it, and (with ``outdir``) write
     OUTDIR/model.prototxt, model.caffemodel, report.json, report.md (+ train_val.prototxt with
     ``train_net``, model.onnx with ``onnx``, masks.npz when pruning) all or nothing.
     ``inputs``: an .npz of verification inputs; ``labels``: an .npz (or an array) of their labels;
     ``calib``: an .npz of calibration inputs for ``quantize="int8"`` (default: ``inputs``);
+    ``plot``: also draw OUTDIR/report.png (:mod:`lrprune_caffe.core.plots`; report.md embeds it);
     ``options``: the fields of :class:`CompressOptions`. Returns ``(report, new net)``."""
     # the core (scipy, the exporter) loads on first use: "inspect" and "convert" start fast
     from .core.compress import CompressData, CompressOptions, compress
@@ -68,6 +69,9 @@ def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, 
     from .engines.compare import json_safe
     o = CompressOptions.from_kwargs(**options)
     compress_checks(o, outdir, inputs, labels)
+    if plot:
+        from .core.plots import _plt
+        _plt()  # matplotlib missing: say so before the work
     if calib is not None:
         from .export.precision import check_options as check_precision
         check_precision(o.precision, o.quantize, calib)
@@ -87,8 +91,13 @@ def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, 
     result = compress(net, o, data)
     report = result.report
     if outdir is not None:
+        extra = {}
+        if plot:
+            from .core.plots import report_png
+            report["plot"] = "report.png"
+            extra["report.png"] = report_png(json_safe(report))
         safe = json_safe(report)
-        extra = {"report.json": json.dumps(safe, indent=2) + "\n", "report.md": report_markdown(safe)}
+        extra.update({"report.json": json.dumps(safe, indent=2) + "\n", "report.md": report_markdown(safe)})
         extra.update(result.files)
         report["written"] = write_net(result.net, outdir, extra=extra)
     return report, result.net

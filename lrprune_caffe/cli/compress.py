@@ -9,34 +9,38 @@ from lrprune_caffe.engines.compare import json_safe
 from .common import add_output
 
 
-def _print_summary(report, file=None):
+def _print_summary(report, file=None, verbose=False):
+    """The short summary (at most 100 columns); ``verbose``: the per-layer and check tables first."""
     from .common import print_table
-    from lrprune_caffe.core.markdown import layer_table, verification_rows
+    from lrprune_caffe.core.markdown import layer_table, summary_lines, verification_rows
     file = file or sys.stdout
-    headers, rows = layer_table(report)
-    print_table(headers, rows, file=file)
-    t = report["totals"]
-    print(f"total: params {t['params_before']:,} -> {t['params_after']:,}, "
-          f"MACs {t['macs_before']:,} -> {t['macs_after']:,}"
-          + (f" ({t['macs_before'] / t['macs_after']:.2f}x fewer)" if t["macs_after"] else ""), file=file)
-    if t.get("nonzero_params") is not None:
-        line = (f"nonzero params {t['nonzero_params']:,} ({100 * t.get('sparsity', 0):.1f}% zeros), "
-                f"caffemodel {t['caffemodel_bytes']:,} bytes")
-        if t.get("onnx_bytes"):
-            line += f", onnx {t['onnx_bytes']:,} bytes"
+    if verbose:
+        print_table(*layer_table(report), file=file)
+        ver = report.get("verification") or {}
+        if ver.get("blobs"):
+            print(file=file)
+            print_table(*verification_rows(ver), file=file)
+        print(file=file)
+    for line in summary_lines(report):
         print(line, file=file)
-    if report.get("outcome"):
-        print(f"outcome: {report['outcome']['summary']}", file=file)
-    ver = report.get("verification") or {}
-    if ver and not ver.get("skipped"):
-        print(f"\nverification ({ver['engine']}, {ver['inputs']}, batch {ver['batch']}):", file=file)
-        print_table(*verification_rows(ver), file=file)
-        for name, v in ver.get("blobs", {}).items():
-            if "top1_ref" in v:
-                print(f"{name}: top-1 accuracy {100 * v['top1_ref']:.2f}% (original) -> "
-                      f"{100 * v['top1_test']:.2f}% (compressed)", file=file)
-        for n in ver.get("notes", []):
-            print(f"note: {n}", file=sys.stderr)
+    for n in (report.get("verification") or {}).get("notes", []):
+        print(f"note: {n}", file=sys.stderr)
+
+
+def _print_written(written, file=None):
+    """'wrote DIR/: a, b, c' (one folder), else one line per file."""
+    import os
+    file = file or sys.stdout
+    paths = [str(p) for p in written.values()]
+    dirs = {os.path.dirname(p) for p in paths}
+    if len(dirs) == 1 and len(paths) > 1:
+        d = dirs.pop()
+        from lrprune_caffe.core.markdown import _wrap
+        for line in _wrap(f"wrote {d}{os.sep}: " + ", ".join(os.path.basename(p) for p in paths)):
+            print(line, file=file)
+    else:
+        for p in paths:
+            print(f"wrote {p}", file=file)
 
 
 def _precision_options(args) -> dict:
@@ -57,14 +61,16 @@ def cmd_compress(args) -> int:
                          criterion=args.criterion, prune=args.prune, prune_scope=args.prune_scope,
                          prune_method=args.prune_method, quality=args.quality,
                          prune_structured=args.prune_structured, prune_exclude=args.prune_exclude,
-                         sparse=args.sparse, labels=args.labels, opset=args.opset,
+                         sparse=args.sparse, labels=args.labels, opset=args.opset, plot=args.plot,
                          **_precision_options(args))
     if args.json:
         print(json.dumps(json_safe(report), indent=2))
         return 0
-    _print_summary(report)
-    for kind, path in report.get("written", {}).items():
-        print(f"wrote {path}")
+    _print_summary(report, verbose=args.verbose)
+    if not args.verbose:
+        print("per-layer table: report.md, or --verbose" if report.get("written") else
+              "per-layer table: --verbose")
+    _print_written(report.get("written", {}))
     for n in report.get("notes", []):
         print(f"note: {n}", file=sys.stderr)
     return 0
@@ -183,6 +189,11 @@ def register(sub):
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs and randomized SVD (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None, help="engine threads for the check")
     p.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST", help=__import__("argparse").SUPPRESS)
+    p.add_argument("--plot", action="store_true",
+                   help="also draw OUTDIR/report.png (per layer: MACs and params before/after, energy kept "
+                        "or output error; needs the plot extra, matplotlib), embedded in report.md")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the per-layer table and the check's table (report.md always has them)")
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
     p.set_defaults(func=cmd_compress)
 

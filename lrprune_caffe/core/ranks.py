@@ -213,7 +213,7 @@ def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
             least = alloc.min_macs[name]
             row.reason = (f"no rank cuts its MACs (rank 1 costs {int(least):,}, the layer {info.macs:,})"
                           if not least < info.macs else
-                          "left alone: the --speedup budget was met at less error in other layers")
+                          "the --speedup budget was met at less error in other layers")
             continue
         rp.plan[name] = LayerPlan(info.scheme_for(o.scheme), ranks, info)
     rp.budget = {"speedup": float(o.speedup), "macs_before": int(macs_before), "target_macs": int(alloc.target_macs),

@@ -156,22 +156,32 @@ def _say_what_pruning_did(row, names, touched, structured, excluded, new):
                     "before structured pruning removed rank components")
 
 
-def outcome(t: dict, original_bytes: Optional[int] = None, sparse=False, dense_onnx_size=None) -> dict:
+def outcome(t: dict, original_bytes: Optional[int] = None, sparse=False, dense_onnx_size=None,
+            sparse_written: Optional[int] = None) -> dict:
     """Whether the written net is really faster (fewer dense MACs) and its files really smaller,
-    in words: zeros kept in dense tensors save neither time nor bytes. ``t``: the report's totals."""
-    faster = bool(t["macs_after"] < t["macs_before"])
+    in words: zeros kept in dense tensors save neither time nor bytes. ``t``: the report's totals;
+    ``sparse_written``: how many sparse initializers model.onnx holds (None: not counted)."""
+    known = bool(t["macs_after"] and t["macs_before"])
+    faster = bool(known and t["macs_after"] < t["macs_before"])
+    ratio = t["macs_before"] / t["macs_after"] if known else None
     cm_ratio = original_bytes / t["caffemodel_bytes"] if original_bytes and t.get("caffemodel_bytes") else None
     smaller_cm = cm_ratio is not None and cm_ratio > 1.01
-    parts = [f"faster: {t['macs_before'] / t['macs_after']:.2f}x fewer multiply-adds in any dense runtime"
-             if faster else "not faster: the same multiply-adds (zeros in dense tensors cost a dense runtime "
+    parts = ["speed unknown: the multiply-adds could not be counted (unknown shapes)" if not known else
+             f"faster: {ratio:.2f}x fewer multiply-adds in any dense runtime" if ratio >= 1.005 else
+             f"barely faster: {100 * (1 - 1 / ratio):.1f}% fewer multiply-adds" if faster
+             else "not faster: the same multiply-adds (zeros in dense tensors cost a dense runtime "
                             "the same time; factorize or use --prune-structured for speed)"]
     if cm_ratio is not None:
         parts.append(f"model.caffemodel {cm_ratio:.2f}x smaller than the original" if smaller_cm else
                      "model.caffemodel not smaller (Caffe stores every blob dense, zeros included)")
     onnx_ratio = None
-    if t.get("onnx_bytes") and dense_onnx_size:
+    if t.get("onnx_bytes") and dense_onnx_size and sparse_written:
         onnx_ratio = t["onnx_bytes"] / dense_onnx_size
-        parts.append(f"model.onnx is {onnx_ratio:.2f}x the size of its dense form (sparse initializers)")
+        parts.append(f"model.onnx is {onnx_ratio:.2f}x the size of its dense form ({sparse_written} "
+                     f"sparse initializer{'s' if sparse_written != 1 else ''})")
+    elif sparse and t.get("onnx_bytes") and sparse_written == 0:
+        parts.append("model.onnx stays dense: no layer has enough zeros for a smaller sparse initializer "
+                     "(above about 67%)")
     elif t.get("sparsity", 0) > 0.05 and not sparse:
         parts.append(f"the zeros could be stored compactly: --onnx --sparse (layers above about 67% zeros), "
                      f"or CSR {t['csr_bytes']:,} bytes vs {t['dense_bytes']:,} dense")
@@ -222,7 +232,9 @@ def build_report(*, net, new, shapes, options, rows: dict, selected: list, budge
                                      "dense_initializers": len(onnx_model.graph.initializer)}
     report["storage"] = storage
     report["outcome"] = outcome(t, original_bytes, sparse=bool(options.sparse),
-                                dense_onnx_size=dense_onnx_bytes(onnx_model) if options.sparse else None)
+                                dense_onnx_size=dense_onnx_bytes(onnx_model) if options.sparse else None,
+                                sparse_written=len(onnx_model.graph.sparse_initializer)
+                                if onnx_model is not None else None)
     return report
 
 
