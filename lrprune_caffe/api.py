@@ -22,18 +22,39 @@ def inspect_net(prototxt, weights=None, phase="TEST", stages=(), level=0) -> dic
     net = load_net(prototxt, weights, phase=phase, stages=stages, level=level)
     shapes = validate(net)
     rows = layer_stats(net, shapes)
+    unknown_macs, unknown_params = _unknown_counts(net, shapes)
     return {
         "net": net.name,
         "inputs": {k: list(v) if v else None for k, v in net.input_shapes().items()},
         "outputs": net.outputs(),
         "layers": [
             {"name": r.name, "type": r.type, "bottoms": r.bottoms, "tops": r.tops,
-             "output_shapes": r.output_shapes, "params": r.params, "macs": r.macs}
+             "output_shapes": r.output_shapes, "params": None if r.name in unknown_params else r.params,
+             "macs": None if r.name in unknown_macs else r.macs}
             for r in rows
         ],
-        "totals": totals(rows),
+        # None where a layer's count is unknown (its shapes are): a sum would pass for a number
+        "totals": {"params": None if unknown_params else totals(rows)["params"],
+                   "macs": None if unknown_macs else totals(rows)["macs"],
+                   "known_params": totals(rows)["params"], "known_macs": totals(rows)["macs"]},
         "notes": list(net.notes),
     }
+
+
+def _unknown_counts(net, shapes) -> tuple:
+    """(layers whose MACs are unknown, layers whose params are unknown): a shape is unknown
+    (``?``), and for params the layer type has weights but the file holds none."""
+    from .ir.layers import get_spec
+    from .ir.layers.base import LayerSpec
+    macs, params = set(), set()
+    for layer in net.layers:
+        ins, outs = shapes.inputs[layer.name], shapes.outputs[layer.name]
+        if any(s is None for s in ins) or any(s is None for s in outs):
+            macs.add(layer.name)
+            spec = get_spec(layer.type)
+            if not layer.blobs and type(spec).weight_shapes is not LayerSpec.weight_shapes:
+                params.add(layer.name)
+    return macs, params
 
 
 def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False, stages=(), level=0) -> dict:

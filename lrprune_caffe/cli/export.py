@@ -91,12 +91,22 @@ def cmd_bench(args) -> int:
     pairs = split_model_paths(args.files)
     if len(pairs) not in (1, 2):
         raise UserError(f"bench takes one model or two (NET WEIGHTS or MODEL.onnx each), got {len(pairs)}")
+    if args.plot:  # before the timing: a refused output costs nothing
+        from lrprune_caffe.core.plots import _plt
+        from lrprune_caffe.fileutil import check_output_file
+        check_output_file(args.plot)
+        _plt()
     nets = [open_model(p, w) for p, w in pairs]
     labels = [p for p, _ in pairs]
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"A:{labels[0]}", f"B:{labels[1]}"]
     res = bench_nets(nets, runtime=args.runtime, threads=args.threads, runs=args.runs, warmup=args.warmup,
                      labels=labels)
+    if args.plot:
+        from lrprune_caffe.core.plots import bench_png
+        from lrprune_caffe.fileutil import atomic_write_bytes
+        atomic_write_bytes(args.plot, bench_png(res))
+        res["plot"] = args.plot
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -111,6 +121,8 @@ def cmd_bench(args) -> int:
     if "ratio" in res:
         print(f"ratio B/A {res['ratio']:.3f} (paired median {res['paired_ratio']:.3f}); "
               f"speedup A/B {res['speedup']:.2f}x")
+    if args.plot:
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -160,5 +172,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per net (default 50)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per net first (default 5)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw the latency bars (median, min .. p90) to FILE.png (the plot extra, matplotlib)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)

@@ -38,13 +38,19 @@ def cmd_inspect(args):
         print(json.dumps(info, indent=2))
         return 0
     rows = [(r["name"], r["type"], f"{','.join(r['bottoms'])} -> {','.join(r['tops'])}",
-             _shape_str(r["output_shapes"]), _fmt_int(r["params"]), _fmt_int(r["macs"]))
+             _shape_str(r["output_shapes"]), "?" if r["params"] is None else _fmt_int(r["params"]),
+             "?" if r["macs"] is None else _fmt_int(r["macs"]))
             for r in info["layers"]]
     print(f"net: {info['net'] or '(unnamed)'}   inputs: "
           + (", ".join(f"{k} {_shape_str([v])}" for k, v in info["inputs"].items()) or "(none)"))
     print_table(["name", "type", "bottoms -> tops", "output shape", "params", "MACs"], rows)
     t = info["totals"]
-    print(f"total: {t['params']:,} params, {t['macs']:,} MACs")
+    def total(key, noun):  # unknown: '?', with what could be counted
+        if t[key] is not None:
+            return f"{t[key]:,} {noun}"
+        known = t.get("known_" + key)
+        return f"? {noun}" + (f" (at least {known:,})" if known else "")
+    print(f"total: {total('params', 'params')}, {total('macs', 'MACs')}")
     if not args.quiet:
         for note in info["notes"]:
             print(f"note: {note}", file=sys.stderr)

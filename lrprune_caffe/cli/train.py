@@ -54,8 +54,37 @@ def _load_eval_data(args, net):
         raise UserError("give the data with exactly one of --data DATA or --data-split SPLIT.npz "
                         "(or a train_val NET with a data layer)")
     if args.data_split:
+        if getattr(args, "labels", None):
+            raise UserError("--labels goes with --data INPUTS.npz; --data-split holds its own labels")
         return load_mnist_split(args.data_split)[1]
+    if getattr(args, "labels", None):
+        return _inputs_with_labels(args.data, args.labels, net)
     return open_data(args.data, input_shape=_net_input_shape(net), pre=_preprocess(args))
+
+
+def _inputs_with_labels(data, labels, net):
+    """--data INPUTS.npz --labels LABELS.npz, as compress and verify take them: the inputs keyed by
+    the net's input name (or x), the labels the array y / labels (else the first) of LABELS.npz."""
+    import numpy as np
+    from lrprune_caffe.data.stream import from_arrays
+    from lrprune_caffe.engines.evaluate import single_input
+    from lrprune_caffe.errors import BadFileError
+    from lrprune_caffe.fileutil import read_npz
+    from lrprune_caffe.io.inputs import load_labels
+    name, shape = single_input(net)
+    arrays = read_npz(data, "an .npz of input arrays keyed by input name")
+    key = name if name in arrays else "x" if "x" in arrays else next(iter(arrays)) if len(arrays) == 1 else None
+    if key is None:
+        raise BadFileError(f"has no array '{name}' (or x) for the net's input (it holds: "
+                           f"{', '.join(arrays) or 'nothing'})", path=data)
+    x = np.ascontiguousarray(arrays[key], dtype=np.float32)
+    if shape is not None and (x.ndim != len(shape) or tuple(x.shape[1:]) != tuple(shape[1:])):
+        raise BadFileError(f"array '{key}' has shape {tuple(x.shape)}; the net's input is {tuple(shape)} "
+                           f"(any batch size)", path=data)
+    y = load_labels(labels)
+    if len(y) != len(x):
+        raise BadFileError(f"holds {len(y)} labels for the {len(x)} inputs of {data}", path=labels)
+    return from_arrays(x, y.astype(np.int64), source=f"{data} + {labels}")
 
 
 def _uses_data_layer(args) -> bool:
@@ -353,6 +382,9 @@ def register(sub):
     p.add_argument("--engine", choices=["onnxruntime", "opencv"], default="onnxruntime",
                    help="onnxruntime (default; falls back to opencv if the net cannot be exported) or opencv")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's)")
+    p.add_argument("--labels", metavar="LABELS.npz",
+                   help="with --data INPUTS.npz (arrays keyed by input name, or x): the labels, the array y "
+                        "(or labels, else the first) of this .npz, as compress and verify take them")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_evaluate)
 

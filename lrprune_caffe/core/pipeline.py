@@ -232,12 +232,17 @@ def pipeline_markdown(report: dict) -> str:
     s = report["summary"]
     lines += ["", f"{s['rounds']} rounds, {s['finetune_rounds']} needed fine-tuning, {s['epochs']} epochs "
                   f"({s['iterations']} iterations) in all; {report['time_s']} s."]
+    if report.get("plot"):
+        lines += ["", f"![top-1 per step with its epochs; size and speed at the end]({report['plot']})"]
+    for n in report.get("notes", []):
+        lines.append(f"\nnote: {n}")
     return "\n".join(lines) + "\n"
 
 
 def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, log=None, net=None, **kw):
     """Load, run :func:`run_pipeline`, and (with ``outdir``) write model.prototxt,
-    model.caffemodel, masks.npz, report.json, report.md (+ model.onnx), all or nothing.
+    model.caffemodel, masks.npz, report.json, report.md (+ model.onnx; rounds.png, embedded in
+    report.md, when matplotlib is installed), all or nothing.
     ``net``: the net already loaded (a train_val's deploy view) instead of reading ``prototxt``."""
     net = net if net is not None else load_net(prototxt, weights)
     opts = PipelineOptions(**kw)
@@ -246,8 +251,16 @@ def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, lo
     final, masks, report = run_pipeline(net, train, val, opts, log=log)
     report["source"] = {"prototxt": str(prototxt), "weights": str(weights)}
     if outdir is not None:
-        extra = {"report.json": json.dumps(json_safe(report), indent=2) + "\n",
-                 "report.md": pipeline_markdown(report)}
+        from . import plots
+        extra = {}
+        if plots.available():
+            extra["rounds.png"] = plots.rounds_png(json_safe(report))
+            report["plot"] = "rounds.png"
+        else:
+            report.setdefault("notes", []).append("rounds.png not drawn: matplotlib is not installed "
+                                                  "(pip install 'lrprune-caffe[plot]')")
+        extra.update({"report.json": json.dumps(json_safe(report), indent=2) + "\n",
+                      "report.md": pipeline_markdown(report)})
         if masks:
             extra["masks.npz"] = masks_npz(masks)
         if onnx:
