@@ -35,8 +35,7 @@ def inspect_net(prototxt, weights=None, phase="TEST", stages=(), level=0) -> dic
         ],
         # None where a layer's count is unknown (its shapes are): a sum would pass for a number
         "totals": {"params": None if unknown_params else totals(rows)["params"],
-                   "macs": None if unknown_macs else totals(rows)["macs"],
-                   "known_params": totals(rows)["params"], "known_macs": totals(rows)["macs"]},
+                   "macs": None if unknown_macs else totals(rows)["macs"]},
         "notes": list(net.notes),
     }
 

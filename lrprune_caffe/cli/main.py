@@ -45,11 +45,8 @@ def cmd_inspect(args):
           + (", ".join(f"{k} {_shape_str([v])}" for k, v in info["inputs"].items()) or "(none)"))
     print_table(["name", "type", "bottoms -> tops", "output shape", "params", "MACs"], rows)
     t = info["totals"]
-    def total(key, noun):  # unknown: '?', with what could be counted
-        if t[key] is not None:
-            return f"{t[key]:,} {noun}"
-        known = t.get("known_" + key)
-        return f"? {noun}" + (f" (at least {known:,})" if known else "")
+    def total(key, noun):  # unknown: '?', never a sum that passes for a number
+        return f"? {noun}" if t[key] is None else f"{t[key]:,} {noun}"
     print(f"total: {total('params', 'params')}, {total('macs', 'MACs')}")
     if not args.quiet:
         for note in info["notes"]:
