@@ -93,7 +93,7 @@ def report_png(report: dict) -> bytes:
     we = [r.get("weight_rel_error") if f else None for r, f in zip(layers, fac)]
     if any(fac):
         _hbars(axes[2], names, [("energy kept", ek), ("weight rel. error", we)], ["tab:purple", "tab:red"],
-               "factorized layers: share of the weight energy kept, relative error")
+               "factorized layers: energy kept, weight rel. error")
         axes[2].set_xlim(0, 1.05)
     else:
         axes[2].set_xlabel("no layer factorized", fontsize=9)
