@@ -78,7 +78,16 @@ def main(argv=None) -> int:
                          "give their fine-tuning rounds: the rounds ratio depends on the learning rate")
     ap.add_argument("--plot", help="also draw the rounds as a PNG here (needs matplotlib: the [plot] extra)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--replot", metavar="RESULT.json",
+                    help="only redraw --plot from a saved --json output (no training, no timing)")
     args = ap.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot PNG")
+        with open(args.replot) as f:
+            plot_rounds(json.load(f), args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+        return 0
     if not (GOLDEN / "model.prototxt").exists() or not SPLIT.exists():
         print(f"needs {GOLDEN} and {SPLIT}", file=sys.stderr)
         return 2
@@ -194,56 +203,19 @@ def main(argv=None) -> int:
 
 
 def plot_rounds(res, path):
-    """Left: top-1 against nonzero weights, after each compression step (open marker) and
-    after its fine-tuning (filled), per method. Right: latency and CSR bytes per method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Top-1 per step with its epochs (left) and each method's latency, MACs and CSR bytes as a
+    share of the original (right), drawn by lrprune_caffe.core.plots.rounds_png."""
+    from lrprune_caffe.core.plots import rounds_png
     from lrprune_caffe.fileutil import atomic_write_bytes
-    import io
     rows = {r["method"]: r for r in res["rows"]}
     orig = rows["original"]
-    goal = orig["top1"] - res["options"]["tolerance"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
-    colors = {"Han pruning": "tab:blue", "low-rank only": "tab:green", "low-rank + pruning": "tab:red"}
-    for label, color in colors.items():
-        r = rows[label]
-        xs, ys = [orig["nonzero_params"]], [100 * orig["top1"]]
-        for step in r["per_round"]:
-            nz = step["nonzero_params"]
-            ax.plot([nz], [100 * step["top1_after_step"]], "o", mfc="none", color=color)
-            xs += [nz, nz]
-            ys += [100 * step["top1_after_step"], 100 * step["top1"]]
-            ax.annotate(f"{step['epochs']} ep", (nz, 100 * step["top1"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7, color=color)
-        ax.plot(xs, ys, "-", color=color, alpha=0.6, label=f"{label} ({r['finetune_rounds']} ft rounds, "
-                                                         f"{r['epochs']} epochs)")
-        ax.plot(xs[2::2], ys[2::2], "o", color=color)
-    ax.axhline(100 * goal, ls="--", color="gray", lw=1)
-    ax.text(orig["nonzero_params"], 100 * goal, " goal", va="bottom", ha="right", fontsize=8, color="gray")
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("nonzero weights (log)")
-    ax.set_ylabel("top-1 on the 1,000 test digits (%)")
-    ax.set_title("each step (open) and after its fine-tuning (filled)")
-    ax.legend(fontsize=8, loc="lower left")
-    names = [r["method"] for r in res["rows"]]
-    lat = [r["latency_ms"] for r in res["rows"]]
-    kb = [r["csr_bytes"] / 1024 for r in res["rows"]]
-    pos = range(len(names))
-    bx.barh([p + 0.2 for p in pos], lat, height=0.4, color="tab:purple", label="latency ms (ORT, 1 thread)")
-    bx2 = bx.twiny()
-    bx2.barh([p - 0.2 for p in pos], kb, height=0.4, color="tab:orange", label="weights, CSR KiB")
-    bx.set_yticks(list(pos))
-    bx.set_yticklabels(names, fontsize=8)
-    bx.invert_yaxis()
-    bx.set_xlabel("latency ms (purple)")
-    bx2.set_xlabel("CSR KiB (orange)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    metrics = {"latency": "latency_ms", "MACs": "macs", "CSR bytes": "csr_bytes"}
+    data = {"original": {"top1": orig["top1"], **{k: orig[v] for k, v in metrics.items()}},
+            "goal": orig["top1"] - res["options"]["tolerance"],
+            "methods": [{"label": r["method"], "rounds": r["per_round"],
+                         "size": {k: r[v] for k, v in metrics.items()}}
+                        for r in res["rows"] if r["method"] != "original" and r.get("per_round")]}
+    atomic_write_bytes(path, rounds_png(data, title="LeNet (real Caffe): top-1 per step; epochs below"))
 
 
 def _ratio(v):
