@@ -178,8 +178,8 @@ def rounds_png(data: dict, title: str = None) -> bytes:
             eps.append(r["epochs"])
         total = sum(eps)
         ft = sum(1 for e in eps if e)
-        ax.plot(xs, after, "-", color=c, marker=mk, label=f"{m['label']}: after fine-tuning "
-                                                          f"({ft} ft round{'s' if ft != 1 else ''}, {total} epoch{'s' if total != 1 else ''})")
+        counts = f"{ft} ft round{'s' if ft != 1 else ''}, {total} epoch{'s' if total != 1 else ''}"
+        ax.plot(xs, after, "-", color=c, marker=mk, label=f"{m['label']}: after fine-tuning ({counts})")
         tuned = [i for i, e in enumerate(eps) if e]  # a round without epochs: one point
         ax.plot([xs[i] for i in tuned], [before[i] for i in tuned], linestyle="none", marker=mk, mfc="white",
                 color=c)
