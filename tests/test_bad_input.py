@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lrprune_caffe.io import caffe as caffe_io
 from lrprune_caffe.io import prototxt as prototxt_io
 from lrprune_caffe.cli.main import main
 from lrprune_caffe.errors import UserError
