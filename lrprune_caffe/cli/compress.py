@@ -30,7 +30,8 @@ def _print_summary(report, file=None):
     ver = report.get("verification") or {}
     if ver and not ver.get("skipped"):
         print(f"\nverification ({ver['engine']}, {ver['inputs']}, batch {ver['batch']}):", file=file)
-        print_table(*verification_rows(ver), file=file)
+        if ver.get("blobs"):
+            print_table(*verification_rows(ver), file=file)
         for name, v in ver.get("blobs", {}).items():
             if "top1_ref" in v:
                 print(f"{name}: top-1 accuracy {100 * v['top1_ref']:.2f}% (original) -> "
@@ -211,7 +212,9 @@ def register(sub):
     p.add_argument("--labels", metavar="LABELS.npz",
                    help="labels for top-1 accuracy of both: the array y (or labels, else the first array) of an .npz")
     p.add_argument("--engine", choices=ENGINES, default="onnxruntime",
-                   help="default onnxruntime; falls back to opencv with a note when a net cannot be exported")
+                   help="engine for the Caffe nets (default onnxruntime, through our exporter; falls back to "
+                        "opencv with a note when a net cannot be exported); a MODEL.onnx always runs on "
+                        "onnxruntime, so '--engine opencv' checks OpenCV's Caffe reader against it")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--max-rel-l2", type=float, default=None, metavar="X",

@@ -28,16 +28,17 @@ def seeded_inputs(net, seed: int = 0) -> tuple:
 
 
 def _engine_of(net, engine):
-    return ("onnxruntime" if engine == "onnxruntime" else "opencv's ONNX reader") if is_onnx_model(net) else engine
+    return "onnxruntime" if is_onnx_model(net) else engine
 
 
 def run_pair(net_a, net_b, inputs, engine="onnxruntime", outputs=None, threads=None):
     """Forward both nets on the same inputs: ({blob: a}, {blob: b}, engine used, notes).
 
-    Either may be an ONNX file (:class:`~lrprune_caffe.engines.model.OnnxModel`): it runs on
-    onnxruntime, or OpenCV's ONNX reader with ``engine="opencv"``. With ``onnxruntime``, a Caffe
-    net our exporter cannot lower (or an exporter that is missing) falls back to OpenCV's Caffe
-    reader (an ONNX file stays on onnxruntime), with a note saying why."""
+    ``engine`` runs the Caffe nets; an ONNX file (:class:`~lrprune_caffe.engines.model.OnnxModel`)
+    always runs on onnxruntime, so ``engine="opencv"`` puts OpenCV's Caffe reader on the Caffe
+    files next to onnxruntime on the ONNX file. With ``onnxruntime``, a Caffe net our exporter
+    cannot lower (or an exporter that is missing) falls back to OpenCV's Caffe reader, with a
+    note saying why."""
     notes = []
     if engine == "onnxruntime":
         try:
@@ -50,10 +51,8 @@ def run_pair(net_a, net_b, inputs, engine="onnxruntime", outputs=None, threads=N
             msg = " ".join(str(e).split())
             notes.append(f"onnxruntime could not run the nets ({type(e).__name__}: {msg}); "
                          f"verified with OpenCV's Caffe reader instead")
-    def fallback(net):
-        return "onnxruntime" if engine == "onnxruntime" and is_onnx_model(net) else "opencv"
-    a = run_model(net_a, inputs, outputs, engine=fallback(net_a), threads=threads)
-    b = run_model(net_b, inputs, outputs, engine=fallback(net_b), threads=threads)
+    a = run_model(net_a, inputs, outputs, engine=_engine_of(net_a, "opencv"), threads=threads)
+    b = run_model(net_b, inputs, outputs, engine=_engine_of(net_b, "opencv"), threads=threads)
     return a, b, "opencv", notes
 
 
