@@ -136,14 +136,17 @@ def compress_checks(o, outdir=None, inputs=None, labels=None):
 
 def verify_files(prototxt, weights, prototxt2, weights2, inputs=None, engine="onnxruntime", seed=0, threads=None,
                  phase="TEST", labels=None) -> dict:
-    """Run two nets on the same inputs (an .npz, or seeded random of the first net's input shape)
-    and compare every output blob of the first (see :mod:`lrprune_caffe.engines.compare`)."""
+    """Run two models on the same inputs (an .npz, or seeded random of the first model's input shape)
+    and compare every output blob of the first, each by its kind (see
+    :mod:`lrprune_caffe.engines.compare`). Either model may be ``MODEL.onnx`` with its weights
+    ``None``: the file that ships is the file checked (Caffe vs ONNX side by side)."""
     from .core.verify import verify_nets
+    from .engines.model import open_model
     from .engines.runtime import ENGINES
     if engine not in ENGINES:
         raise UserError(f"--engine: unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
-    a = load_net(prototxt, weights, phase=phase)
-    b = load_net(prototxt2, weights2, phase=phase)
+    a = open_model(prototxt, weights, phase=phase)
+    b = open_model(prototxt2, weights2, phase=phase)
     data = desc = None
     if inputs is not None:
         data, desc = load_inputs(inputs, a), str(inputs)
@@ -153,4 +156,14 @@ def verify_files(prototxt, weights, prototxt2, weights2, inputs=None, engine="on
                        name_a=str(prototxt), name_b=str(prototxt2))
 
 
-__all__ = ["inspect_net", "convert", "write_net", "load_net", "compress_files", "verify_files"]
+def verify_paths(paths, **kw) -> dict:
+    """:func:`verify_files` on two models given as 'NET WEIGHTS' pairs and 'MODEL.onnx' singles."""
+    from .engines.model import split_model_paths
+    pairs = split_model_paths(paths)
+    if len(pairs) != 2:
+        raise UserError(f"verify takes two models (NET WEIGHTS or MODEL.onnx each), got {len(pairs)}")
+    (n1, w1), (n2, w2) = pairs
+    return verify_files(n1, w1, n2, w2, **kw)
+
+
+__all__ = ["inspect_net", "convert", "write_net", "load_net", "compress_files", "verify_files", "verify_paths"]

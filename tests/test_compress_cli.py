@@ -161,7 +161,7 @@ def test_compare_outputs_numbers():
     from lrprune_caffe.engines.compare import compare_outputs
     ref = {"p": np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), "f": np.ones((2, 3, 4, 4))}
     test = {"p": np.array([[1.0, 0.1, 0.0], [0.0, 2.0, 3.0]]), "f": np.ones((2, 3, 4, 4))}
-    res = compare_outputs(ref, test)
+    res = compare_outputs(ref, test, kinds={"p": "class_scores"})  # as a Softmax producer says
     p = res["blobs"]["p"]
     assert p["max_abs"] == pytest.approx(3.0)
     assert p["rel_l2"] == pytest.approx(np.sqrt(9.01 / 5))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from lrprune_caffe.engines.compare import json_safe
+from lrprune_caffe.engines.compare import describe, json_safe
 from .common import add_output
 
 
@@ -78,22 +78,31 @@ def cmd_compress(args) -> int:
 
 def cmd_verify(args) -> int:
     from .common import print_table
-    from lrprune_caffe.api import verify_files
+    from lrprune_caffe.api import verify_paths
     from lrprune_caffe.core.markdown import verification_rows
-    res = verify_files(args.net, args.weights, args.net2, args.weights2, inputs=args.inputs, engine=args.engine,
-                 seed=args.seed, threads=args.threads, phase=args.phase, labels=args.labels)
+    from lrprune_caffe.engines.model import split_model_paths
+    res = verify_paths(args.files, inputs=args.inputs, engine=args.engine,
+                       seed=args.seed, threads=args.threads, phase=args.phase, labels=args.labels)
+    (name_a, _), (name_b, _) = split_model_paths(args.files)
     worst = res.get("worst_rel_l2")
     failed = bool(res["errors"] or res["missing"]) or (
-        args.max_rel_l2 is not None and (worst is None or worst > args.max_rel_l2))
+        args.max_rel_l2 is not None and worst is not None and worst > args.max_rel_l2)
     res["passed"] = not failed if args.max_rel_l2 is not None else None
     if args.json:
         print(json.dumps(json_safe(res), indent=2))
     else:
-        print(f"{args.net} vs {args.net2}: engine {res['engine']}, {res['inputs']}, batch {res['batch']}")
-        print_table(*verification_rows(res))
+        runs = res.get("runs")
+        engine = f"{runs['a']} vs {runs['b']}" if runs else res["engine"]
+        print(f"{name_a} vs {name_b}: engine {engine}, {res['inputs']}, batch {res['batch']}")
+        if res["blobs"]:
+            print_table(*verification_rows(res))
         for name, v in res["blobs"].items():
+            if v.get("few_samples"):
+                print(describe(name, v))
             if "top1_ref" in v:
                 print(f"{name}: top-1 accuracy {100 * v['top1_ref']:.2f}% -> {100 * v['top1_test']:.2f}%")
+        for name, v in res.get("detections", {}).items():
+            print(describe(name, v))
         for n in res["notes"]:
             print(f"note: {n}", file=sys.stderr)
         if args.max_rel_l2 is not None:
@@ -199,18 +208,21 @@ def register(sub):
 
     p = sub.add_parser(
         "verify", help="run two nets on the same inputs and compare their outputs",
-        description="Run NET and NET2 on the same inputs (an .npz, or seeded random of NET's input shape) "
-                    "and report per output blob: max abs error, relative L2 error, SNR in dB, and top-1 "
-                    "agreement for class outputs.")
-    p.add_argument("net", metavar="NET.prototxt")
-    p.add_argument("weights", metavar="WEIGHTS.caffemodel")
-    p.add_argument("net2", metavar="NET2.prototxt")
-    p.add_argument("weights2", metavar="WEIGHTS2.caffemodel")
+        description="Run two models (NET WEIGHTS or MODEL.onnx each) on the same inputs (an .npz, or seeded "
+                    "random of the first's input shape) and compare every output by its kind: class scores "
+                    "(Softmax) by top-1 / top-5 agreement and KL, DetectionOutput lists by recall, precision, "
+                    "mean IoU and the largest score change at IoU 0.5, anything else by max abs error, "
+                    "relative L2 error and SNR in dB.")
+    p.add_argument("files", nargs="+", metavar="NET WEIGHTS | MODEL.onnx",
+                   help="two models: a Caffe pair (NET.prototxt WEIGHTS.caffemodel) or MODEL.onnx each, "
+                        "so a Caffe net and the ONNX file that ships can be checked side by side")
     p.add_argument("--inputs", metavar="INPUTS.npz", help="inputs keyed by input blob name")
     p.add_argument("--labels", metavar="LABELS.npz",
                    help="labels for top-1 accuracy of both: the array y (or labels, else the first array) of an .npz")
     p.add_argument("--engine", choices=ENGINES, default="onnxruntime",
-                   help="default onnxruntime; falls back to opencv with a note when a net cannot be exported")
+                   help="engine for the Caffe nets (default onnxruntime, through our exporter; falls back to "
+                        "opencv with a note when a net cannot be exported); a MODEL.onnx always runs on "
+                        "onnxruntime, so '--engine opencv' checks OpenCV's Caffe reader against it")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--max-rel-l2", type=float, default=None, metavar="X",

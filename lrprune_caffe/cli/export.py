@@ -24,11 +24,11 @@ def cmd_export_onnx(args) -> int:
         rep = export_onnx_files(args.net, args.weights, args.output, precision=args.precision,
                                 quantize=args.quantize, calib=args.calib, inputs=args.inputs, labels=args.labels,
                                 phase=args.phase, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                                fold_bn=args.fold_bn)
+                                fold_bn=args.fold_bn, cut=args.cut)
     else:
         from lrprune_caffe.export.onnx import export_files
         rep = export_files(args.net, args.weights, args.output, phase=args.phase, opset=args.opset,
-                           dynamic_batch=args.dynamic_batch, fold_bn=args.fold_bn)
+                           dynamic_batch=args.dynamic_batch, fold_bn=args.fold_bn, cut=args.cut)
     if args.json:
         from lrprune_caffe.engines.compare import json_safe
         rep = json_safe(rep)
@@ -143,6 +143,14 @@ def add_precision_args(p, check=False) -> None:
         g.add_argument("--labels", metavar="LABELS.npz", help="labels of the --inputs: top-1 accuracy of both")
 
 
+def _blob_list(text):
+    import argparse
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give blob names separated by commas")
+    return names
+
+
 def register(sub) -> None:
     from lrprune_caffe.export.onnx import DEFAULT_OPSET, MIN_OPSET
     p = sub.add_parser("export-onnx", help="write an ONNX model (Caffe semantics exactly)",
@@ -156,6 +164,10 @@ def register(sub) -> None:
     p.add_argument("--fold-bn", action="store_true",
                    help="fold BatchNorm (+Scale) into the preceding convolutions first")
     p.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST", help="view of a net with phase rules")
+    p.add_argument("--cut", type=_blob_list, default=None, metavar="BLOB,...",
+                   help="export up to these blobs only (e.g. an SSD net's loc, conf and priors, for a runtime "
+                        "with its own post-processing): they become the outputs; the layers they do not need "
+                        "are dropped")
     add_precision_args(p, check=True)
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=cmd_export_onnx)

@@ -165,6 +165,11 @@ def compress(net: Net, options: CompressOptions = None, data: CompressData = Non
                           budget=rp.budget, pruned=pruned, verification=verification, notes=notes, files=names,
                           onnx_model=model, onnx_bytes=None if onnx_bytes is None else len(onnx_bytes),
                           original_bytes=data.original_weights_bytes)
+    if model is not None:  # what MNN / OpenCV will not take in the written file, and what to use instead
+        from lrprune_caffe.export.precision import consumer_notes
+        report.setdefault("onnx", {})["consumer_notes"] = consumer_notes(model)
+        if precision is None:
+            report["notes"] += [f"model.onnx: {n}" for n in report["onnx"]["consumer_notes"]]
     if precision is not None:
         report["precision"] = precision
         notes_of = precision.get("notes") or []

@@ -3,6 +3,8 @@ which report.md also holds) and per-layer table."""
 
 from __future__ import annotations
 
+from lrprune_caffe.engines.compare import describe
+
 
 UNKNOWN = "?"  # a value we could not count (unknown shapes): never printed as 0
 NA = "-"  # a field that means nothing for this row
@@ -135,12 +137,15 @@ def check_lines(ver) -> list:
                          f"{100 * v['top1_test']:.2f}% (compressed)")
         parts = []
         if v.get("top1_agreement") is not None:
-            parts.append(f"top-1 agreement {100 * v['top1_agreement']:.1f}%")
+            parts.append(f"top-1 agreement {100 * v['top1_agreement']:.1f}%"
+                         + (f" (over only {v['samples']} samples)" if v.get("few_samples") else ""))
         parts.append(f"relative L2 error {_number(v.get('rel_l2'), '{:.3g}')}")
         snr = v.get("snr_db")
         parts.append("identical outputs" if snr is None and v.get("rel_l2") == 0 else
                      f"SNR {_number(snr, '{:.1f}')} dB")
         lines.append(f"  {name}: " + ", ".join(parts))
+    for name, v in ver.get("detections", {}).items():
+        lines.append("  " + describe(name, v))
     return lines
 
 

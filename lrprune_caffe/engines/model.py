@@ -190,28 +190,41 @@ def load_labels(path):
 # ---- checks --------------------------------------------------------------------------------------
 
 def compare_models(ref: OnnxModel, test: OnnxModel, feeds: dict, labels=None, threads=None) -> dict:
-    """Run both on ``feeds`` with onnxruntime; :func:`compare_outputs` of their common outputs."""
-    from .compare import compare_outputs
-    from .detection import looks_like_detections, match_detections
+    """Run both on ``feeds`` with onnxruntime; :func:`compare_outputs` of their common outputs, each
+    by its kind (a detection list is matched box by box, never a tensor distance)."""
+    from .compare import compare_outputs, output_kinds
     outs = [o for o in ref.output_names if o in test.output_names]
     n = int(len(next(iter(feeds.values()))))
-    b = ref.fixed_batch() or n
     a, t = ref.run(feeds, outs, threads), test.run(feeds, outs, threads)
-    dets = [o for o in outs if looks_like_detections((1, *a[o].shape[1:])) and b == 1]
-    res = compare_outputs(a, t, labels=labels, blobs=[o for o in outs if o not in dets])
-    if dets:  # a detection list is matched box by box (never a tensor distance): per image, then pooled
-        res["detections"] = {}
-        for o in dets:
-            per = [match_detections(a[o][i:i + 1], t[o][i:i + 1]) for i in range(len(a[o]))]
-            tot = {k: sum(p[k] for p in per) for k in ("ref", "test", "matched")}
-            ious = [p["mean_iou"] for p in per if p["mean_iou"] is not None]
-            ch = [p["max_score_change"] for p in per if p["max_score_change"] is not None]
-            res["detections"][o] = {**tot, "recall": tot["matched"] / tot["ref"] if tot["ref"] else 1.0,
-                                    "precision": tot["matched"] / tot["test"] if tot["test"] else 1.0,
-                                    "mean_iou": float(np.mean(ious)) if ious else None,
-                                    "max_score_change": max(ch) if ch else None}
+    res = compare_outputs(a, t, labels=labels, blobs=outs, kinds=output_kinds(ref, outs))
     res["n"] = n
     return res
+
+
+def run_model(model, inputs: dict, outputs=None, engine: str = "onnxruntime", threads=None) -> dict:
+    """{blob: array} of an IR Net (:func:`~lrprune_caffe.engines.runtime.run_net`) or an
+    :class:`OnnxModel` (onnxruntime on its bytes, or OpenCV's ONNX reader with ``engine="opencv"``)."""
+    if not isinstance(model, OnnxModel):
+        from .runtime import run_net
+        return run_net(model, inputs, outputs, engine=engine, threads=threads)
+    outputs = list(outputs or model.output_names)
+    unknown = [o for o in outputs if o not in model.output_names]
+    if unknown:
+        raise UserError(f"{model.source} has no output named {', '.join(repr(u) for u in unknown)} "
+                        f"(its outputs: {', '.join(model.output_names)})")
+    if engine == "onnxruntime":
+        return model.run(inputs, outputs, threads)
+    import cv2
+    cvnet = model.opencv()
+    if threads:
+        cv2.setNumThreads(int(threads))
+    for k, v in inputs.items():
+        cvnet.setInput(np.ascontiguousarray(v, dtype=np.float32), k)
+    try:
+        res = cvnet.forward(outputs)
+    except cv2.error as e:
+        raise EngineError(f"{model.source}: OpenCV's ONNX reader cannot run it: {engine_message(e)}") from None
+    return {o: np.array(r, copy=True) for o, r in zip(outputs, res)}
 
 
 def export_onnx_files(prototxt, weights, output, precision="fp32", quantize=None, calib=None, inputs=None,
@@ -267,4 +280,4 @@ def export_onnx_files(prototxt, weights, output, precision="fp32", quantize=None
 
 
 __all__ = ["OnnxModel", "open_model", "open_models", "split_model_paths", "is_onnx", "load_arrays",
-           "load_labels", "compare_models", "export_onnx_files"]
+           "load_labels", "compare_models", "run_model", "export_onnx_files"]

@@ -285,9 +285,11 @@ def _shapes(net, batch_factor: int = 1):
         raise UserError(f"cannot export with a dynamic batch: at batch x{batch_factor} {e}") from None
 
 
-def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, extra_outputs=(), sparse=False):
+def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, extra_outputs=(), sparse=False,
+                outputs=None):
     """(GraphProto, output names) of ``net``; no folding, no model wrapper. ``sparse``: float
-    weights smaller as sparse tensors are written as sparse initializers."""
+    weights smaller as sparse tensors are written as sparse initializers. ``outputs``: the graph
+    outputs instead of the net's (then ``extra_outputs`` are added to them)."""
     from onnx import helper
     from lrprune_caffe.ir.layers import NoLowering, ShapeError, get_spec
 
@@ -295,7 +297,7 @@ def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, ex
     shapes = _shapes(net)
     shapes2 = _shapes(net, 2) if dynamic_batch else shapes
     net_inputs = net.inputs()
-    outputs = list(net.outputs())
+    outputs = list(net.outputs()) if outputs is None else list(outputs)
     for o in extra_outputs or ():
         if o not in shapes.blobs:
             raise UserError(_where(net) + f"no blob named '{o}' in the net (asked as an output)")
@@ -363,7 +365,7 @@ def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, ex
 
 
 def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, fold_bn: bool = False,
-                 extra_outputs=(), report: Optional[dict] = None, sparse: bool = False):
+                 extra_outputs=(), report: Optional[dict] = None, sparse: bool = False, cut=None):
     """``net`` as an ``onnx.ModelProto`` (opset pinned, IR version matched to it).
 
     ``extra_outputs`` names intermediate Caffe blobs to expose as graph
@@ -373,6 +375,9 @@ def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, f
     ``sparse``: weights that are smaller as ``SparseTensorProto`` (values + int64 linear
     indices) are written as sparse initializers (IR version at least 6); see
     :mod:`lrprune_caffe.export.sparse`.
+    ``cut`` (blob names): export up to those blobs only (``export-onnx --cut``, for runtimes
+    with their own post-processing): they become the graph outputs, and the layers they do not
+    need are dropped (:meth:`lrprune_caffe.ir.net.Net.cut`).
     """
     from onnx import helper
     from lrprune_caffe.version import __version__
@@ -384,7 +389,10 @@ def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, f
         from lrprune_caffe.transforms import fold_bn as _fold  # noqa: F401  (registers the pass)
         net = net.copy()
         folded = run_pass("fold_bn", net)
-    graph, outputs = build_graph(net, opset, dynamic_batch, extra_outputs, sparse=sparse)
+    if cut:
+        net = net.cut(cut)
+    graph, outputs = build_graph(net, opset, dynamic_batch, extra_outputs, sparse=sparse,
+                                 outputs=list(dict.fromkeys(cut)) if cut else None)
     opsets = [helper.make_opsetid("", opset)]
     ir_version = helper.find_min_ir_version_for(opsets)
     if len(graph.sparse_initializer):
@@ -408,12 +416,14 @@ def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, f
 
 
 def save_onnx(net, path, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, fold_bn: bool = False,
-              extra_outputs=()) -> dict:
+              extra_outputs=(), cut=None) -> dict:
     """Export and write ``path`` atomically (nothing written on error). Returns a report."""
     check_output_file(path)
     report = {}
     model = export_model(net, opset=opset, dynamic_batch=dynamic_batch, fold_bn=fold_bn,
-                         extra_outputs=extra_outputs, report=report)
+                         extra_outputs=extra_outputs, report=report, cut=cut)
+    from .precision import consumer_notes
+    report["consumer_notes"] = consumer_notes(model)
     data = model.SerializeToString()
     atomic_write_bytes(path, data)
     report["path"] = str(path)
@@ -429,7 +439,7 @@ def export_files(prototxt, weights, output, phase="TEST", **kw) -> dict:
     check_output_file(output)
     net = load_net(prototxt, weights, phase=phase)
     report = save_onnx(net, output, **kw)
-    report["notes"] = list(net.notes)
+    report["notes"] = list(net.notes) + report["consumer_notes"]
     return report
 
 

@@ -214,6 +214,30 @@ class Net:
         return Net(self.name, [layer.copy() for layer in self.layers], header,
                    self.source, self.weights_source, list(self.notes))
 
+    def cut(self, blobs) -> "Net":
+        """A net computing only ``blobs`` (their final values, after any in-place layers): the
+        layers they do not need are dropped (the kept ones are shared, not copied). The cut net's
+        :meth:`outputs` may hold more blobs (other tops of a kept layer); ask for ``blobs``."""
+        from lrprune_caffe.errors import UserError
+        blobs = [str(b) for b in blobs]
+        known = {t for layer in self.layers for t in layer.tops}
+        inputs = set(self.inputs())
+        for b in blobs:
+            if b not in known:
+                names = sorted(known - inputs)
+                more = f", ... ({len(names)} in all)" if len(names) > 12 else ""
+                raise UserError(f"{self.source or self.name or 'the net'}: --cut: no blob named '{b}' "
+                                f"(blobs: {', '.join(names[:12])}{more})")
+            if b in inputs:
+                raise UserError(f"{self.source or self.name or 'the net'}: --cut: '{b}' is an input of the net, "
+                                f"not a blob it computes")
+        needed, kept = set(blobs), []
+        for layer in reversed(self.layers):
+            if layer.type == "Input" or needed.intersection(layer.tops):
+                kept.append(layer)
+                needed.update(layer.bottoms)
+        return Net(self.name, kept[::-1], self.header, self.source, self.weights_source, list(self.notes))
+
     def params(self) -> int:
         return sum(int(b.size) for layer in self.layers for b in layer.blobs)
 
