@@ -213,6 +213,44 @@ def test_budget_meets_the_target_and_matches_brute_force_on_small_problems():
         assert err <= best + max(float(np.max(o.err)) for o in layers) + 1e-12
 
 
+def test_budget_stops_at_the_first_front_point_that_meets_the_target():
+    """One layer, worked by hand: front (10, .5) (60, .3) (80, .25), left alone (100, 0).
+    (60, .3) and (80, .25) lie above the hull segment (10, .5) -> (100, 0), so the greedy
+    has one segment; it must stop at the most expensive front point that meets the target
+    (the exact optimum here), not run on to the segment's cheap end."""
+    o = rk.Options("a", 100, np.array([10.0, 60, 80]), np.array([0.5, 0.3, 0.25]), np.array([[1], [2], [3]]))
+    assert rk.lower_hull(np.array([10.0, 60, 80, 100]), np.array([0.5, 0.3, 0.25, 0])) == [0, 3]
+    for target, want in ((95, 2), (85, 2), (80, 2), (75, 1), (60, 1), (59, 0), (10, 0), (100, None)):
+        assert rk.budget_allocation([o], target) == {"a": want}, target
+
+
+BUDGET_A = rk.Options("A", 100, np.array([20.0, 40, 70]), np.array([0.6, 0.2, 0.15]), np.array([[1], [2], [3]]))
+BUDGET_B = rk.Options("B", 100, np.array([50.0]), np.array([0.25]), np.array([[1]]))
+
+
+@pytest.mark.parametrize("target, fixed, want", [
+    (200, 0, {"A": None, "B": None}),  # nothing to cut
+    (170, 0, {"A": 2, "B": None}),     # inside A's first segment: (70, .15) meets it
+    (190, 20, {"A": 2, "B": None}),    # the same with 20 fixed MACs counted
+    (150, 0, {"A": 1, "B": None}),     # (70) saves only 30 < 50: (40, .2)
+    (100, 0, {"A": 1, "B": 0}),        # A's segment whole (140), then B's (90)
+    (80, 0, {"A": 0, "B": 0}),         # then A's second segment (70)
+])
+def test_budget_exact_two_layer_configurations(target, fixed, want):
+    """Worked by hand. A: front (20, .6) (40, .2) (70, .15), left alone (100, 0); (70, .15)
+    is above the hull, so A's segments are 100 -> 40 (slope .2/60) and 40 -> 20 (.4/20).
+    B: one segment 100 -> 50 (.25/50). Greedy order: A1 (.0033), B (.005), A2 (.02).
+    Each expected choice is also the exact optimum (checked by enumeration)."""
+    assert rk.budget_allocation([BUDGET_A, BUDGET_B], target, fixed_macs=fixed) == want
+    best = None
+    for a, b in itertools.product([None, 0, 1, 2], [None, 0]):
+        t = fixed + (100 if a is None else BUDGET_A.macs[a]) + (100 if b is None else 50)
+        e = (0 if a is None else BUDGET_A.err[a]) + (0 if b is None else 0.25)
+        if t <= target and (best is None or e < best[0] - 1e-12):
+            best = (e, {"A": a, "B": b})
+    assert best[1] == want
+
+
 def test_budget_unreachable_reports_the_best_total():
     a = _options("a", 100, 60, [1.0, 1.0])  # rank 1 costs 60
     with pytest.raises(ValueError) as e:

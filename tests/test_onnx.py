@@ -455,6 +455,44 @@ def test_layers_opencv_gets_wrong_match_caffe_formulas(tmp_path):
         assert_matches(res, ref, list(ref), what=f"opset {opset}")
 
 
+LRN_K = """
+name: "LrnK"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 6 dim: 7 dim: 9 } } }
+layer { name: "within3" type: "LRN" bottom: "data" top: "within3"
+  lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 2 norm_region: WITHIN_CHANNEL } }
+layer { name: "within5" type: "LRN" bottom: "data" top: "within5"
+  lrn_param { local_size: 5 alpha: 2 beta: 0.6 k: 3 norm_region: WITHIN_CHANNEL } }
+layer { name: "across5" type: "LRN" bottom: "data" top: "across5"
+  lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 2 } }
+layer { name: "across3" type: "LRN" bottom: "data" top: "across3"
+  lrn_param { local_size: 3 alpha: 1.5 beta: 0.9 k: 0.5 norm_region: ACROSS_CHANNELS } }
+"""
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_lrn_with_k_not_1(tmp_path, opset):
+    """Caffe's lrn_layer.cpp: WITHIN_CHANNEL is x * (1 + alpha * AVEpool_n(x^2))^-beta, its
+    power layer's shift fixed at 1 whatever k is, checked against OpenCV's Caffe reader
+    (which computes the same). ACROSS_CHANNELS is x * (k + alpha/n * sum_n x^2)^-beta;
+    OpenCV ignores k there, so it is checked against that formula in float64."""
+    net = synthetic_net(tmp_path, LRN_K)
+    x = np.random.default_rng(7).standard_normal((2, 6, 7, 9)).astype(np.float32)
+    ref = {n: run_net(net, {"data": x}, [n], engine="opencv")[n] for n in ("within3", "within5")}
+    x64 = x.astype(np.float64)
+    for name, n, alpha, beta, k in (("across5", 5, 0.5, 0.75, 2.0), ("across3", 3, 1.5, 0.9, 0.5)):
+        sq = np.pad(x64 * x64, ((0, 0), (n // 2, n // 2), (0, 0), (0, 0)))
+        window = sum(sq[:, i:i + 6] for i in range(n))
+        ref[name] = x64 * (k + alpha / n * window) ** -beta
+    # the OpenCV reference is Caffe's shift-1 formula (count-including-pad AVE pool)
+    sq = np.pad(x64 * x64, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    window = sum(sq[:, :, i:i + 7, j:j + 9] for i in range(3) for j in range(3)) / 9
+    assert rel_err(ref["within3"], x64 * (1 + 0.5 * window) ** -0.75) <= 1e-5
+    model = export_model(net, opset=opset, extra_outputs=list(ref))
+    onnx.checker.check_model(model, full_check=True)
+    res = run_model(model, {"data": x}, list(ref))
+    assert_matches(res, ref, list(ref), what=f"LRN k != 1, opset {opset}")
+
+
 # ---- names ---------------------------------------------------------------------------------
 
 def test_names_are_caffe_names_with_ssa_for_in_place():

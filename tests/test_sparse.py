@@ -134,13 +134,87 @@ def test_storage_report_matches_written_files(lenet90, tmp_path):
         assert r["dense_bytes"] == 4 * r["params"]
         assert r["dense_bytes"] < r["caffemodel_bytes"] < r["dense_bytes"] + 200
         assert r["onnx_bytes"] < 0.4 * r["dense_bytes"] or r["params"] < 1000
-        assert r["csr_bytes"] == sum(csr_relative_bytes(b) for b in blobs)
+        assert r["csr_bytes"] == sum(csr_reference_bytes(b) for b in blobs)
         assert r["csr_bytes"] < 0.2 * r["dense_bytes"] or r["params"] < 1000  # ~5 B per nonzero
     assert sum(r["caffemodel_bytes"] for r in rep["layers"]) <= t["caffemodel_bytes"]
     assert 0 < t["onnx_bytes"] - sum(r["onnx_bytes"] for r in rep["layers"]) < 2000  # graph, names
 
 
 # ---- Han et al.'s relative-index CSR ------------------------------------------------------
+
+def csr_reference_bytes(array, index_bits=8, value_bytes=4):
+    """Han et al.'s relative-index CSR, element by element in plain Python (the reference
+    for csr_relative_bytes; checked itself against the hand-computed layouts below)."""
+    a = np.asarray(array)
+    rows = a.reshape(a.shape[0] if a.ndim >= 2 else 1, -1)
+    m = 2 ** index_bits - 1
+    entries = 0
+    for row in rows:
+        last = -1  # the row's first nonzero counts from just before the row
+        for pos in np.flatnonzero(row).tolist():
+            gap = pos - last
+            while gap > m:  # a filler zero entry spans m positions
+                entries += 1
+                gap -= m
+            entries += 1
+            last = pos
+    bits = entries * (8 * value_bytes + index_bits)
+    return -(-bits // 8) + 4 * (len(rows) + 1)
+
+
+def _m(shape, ones, dtype=np.float32):
+    a = np.zeros(shape, dtype)
+    for idx in ones:
+        a[idx] = 1
+    return a
+
+
+# (array, hand-counted entries, rows); bytes = ceil(entries * 40 / 8) + 4 * (rows + 1)
+HAND_CSR = [
+    # every row starts at column 0: each of those is a gap of 1 from the row's -1, one entry
+    (_m((3, 8), [(0, 0), (1, 0), (1, 3), (2, 0)]), 1 + 2 + 1, 3),
+    # a row whose first nonzero is at column 254 (gap 255: one entry) or 255 (gap 256: a filler)
+    (_m((2, 600), [(0, 254), (1, 255)]), 1 + 2, 2),
+    (_m((3, 600), [(0, 5), (1, 254), (2, 510)]), 1 + 1 + 3, 3),  # 511 = 2 * 255 + 1: 3 entries
+    (_m((2, 600), [(1, 509)]), 2, 2),                               # 510 = 2 * 255: exactly 2
+    # within a row: gaps 1, 511 (3 entries: 255 + 255 + 1), 510 (2 entries)
+    (_m((1, 1100), [(0, 0), (0, 511), (0, 1021)]), 1 + 3 + 2, 1),
+    # an empty row in the middle still has its row pointer; the next row restarts at -1
+    (_m((3, 4), [(0, 1), (2, 0)]), 2, 3),
+    # the previous row's last nonzero is not the next row's origin
+    (_m((2, 300), [(0, 299), (1, 298)]), 2 + 2, 2),
+    # 4-D conv weights: rows are filters, each flattened in C order
+    (_m((2, 2, 2, 2), [(0, 1, 1, 1), (1, 0, 0, 0), (1, 1, 1, 1)]), 1 + 1 + 1, 2),
+    # fully dense 2 x 3: one entry per element
+    (np.ones((2, 3), np.float32), 6, 2),
+    # 1-D: one row
+    (_m((300,), [(0,), (299,)]), 1 + 2, 1),
+]
+
+
+@pytest.mark.parametrize("i", range(len(HAND_CSR)))
+def test_csr_hand_computed_layouts(i):
+    a, entries, rows = HAND_CSR[i]
+    want = -(-entries * 40 // 8) + 4 * (rows + 1)
+    assert csr_reference_bytes(a) == want
+    assert csr_relative_bytes(a) == want
+
+
+def test_csr_rows_across_processing_blocks():
+    """Rows of 2**21 are counted two at a time: a block's first row restarts at -1 as any
+    row does, and an all-zero block does not end the count."""
+    a = _m((5, 1 << 21), [(0, 0), (1, 0), (2, 5), (4, 300)], np.int8)  # gaps 1, 1, 6, 301
+    entries = 1 + 1 + 1 + 2
+    assert csr_relative_bytes(a) == -(-entries * 40 // 8) + 4 * 6
+
+
+def test_csr_random_matches_the_reference():
+    rng = np.random.default_rng(3)
+    for shape, sparsity in (((7, 900), 0.995), ((4, 3, 5, 5), 0.7), ((20, 40), 0.0), ((6, 1000), 0.999)):
+        a = sparse_array(rng, shape, sparsity)
+        for bits, vb in ((8, 4), (5, 1), (4, 2)):
+            assert csr_relative_bytes(a, bits, vb) == csr_reference_bytes(a, bits, vb), (shape, bits)
+
 
 def test_csr_relative_bytes_formula():
     # a dense row of 10: 10 entries x (32 + 8) bits = 50 bytes, + 2 int32 row pointers

@@ -130,13 +130,16 @@ layer { name: "lrn_a" type: "LRN" bottom: "data" top: "lrn_a"
   lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 } }
 layer { name: "lrn_k" type: "LRN" bottom: "data" top: "lrn_k"
   lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 2 } }
+layer { name: "lrn_wk" type: "LRN" bottom: "data" top: "lrn_wk"
+  lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 2 norm_region: WITHIN_CHANNEL } }
 """
 
 
 def test_pooling_and_lrn_match_opencv():
     net = net_from_text(POOL_NET)
     x = np.random.default_rng(1).standard_normal((2, 3, 13, 11)).astype(np.float32)
-    names = ["ave_pad", "ave_ceil", "max_pad", "max_ceil", "ave_big_pad", "gmax", "lrn_w", "lrn_a"]
+    # lrn_wk: Caffe's WITHIN_CHANNEL uses shift 1 whatever k is, as OpenCV does
+    names = ["ave_pad", "ave_ceil", "max_pad", "max_ceil", "ave_big_pad", "gmax", "lrn_w", "lrn_a", "lrn_wk"]
     ours = run_torch(net, {"data": x}, outputs=names)
     ref = opencv_forward(net, {"data": x}, names)
     for n in names:
