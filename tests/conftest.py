@@ -1,7 +1,13 @@
-"""Shared fixtures: where ../shared/golden is, and which cases it has."""
+"""Shared fixtures: where ../shared/golden is, and which cases it has.
+
+A test that needs a file of ../shared asks :func:`require_shared` (or :func:`golden_case`):
+it skips where the file is absent, except when the environment variable ``CI`` is set
+(CI always has ../shared): there a missing file fails the test.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +20,20 @@ GOLDEN_CASES = ["lenet_mnist", "lenet_mnist_v1", "cifar10_quick", "alexnet_mini"
                 "inception_mini", "mobilenet_mini", "layer_zoo"]
 
 
+def require_shared(path, what: str = None) -> Path:
+    """``path`` (a file or folder of ../shared); skips where it is absent, fails under CI."""
+    path = Path(path)
+    if not path.exists():
+        msg = f"{what or path.name} not present at {path}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{msg}; CI must have {SHARED} (unset CI to skip instead)", pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
 def golden_case(name: str) -> Path:
     d = GOLDEN / name
-    if not (d / "model.prototxt").exists():
-        pytest.skip(f"golden case {name} not present at {d}")
+    require_shared(d / "model.prototxt", f"golden case {name}")
     return d
 
 

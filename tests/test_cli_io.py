@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, GOLDEN_CASES, golden_case, load_npz
+from conftest import GOLDEN, GOLDEN_CASES, golden_case, load_npz, require_shared
 from lrprune_caffe.ir.analysis import infer_shapes
 from lrprune_caffe.io.caffe import load_net
 from lrprune_caffe.cli.main import main
@@ -112,9 +112,7 @@ def test_inspect_unknown_layer_prints_question_marks(tmp_path, capsys):
 
 
 def test_inspect_phase_train(capsys):
-    path = GOLDEN / "lenet_mnist" / "train_test.prototxt"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    path = require_shared(GOLDEN / "lenet_mnist" / "train_test.prototxt")
     rc, out, _ = run(capsys, "inspect", path, "--phase", "TRAIN", "--json")
     assert rc == 0
     names = [r["name"] for r in json.loads(out)["layers"]]
@@ -167,9 +165,7 @@ def test_convert_json_and_without_weights(tmp_path, capsys):
 
 
 def test_convert_train_phase(tmp_path, capsys):
-    path = GOLDEN / "lenet_mnist" / "train_test.prototxt"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    path = require_shared(GOLDEN / "lenet_mnist" / "train_test.prototxt")
     rc, _, _ = run(capsys, "convert", path, "--phase", "TRAIN", "-o", tmp_path / "o")
     assert rc == 0
     net = load_net(tmp_path / "o" / "model.prototxt", phase="TRAIN")

@@ -97,7 +97,7 @@ def test_compress_input_and_option_checks(tmp_path, capsys):
 
 
 def test_compress_onnx_opset(tmp_path, capsys):
-    onnx = pytest.importorskip("onnx")
+    import onnx
     _, proto, model = lenet_files()
     rc, o, err = run_cli(capsys, "compress", proto, model, "-o", tmp_path / "o", "--rank", "4", "--onnx",
                          "--opset", "11", "--no-verify")

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from conftest import lenet_files, run_cli, golden_case, load_npz
 from lrprune_caffe.cli.main import main
 
 cv2 = pytest.importorskip("cv2")
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
 
 
 lenet = lenet_files

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, ROOT, golden_case, load_npz
+from conftest import GOLDEN, ROOT, golden_case, load_npz, require_shared
 
 from lrprune_caffe.io.caffe import load_net
 from lrprune_caffe.cli.main import main
@@ -27,8 +27,7 @@ def lenet():
 
 @pytest.fixture(scope="module")
 def split():
-    if not SPLIT.exists():
-        pytest.skip(f"no {SPLIT}")
+    require_shared(SPLIT)
     return load_mnist_split(SPLIT)
 
 
@@ -119,8 +118,7 @@ def _write_digit_folder(root, x, y):
 
 def test_image_folder_matches_npz(lenet, tmp_path, capsys):
     """The same digits as PNGs, read with --gray --scale 1/256, score as the npz does."""
-    if not SPLIT.exists():
-        pytest.skip(f"no {SPLIT}")
+    require_shared(SPLIT)
     with np.load(SPLIT) as z:
         x, y = z["x_test"][:60], z["y_test"][:60].astype(np.int64)
     order = np.argsort(y, kind="stable")
@@ -196,8 +194,7 @@ def test_cli_bad_data(lenet, tmp_path, capsys):
 
 
 def test_cli_human_output(lenet, capsys):
-    if not SPLIT.exists():
-        pytest.skip(f"no {SPLIT}")
+    require_shared(SPLIT)
     rc, out, err = run_cli(["evaluate", *lenet, "--data-split", SPLIT], capsys)
     assert rc == 0, err
     assert out.splitlines()[0] == "top-1 0.9730 (973/1000)   top-5 0.9990 (999/1000)"

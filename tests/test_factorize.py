@@ -208,8 +208,6 @@ def test_name_clash_is_a_precondition():
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("axis", [1, 2, -1])
 def test_inner_product_axis_and_transpose(axis, transpose):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("lrprune_caffe.export.onnx")
     from lrprune_caffe.engines.runtime import run_net
     rng = np.random.default_rng(1)
     shape = (2, 3, 4, 5)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, golden_case
+from conftest import GOLDEN, golden_case, require_shared
 
 torch = pytest.importorskip("torch")
 
@@ -50,8 +50,7 @@ def lenet():
 
 @pytest.fixture(scope="module")
 def digits():
-    if not SPLIT.exists():
-        pytest.skip(f"no {SPLIT}")
+    require_shared(SPLIT)
     train, test = load_mnist_split(SPLIT)
     return train.subset(slice(0, 256)), test.subset(slice(0, 200))
 

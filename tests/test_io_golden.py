@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from conftest import GOLDEN, GOLDEN_CASES, golden_case, load_npz
+from conftest import GOLDEN, GOLDEN_CASES, golden_case, load_npz, require_shared
 from lrprune_caffe.ir.analysis import expected_weight_shapes, infer_shapes, validate
 from lrprune_caffe.api import convert
 from lrprune_caffe.io.caffe import load_net, net_to_prototxt, read_caffemodel, save_net
@@ -148,8 +148,7 @@ def test_v1_lenet_converts_to_the_current_lenet(tmp_path):
 def test_converted_v1_lenet_keeps_caffes_accuracy(tmp_path):
     cv2 = pytest.importorskip("cv2")
     d = golden_case("lenet_mnist_v1")
-    if not (d / "labels.npz").exists():
-        pytest.skip("no labels")
+    require_shared(d / "labels.npz")
     convert(d / "model.prototxt", d / "model.caffemodel", tmp_path / "out")
     cvnet = cv2.dnn.readNetFromCaffe(str(tmp_path / "out" / "model.prototxt"),
                                      str(tmp_path / "out" / "model.caffemodel"))
@@ -164,9 +163,7 @@ def test_converted_v1_lenet_keeps_caffes_accuracy(tmp_path):
 # phases, stages, levels
 
 def test_train_and_test_views_of_lenet_train_test():
-    path = GOLDEN / "lenet_mnist" / "train_test.prototxt"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    path = require_shared(GOLDEN / "lenet_mnist" / "train_test.prototxt")
     train = load_net(path, phase="TRAIN")
     test = load_net(path, phase="TEST")
     tnames = [lr.name for lr in train.layers]
@@ -225,10 +222,8 @@ def test_train_net_with_v1_weights_gets_caffes_blob_shapes(tmp_path):
     """A train net (Data layers: input shapes unknown) with a V1 caffemodel: the
     legacy 4-D IP / bias blobs still get the shapes Caffe expects, so the converted
     caffemodel loads in Caffe (its ShapeEquals only forgives 4-D *legacy* blobs)."""
-    path = GOLDEN / "lenet_mnist" / "train_test.prototxt"
+    path = require_shared(GOLDEN / "lenet_mnist" / "train_test.prototxt")
     v1 = golden_case("lenet_mnist_v1")
-    if not path.exists():
-        pytest.skip(f"{path} not present")
     net = load_net(path, v1 / "model.caffemodel", phase="TRAIN")
     assert [b.shape for b in net.layer("ip1").blobs] == [(500, 800), (500,)]
     assert [b.shape for b in net.layer("conv1").blobs] == [(20, 1, 5, 5), (20,)]

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, golden_case, run_cli
+from conftest import GOLDEN, golden_case, require_shared, run_cli
 from lrprune_caffe.errors import UserError
 from lrprune_caffe.core.pipeline import parse_steps
 
@@ -36,8 +36,7 @@ def lenet():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    if not SPLIT.exists():
-        pytest.skip(f"no {SPLIT}")
+    require_shared(SPLIT)
     from lrprune_caffe.data.datasets import load_mnist_split
     train, test = load_mnist_split(SPLIT)
     d = tmp_path_factory.mktemp("digits")

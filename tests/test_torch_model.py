@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from conftest import GOLDEN_CASES, ROOT, golden_case, load_npz
+from conftest import GOLDEN_CASES, ROOT, golden_case, load_npz, require_shared
 
 torch = pytest.importorskip("torch")
 
@@ -228,7 +228,6 @@ def test_nothing_else_imports_torch():
         "assert rc == 0, rc\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    if not (d.parent.parent / "data" / "mnist5k_split.npz").exists():
-        pytest.skip("no shared/data/mnist5k_split.npz")
+    require_shared(d.parent.parent / "data" / "mnist5k_split.npz")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
