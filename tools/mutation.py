@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""Mutation testing of lrprune-caffe's core modules: do the tests notice a planted bug?
+
+    python tools/mutation.py                       # every module, 30 sampled mutants each
+    python tools/mutation.py --modules sparse,fileutil --sample 0 --json out.json
+    python tools/mutation.py --rerun out.json      # only the survivors of an earlier run
+    python tools/mutation.py --list                # how many mutants each module has
+
+A small self-contained AST mutator (no dependency; mutmut 3 mutates every function
+of a tree it copies and has no sampling, cosmic-ray rewrites files in place from a
+session database - both awkward for a sampled run on a shared 2-core machine).
+Each mutant changes one thing:
+
+* comparison swaps: ``<`` <-> ``<=``, ``>`` <-> ``>=``, ``==`` <-> ``!=``, ``in`` <-> ``not in``,
+  ``is`` <-> ``is not``;
+* ``and`` <-> ``or``; ``not x`` -> ``x``; ``-x`` -> ``x``;
+* arithmetic: ``+`` <-> ``-``, ``*`` <-> ``/``, ``//`` -> ``/`` (also in ``+=`` ...);
+* constants: an int n -> n + 1 and n - 1, a float x -> x + 1, ``True`` <-> ``False``;
+* ``return X`` -> ``return None``;
+* removed statements: a call statement, ``raise``, an assignment to an attribute or
+  item, an augmented assignment (each becomes ``pass``).
+
+Docstrings, other strings, f-strings, annotations, ``__all__`` and lines marked
+``# pragma: no mutate`` are left alone. Every module is mutated in a private copy of
+the repository (``../shared`` linked beside it, so the tests see the golden corpus);
+per mutant, the module's own test files (``GROUPS``) run with ``pytest -x`` and a
+timeout of 3x their unmutated time. A mutant is *killed* when a test fails (or the
+run errs or times out) and *survives* when all pass. Mutants on lines the tests never
+execute in-process (a line tracer during the unmutated run) are not run: they survive
+as "not covered". ``EQUIVALENT`` lists survivors judged to change no behaviour, with
+the reason; the score is killed / (sampled - equivalent).
+
+This is a developer tool: it takes tens of minutes and is not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: module group -> (source files, glob patterns allowed; test files, fastest / most targeted first)
+GROUPS = {
+    "io.wire": (["lrprune_caffe/io/wire.py"],
+                ["tests/test_proto.py", "tests/test_io_golden.py", "tests/test_sparse.py"]),
+    "io.caffe": (["lrprune_caffe/io/caffe.py"],
+                 ["tests/test_io_golden.py", "tests/test_bad_input.py", "tests/test_cli_io.py"]),
+    "ir.layers": (["lrprune_caffe/ir/layers/*.py"],
+                  ["tests/test_onnx_activations.py", "tests/test_onnx.py", "tests/test_io_golden.py"]),
+    "lowrank": (["lrprune_caffe/lowrank/*.py"],
+                ["tests/test_decompose.py", "tests/test_factorize.py"]),
+    "masks": (["lrprune_caffe/transforms/prune.py", "lrprune_caffe/ir/masks.py"],
+              ["tests/test_prune.py", "tests/test_compress_prune.py", "tests/test_sparse.py"]),
+    "export.sparse": (["lrprune_caffe/export/sparse.py"], ["tests/test_sparse.py"]),
+    "fileutil": (["lrprune_caffe/fileutil.py"],
+                 ["tests/test_fileutil.py", "tests/test_cli_robustness.py", "tests/test_bad_input.py"]),
+}
+
+#: mutant id -> why it changes no behaviour (ids as printed by this tool)
+EQUIVALENT: dict[str, str] = {}
+
+_CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+             ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+_BIN_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div}
+
+
+@dataclass
+class Mutant:
+    id: str
+    module: str
+    path: str
+    line: int
+    index: int           # position of the node in the pre-order walk
+    kind: str
+    arg: object          # which op / which constant change
+    before: str
+    after: str
+    status: str = "pending"   # killed | survived | not covered | timeout | error | equivalent
+    seconds: float = 0.0
+    detail: str = ""
+    covered: bool = True
+
+
+# ---- finding and applying mutations -----------------------------------------------------
+
+def _walk(tree):
+    """[(node, parent, qualname)] in a fixed pre-order, without docstrings, annotations,
+    f-strings, ``__all__`` and ``if __name__ == "__main__"`` blocks."""
+    out = []
+
+    def skip(child, node):
+        if isinstance(child, ast.JoinedStr):
+            return True
+        if isinstance(child, ast.Expr) and isinstance(child.value, ast.Constant):
+            return True  # docstrings and bare strings
+        if isinstance(node, ast.arg) and child is node.annotation:
+            return True
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and child is node.returns:
+            return True
+        if isinstance(node, ast.AnnAssign) and child is node.annotation:
+            return True
+        if isinstance(child, (ast.Assign, ast.AnnAssign)):
+            targets = child.targets if isinstance(child, ast.Assign) else [child.target]
+            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+                return True
+        if isinstance(child, ast.If) and "__main__" in ast.unparse(child.test):
+            return True
+        return False
+
+    def visit(node, qual):
+        for child in ast.iter_child_nodes(node):
+            if skip(child, node):
+                continue
+            q = qual
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                q = f"{qual}.{child.name}" if qual else child.name
+            out.append((child, node, q))
+            visit(child, q)
+    visit(tree, "")
+    return out
+
+
+def _options(node, parent):
+    """[(kind, arg)] of the mutations of one node."""
+    opts = []
+    if isinstance(node, ast.Compare):
+        opts += [("cmp", i) for i, op in enumerate(node.ops) if type(op) in _CMP_SWAP]
+    elif isinstance(node, ast.BoolOp):
+        opts.append(("boolop", None))
+    elif isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in _BIN_SWAP:
+        opts.append(("binop", None))
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+        opts.append(("unary", None))
+    elif isinstance(node, ast.Constant):
+        v = node.value
+        if isinstance(v, bool):
+            opts.append(("const", not v))
+        elif isinstance(v, int):
+            opts += [("const", v + 1), ("const", v - 1)]
+        elif isinstance(v, float):
+            opts.append(("const", v + 1.0))
+    if isinstance(node, ast.Return) and node.value is not None and not (
+            isinstance(node.value, ast.Constant) and node.value.value is None):
+        opts.append(("return", None))
+    removable = (isinstance(node, (ast.Expr, ast.Raise, ast.AugAssign))
+                 or (isinstance(node, ast.Assign) and all(isinstance(t, (ast.Attribute, ast.Subscript))
+                                                          for t in node.targets)))
+    if removable and isinstance(node, ast.stmt):
+        opts.append(("remove", None))
+    return opts
+
+
+def _replace_child(parent, old, new):
+    for name, value in ast.iter_fields(parent):
+        if value is old:
+            setattr(parent, name, new)
+            return
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                if v is old:
+                    value[i] = new
+                    return
+    raise LookupError("child not found")
+
+
+def _apply(node, parent, kind, arg):
+    """Mutate ``node`` in place (or replace it in ``parent``); returns the node now there."""
+    if kind == "cmp":
+        node.ops[arg] = _CMP_SWAP[type(node.ops[arg])]()
+        return node
+    if kind == "boolop":
+        node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        return node
+    if kind == "binop":
+        node.op = _BIN_SWAP[type(node.op)]()
+        return node
+    if kind == "unary":
+        _replace_child(parent, node, node.operand)
+        return node.operand
+    if kind == "const":
+        node.value = arg
+        return node
+    if kind == "return":
+        node.value = ast.Constant(None)
+        return node
+    if kind == "remove":
+        new = ast.Pass()
+        ast.copy_location(new, node)
+        _replace_child(parent, node, new)
+        return new
+    raise ValueError(kind)
+
+
+def _short(node) -> str:
+    s = ast.unparse(node).strip().splitlines()[0]
+    return s if len(s) <= 70 else s[:67] + "..."
+
+
+def find_mutants(module: str, relpath: str) -> list:
+    src = (ROOT / relpath).read_text()
+    lines = src.splitlines()
+    tree = ast.parse(src)
+    out, seen = [], {}
+    for index, (node, parent, qual) in enumerate(_walk(tree)):
+        line = getattr(node, "lineno", None)
+        if line is None or "pragma: no mutate" in lines[line - 1]:
+            continue
+        for kind, arg in _options(node, parent):
+            before = _short(node)
+            t2 = ast.parse(src)
+            n2, p2, _ = _walk(t2)[index]
+            after = _short(_apply(n2, p2, kind, arg))
+            key = f"{relpath}::{qual or '<module>'}::{before} -> {after}"
+            seen[key] = seen.get(key, 0) + 1
+            mid = key if seen[key] == 1 else f"{key} #{seen[key]}"
+            out.append(Mutant(mid, module, relpath, line, index, kind, arg, before, after))
+    return out
+
+
+def mutant_source(m: Mutant) -> str:
+    tree = ast.parse((ROOT / m.path).read_text())
+    node, parent, _ = _walk(tree)[m.index]
+    _apply(node, parent, m.kind, m.arg)
+    return ast.unparse(tree) + "\n"
+
+
+def group_files(module: str) -> list:
+    files = []
+    for pat in GROUPS[module][0]:
+        files += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pat) if p.name != "__init__.py" or "*" not in pat)
+    return [f for f in files if (ROOT / f).exists()]
+
+
+# ---- a line tracer, loaded into pytest as a plugin (-p mutation) -------------------------
+
+_HITS: dict = {}
+
+
+def pytest_configure(config):
+    files = os.environ.get("MUTATION_TRACE_FILES")
+    if not files:
+        return
+    wanted = set(files.split(os.pathsep))
+
+    def local(frame, event, arg):
+        if event == "line":
+            _HITS[frame.f_code.co_filename].add(frame.f_lineno)
+        return local
+
+    def glob(frame, event, arg):
+        fn = frame.f_code.co_filename
+        if fn in wanted:
+            _HITS.setdefault(fn, set()).add(frame.f_lineno)
+            return local
+        return None
+    sys.settrace(glob)
+    threading.settrace(glob)
+
+
+def pytest_unconfigure(config):
+    out = os.environ.get("MUTATION_TRACE_OUT")
+    if out:
+        sys.settrace(None)
+        Path(out).write_text(json.dumps({k: sorted(v) for k, v in _HITS.items()}))
+
+
+# ---- running ----------------------------------------------------------------------------
+
+class Workspace:
+    """A private copy of the repository (../shared linked beside it) to mutate."""
+
+    def __init__(self):
+        self.base = Path(tempfile.mkdtemp(prefix="lrprune-mutation-"))
+        shared = ROOT.parent / "shared"
+        if shared.exists():
+            os.symlink(shared, self.base / "shared")
+        self.repo = self.base / ROOT.name
+        shutil.copytree(ROOT, self.repo, ignore=shutil.ignore_patterns(
+            ".git", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "*.egg-info"))
+
+    def pytest(self, tests, timeout, env_extra=None):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.repo), str(self.repo / "tools")]),
+                   PYTHONDONTWRITEBYTECODE="1", **(env_extra or {}))
+        env.pop("CI", None)
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider",
+               "-o", "addopts=", *tests]
+        if env_extra and "MUTATION_TRACE_FILES" in env_extra:
+            cmd[3:3] = ["-p", "mutation"]
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(cmd, cwd=self.repo, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", time.monotonic() - t0, ""
+        tail = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))][:1]
+        return p.returncode, time.monotonic() - t0, (tail[0] if tail else p.stdout.strip()[-200:])
+
+    def close(self):
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def baseline(ws: Workspace, module: str):
+    """(seconds, {relpath: covered lines}) of the module's tests on the unmutated code."""
+    files = group_files(module)
+    trace = ws.base / f"trace-{module}.json"
+    env = {"MUTATION_TRACE_FILES": os.pathsep.join(str(ws.repo / f) for f in files),
+           "MUTATION_TRACE_OUT": str(trace)}
+    rc, secs, detail = ws.pytest(GROUPS[module][1], timeout=1800, env_extra=env)
+    if rc != 0:
+        raise SystemExit(f"{module}: its tests fail without any mutation ({detail})")
+    hits = json.loads(trace.read_text()) if trace.exists() else {}
+    cov = {f: set(hits.get(str(ws.repo / f), [])) for f in files}
+    rc, secs, _ = ws.pytest(GROUPS[module][1], timeout=1800)  # untraced time, for the timeout
+    return secs, cov
+
+
+def run_mutant(ws: Workspace, m: Mutant, tests, timeout):
+    target = ws.repo / m.path
+    original = target.read_text()
+    try:
+        target.write_text(mutant_source(m))
+        rc, secs, detail = ws.pytest(tests, timeout)
+    finally:
+        target.write_text(original)
+    m.seconds = round(secs, 1)
+    m.detail = detail
+    m.status = {0: "survived", 1: "killed", "timeout": "timeout"}.get(rc, "error" if rc != 5 else "survived")
+
+
+def score(ms):
+    judged = [m for m in ms if m.status != "equivalent"]
+    killed = sum(m.status in ("killed", "timeout", "error") for m in judged)
+    return killed, len(judged)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modules", help=f"comma-separated, of: {', '.join(GROUPS)} (default all)")
+    ap.add_argument("--sample", type=int, default=30, help="mutants per module, 0 = all (default 30)")
+    ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1)")
+    ap.add_argument("--json", help="write every mutant and its outcome here")
+    ap.add_argument("--rerun", help="rerun only the survivors listed in an earlier --json file")
+    ap.add_argument("--list", action="store_true", help="count the mutants per module and exit")
+    ap.add_argument("--run-uncovered", action="store_true", help="also run mutants on lines no test executes")
+    a = ap.parse_args(argv)
+    modules = a.modules.split(",") if a.modules else list(GROUPS)
+    for mod in modules:
+        if mod not in GROUPS:
+            ap.error(f"unknown module {mod!r}; choose from {', '.join(GROUPS)}")
+
+    chosen = {}
+    if a.rerun:
+        old = json.loads(Path(a.rerun).read_text())["mutants"]
+        want = {m["id"] for m in old if m["status"] in ("survived", "not covered")}
+        for mod in modules:
+            ms = [m for f in group_files(mod) for m in find_mutants(mod, f) if m.id in want]
+            if ms:
+                chosen[mod] = ms
+        gone = want - {m.id for ms in chosen.values() for m in ms}
+        if gone:
+            print(f"{len(gone)} earlier survivors no longer exist as mutants (code changed)")
+    else:
+        for mod in modules:
+            ms = [m for f in group_files(mod) for m in find_mutants(mod, f)]
+            if a.list:
+                print(f"{mod:14s} {len(ms):5d} mutants in {len(group_files(mod))} file(s)")
+                continue
+            rng = random.Random(f"{a.seed}:{mod}")
+            chosen[mod] = sorted(rng.sample(ms, a.sample) if 0 < a.sample < len(ms) else ms,
+                                 key=lambda m: (m.path, m.line, m.index))
+        if a.list:
+            return 0
+
+    workspaces = [Workspace() for _ in range(max(1, a.jobs))]
+    results, t_start = {}, time.monotonic()
+    try:
+        for mod, ms in chosen.items():
+            secs, cov = baseline(workspaces[0], mod)
+            timeout = max(30.0, 3 * secs)
+            print(f"== {mod}: {len(ms)} mutants, tests {' '.join(GROUPS[mod][1])} ({secs:.0f} s unmutated)",
+                  flush=True)
+            todo = []
+            for m in ms:
+                m.covered = m.line in cov.get(m.path, set())
+                if m.id in EQUIVALENT:
+                    m.status, m.detail = "equivalent", EQUIVALENT[m.id]
+                elif not m.covered and not a.run_uncovered:
+                    m.status = "not covered"
+                else:
+                    todo.append(m)
+            free = list(workspaces)
+            lock = threading.Lock()
+
+            def work(m):
+                with lock:
+                    ws = free.pop()
+                try:
+                    run_mutant(ws, m, GROUPS[mod][1], timeout)
+                finally:
+                    with lock:
+                        free.append(ws)
+                print(f"  {m.status:8s} {m.seconds:5.1f}s  {m.path}:{m.line}  {m.before}  ->  {m.after}", flush=True)
+            with ThreadPoolExecutor(len(workspaces)) as pool:
+                list(pool.map(work, todo))
+            results[mod] = ms
+    finally:
+        for ws in workspaces:
+            ws.close()
+
+    print(f"\nmutation score per module ({time.monotonic() - t_start:.0f} s):")
+    for mod, ms in results.items():
+        k, n = score(ms)
+        unc = sum(m.status == "not covered" for m in ms)
+        eq = sum(m.status == "equivalent" for m in ms)
+        print(f"  {mod:14s} {k:3d}/{n:<3d} killed  {100 * k / max(n, 1):5.1f}%"
+              f"   ({unc} not covered, {eq} equivalent excluded)")
+    surv = [m for ms in results.values() for m in ms if m.status in ("survived", "not covered")]
+    if surv:
+        print("\nsurviving mutants:")
+        for m in surv:
+            print(f"  [{m.status}] {m.path}:{m.line}  {m.before}  ->  {m.after}\n      id: {m.id}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"seed": a.seed, "sample": a.sample, "mutants": [
+            asdict(m) for ms in results.values() for m in ms]}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
