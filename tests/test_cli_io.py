@@ -173,6 +173,7 @@ def test_convert_train_phase(tmp_path, capsys):
     assert net.layer("mnist").param_msg("data_param").source == "mnist_train_lmdb"
 
 
+@pytest.mark.slow
 def test_python_dash_m(tmp_path):
     """``python -m lrprune_caffe`` in a real process: inspect --json, then convert."""
     env = dict(os.environ)

@@ -237,6 +237,7 @@ def test_verify_foreign_weights_is_one_line(tmp_path, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "cifar10_quick" in err
 
 
+@pytest.mark.slow
 def test_python_dash_m_compress(tmp_path):
     _, proto, model = lenet()
     out = tmp_path / "o"

@@ -150,6 +150,7 @@ def test_adam_and_nesterov_follow_caffe():
 
 # ---- finetune API ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_finetune_lenet_and_opencv_reads_it(lenet, digits, tmp_path):
     cv2 = pytest.importorskip("cv2")
     from lrprune_caffe.api import write_net
@@ -175,6 +176,7 @@ def test_finetune_lenet_and_opencv_reads_it(lenet, digits, tmp_path):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_masks_stay_exactly_zero(lenet, digits):
     net = load_net(*lenet)
     rng = np.random.default_rng(0)
@@ -204,6 +206,7 @@ def test_lr_mult_zero_freezes_a_blob(lenet, digits):
     assert not np.array_equal(trained.layer("conv1").blobs[1], conv1.blobs[1])
 
 
+@pytest.mark.slow
 def test_max_iter_overrides_epochs_and_runs_repeat(lenet, digits):
     net = load_net(*lenet)
     s = SolverSettings(base_lr=0.01, max_iter=5)
@@ -241,6 +244,7 @@ def run_cli(argv, capsys):
     return rc, out, err
 
 
+@pytest.mark.slow
 def test_cli_finetune_writes_model_history_and_masks(lenet, digits, tmp_path, capsys):
     train, val = digits
     tr = save_npz(tmp_path / "train.npz", x=train.x, y=train.y)

@@ -48,6 +48,7 @@ def data(tmp_path_factory):
 run = run_cli
 
 
+@pytest.mark.slow
 def test_han_rounds_and_masks(lenet, data, tmp_path, capsys):
     pytest.importorskip("torch")
     cv2 = pytest.importorskip("cv2")

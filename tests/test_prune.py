@@ -247,6 +247,7 @@ def _zeroed_reference(dense, details, zero_channel_layers=None):
     return ref
 
 
+@pytest.mark.slow
 def test_structured_lenet_matches_zeroed_dense_in_opencv():
     dense, inputs = golden_net("lenet_mnist")
     net = dense.copy()

@@ -216,6 +216,7 @@ layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" param { name: "w" } 
     assert model.specs[model.blob_param["b/1"]] == (2.0, 0.0)
 
 
+@pytest.mark.slow
 def test_nothing_else_imports_torch():
     """evaluate, the CLI and the data loaders run without importing torch."""
     d = golden_case("lenet_mnist")
