@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import json
 import os
 import random
@@ -55,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: module group -> (source files, glob patterns allowed; test files, fastest / most targeted first)
 GROUPS = {
     "io.wire": (["lrprune_caffe/io/wire.py"],
-                ["tests/test_proto.py", "tests/test_io_golden.py", "tests/test_sparse.py"]),
+                ["tests/test_wire.py", "tests/test_proto.py", "tests/test_io_golden.py", "tests/test_sparse.py"]),
     "io.caffe": (["lrprune_caffe/io/caffe.py"],
                  ["tests/test_io_golden.py", "tests/test_bad_input.py", "tests/test_cli_io.py"]),
     "ir.layers": (["lrprune_caffe/ir/layers/*.py"],
@@ -220,9 +221,12 @@ def find_mutants(module: str, relpath: str) -> list:
             continue
         for kind, arg in _options(node, parent):
             before = _short(node)
-            t2 = ast.parse(src)
-            n2, p2, _ = _walk(t2)[index]
-            after = _short(_apply(n2, p2, kind, arg))
+            if kind == "unary":
+                after = _short(node.operand)
+            elif kind == "remove":
+                after = "pass"
+            else:  # changed in place: apply to a copy
+                after = _short(_apply(copy.deepcopy(node), None, kind, arg))
             key = f"{relpath}::{qual or '<module>'}::{before} -> {after}"
             seen[key] = seen.get(key, 0) + 1
             mid = key if seen[key] == 1 else f"{key} #{seen[key]}"
