@@ -298,13 +298,17 @@ def read_npz(path, what="an .npz file") -> dict:
     if not p.is_file():
         raise BadFileError(f"file not found (expected {what})", path=path)
     try:
-        with np.load(p, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise BadFileError(f"is a single .npy array, not an .npz archive (expected {what})", path=path)
+        z = np.load(p, allow_pickle=False)
+        if not hasattr(z, "files"):  # an ndarray (not a context manager): a single .npy
+            raise BadFileError(f"is a single .npy array, not an .npz archive (expected {what})", path=path)
+        with z:
             return {k: np.asarray(z[k]) for k in z.files}
     except BadFileError:
         raise
     except ValueError as e:
+        if "Object arrays" in str(e):  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+            raise BadFileError(f"holds object arrays (pickled Python objects), which are not read "
+                               f"(expected {what})", path=path) from None
         if "pickle" in str(e):  # numpy found neither a zip archive nor an .npy header
             raise BadFileError(f"is not an .npz archive (expected {what})", path=path) from None
         raise BadFileError(f"is not a readable .npz ({e}; expected {what})", path=path) from None

@@ -169,3 +169,57 @@ def test_output_set_keeps_an_existing_folder_and_its_files(tmp_path):
         outs.write_text("report.json", "{}")
     assert (tmp_path / "model.caffemodel").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.caffemodel", "report.json"]
+
+
+# ---- the checks before any output, and read_npz ---------------------------------------------
+
+def test_check_output_dir(tmp_path):
+    from lrprune_caffe.fileutil import check_output_dir
+    assert check_output_dir(tmp_path / "m.onnx") == tmp_path / "m.onnx"
+    with pytest.raises(UserError, match="is a folder; give a file name"):
+        check_output_dir(tmp_path)
+    with pytest.raises(UserError, match="output folder .* does not exist"):
+        check_output_dir(tmp_path / "no" / "m.onnx")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UserError, match="'.*f' is a file, not a folder"):
+        check_output_dir(tmp_path / "f" / "m.onnx")
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert str(check_output_dir("m.onnx")) == "m.onnx"  # a bare name: the current folder
+    finally:
+        os.chdir(old)
+
+
+def test_check_outdir_lists_missing_folders_deepest_first(tmp_path):
+    from lrprune_caffe.fileutil import check_outdir
+    assert check_outdir(tmp_path) == []
+    assert check_outdir(tmp_path / "a" / "b") == [tmp_path / "a" / "b", tmp_path / "a"]
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        check_outdir(tmp_path / "f")
+    with pytest.raises(UserError, match="'.*f' is a file, not a folder"):
+        check_outdir(tmp_path / "f" / "x" / "y")
+    assert not (tmp_path / "a").exists()  # only checked, nothing made
+
+
+def test_read_npz(tmp_path):
+    import numpy as np
+    from lrprune_caffe.errors import BadFileError
+    from lrprune_caffe.fileutil import read_npz
+    np.savez(tmp_path / "ok.npz", a=np.arange(3), b=np.ones((2, 2), np.float32))
+    got = read_npz(tmp_path / "ok.npz")
+    assert sorted(got) == ["a", "b"] and got["a"].tolist() == [0, 1, 2] and got["b"].dtype == np.float32
+    np.save(tmp_path / "one.npy", np.arange(3))
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.savez(tmp_path / "obj.npz", o=np.array([{"x": 1}], dtype=object))
+    for name, why in (("missing.npz", "file not found (expected masks)"),
+                      ("one.npy", "is a single .npy array, not an .npz archive (expected masks)"),
+                      ("text.npz", "is not an .npz archive (expected masks)"),
+                      ("obj.npz", "holds object arrays (pickled Python objects), which are not read")):
+        with pytest.raises(BadFileError) as e:
+            read_npz(tmp_path / name, "masks")
+        assert why in str(e.value) and name in str(e.value), (name, str(e.value))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:-30])
+    with pytest.raises(BadFileError, match="is not a readable .npz"):
+        read_npz(tmp_path / "cut.npz")
