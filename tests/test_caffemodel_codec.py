@@ -1,0 +1,155 @@
+"""io/caffe.py's fast caffemodel reader against protobuf's own parser, on every encoding a
+valid caffemodel may use: packed and unpacked floats, doubles and dims, data split over
+several fields, legacy num/channels/height/width blobs, V1 layers; and corrupt input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lrprune_caffe.errors import BadFileError
+from lrprune_caffe.io import wire
+from lrprune_caffe.io.caffe import read_caffemodel, read_net
+from lrprune_caffe.schema.proto import pb
+
+
+def f(field, wt, payload: bytes) -> bytes:
+    """One field: key, then (for LEN) the length, then ``payload``."""
+    if wt == wire.LEN:
+        return wire.len_prefix(field, len(payload)) + payload
+    return wire.key_bytes(field, wt) + payload
+
+
+def unpacked_blob(shape, values, double=False) -> bytes:
+    """A BlobProto with every repeated field unpacked (valid protobuf; Caffe never writes it)."""
+    dims = b"".join(f(1, wire.VARINT, wire.varint_bytes(d)) for d in shape)
+    if double:
+        data = b"".join(f(8, wire.I64, np.float64(v).tobytes()) for v in values)
+    else:
+        data = b"".join(f(5, wire.I32, np.float32(v).tobytes()) for v in values)
+    return f(7, wire.LEN, dims) + data
+
+
+def layer(name, type_, blob_bytes: list) -> bytes:
+    body = f(1, wire.LEN, name.encode()) + f(2, wire.LEN, type_.encode())
+    body += b"".join(f(7, wire.LEN, b) for b in blob_bytes)
+    return f(100, wire.LEN, body)
+
+
+def protobuf_view(data: bytes):
+    """[(name, type, [float32 arrays shaped as Caffe shapes them])] by protobuf's parser."""
+    net = pb.NetParameter.FromString(data)
+    out = []
+    for lp in list(net.layer) + list(net.layers):
+        blobs = []
+        for b in lp.blobs:
+            vals = np.array(b.double_data if len(b.double_data) and not len(b.data) else b.data, np.float32)
+            shape = tuple(b.shape.dim) if b.HasField("shape") else (b.num, b.channels, b.height, b.width)
+            blobs.append(vals.reshape(shape))
+        out.append((lp.name, lp.type if isinstance(lp.type, str) else lp.type, blobs))
+    return out
+
+
+def read(tmp_path, data: bytes):
+    p = tmp_path / "m.caffemodel"
+    p.write_bytes(data)
+    return read_caffemodel(p)
+
+
+def assert_same(ours, ref):
+    assert [w.name for w in ours] == [r[0] for r in ref]
+    for w, (_, _, blobs) in zip(ours, ref):
+        assert len(w.blobs) == len(blobs)
+        for a, b in zip(w.blobs, blobs):
+            assert a.dtype == np.float32 and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+
+
+def test_protobuf_written_blobs(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    net = pb.NetParameter(name="n", layer=[
+        pb.LayerParameter(name="conv", type="Convolution", blobs=[
+            pb.BlobProto(shape=pb.BlobShape(dim=list(w.shape)), data=w.reshape(-1)),
+            pb.BlobProto(shape=pb.BlobShape(dim=[4]), data=[1, 2, 3, 4])]),
+        pb.LayerParameter(name="relu", type="ReLU"),
+        pb.LayerParameter(name="legacy", type="InnerProduct", blobs=[
+            pb.BlobProto(num=1, channels=1, height=2, width=3, data=[1, 2, 3, 4, 5, 6])]),
+        pb.LayerParameter(name="dbl", type="Scale", blobs=[
+            pb.BlobProto(shape=pb.BlobShape(dim=[3]), double_data=[0.5, -1.25, 1e30])]),
+        pb.LayerParameter(name="scalar", type="Bias", blobs=[pb.BlobProto(shape=pb.BlobShape(), data=[7])]),
+    ])
+    data = net.SerializeToString()
+    ours = read(tmp_path, data)
+    assert_same(ours, protobuf_view(data))
+    by = {w.name: w for w in ours}
+    assert by["legacy"].legacy == [True] and by["conv"].legacy == [False, False]
+    assert by["conv"].type == "Convolution" and by["relu"].blobs == []
+    assert by["scalar"].blobs[0].shape == ()
+
+
+def test_unpacked_fields_and_split_data(tmp_path):
+    vals = [0.5, -2.0, 3.0, 4.5, 1e-3, 6.0]
+    packed_half = f(5, wire.LEN, np.array(vals[:2], "<f4").tobytes())
+    rest = b"".join(f(5, wire.I32, np.float32(v).tobytes()) for v in vals[2:])
+    dims = f(1, wire.LEN, wire.varint_bytes(2) + wire.varint_bytes(3))
+    mixed = f(7, wire.LEN, dims) + packed_half + rest  # packed, then unpacked: one repeated field
+    two_packed = (f(7, wire.LEN, f(1, wire.VARINT, wire.varint_bytes(6)))
+                  + f(5, wire.LEN, np.array(vals[:4], "<f4").tobytes())
+                  + f(5, wire.LEN, np.array(vals[4:], "<f4").tobytes()))
+    data = (layer("a", "InnerProduct", [unpacked_blob((2, 3), vals), unpacked_blob((6,), vals, double=True)])
+            + layer("b", "InnerProduct", [mixed, two_packed])
+            + layer("c", "Scale", [f(7, wire.LEN, f(1, wire.LEN, wire.varint_bytes(2)))
+                                   + f(8, wire.LEN, np.array([1.5, 2.5], "<f8").tobytes())]))
+    ours = read(tmp_path, data)
+    assert_same(ours, protobuf_view(data))
+    assert ours[0].blobs[0].shape == (2, 3) and ours[1].blobs[1].tolist() == np.float32(vals).tolist()
+
+
+def test_v1_layers(tmp_path):
+    w = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
+    net = pb.NetParameter(layers=[pb.V1LayerParameter(
+        name="ip", type=pb.V1LayerParameter.INNER_PRODUCT,
+        blobs=[pb.BlobProto(num=1, channels=1, height=2, width=3, data=w.reshape(-1))])])
+    data = net.SerializeToString()
+    (wl,) = read(tmp_path, data)
+    assert (wl.name, wl.type, wl.legacy) == ("ip", "InnerProduct", [True])
+    np.testing.assert_array_equal(wl.blobs[0], w)
+
+
+@pytest.mark.parametrize("blob, why", [
+    (f(5, wire.LEN, b"\x00" * 6), "packed float data of 6 bytes is not a multiple of 4"),
+    (f(8, wire.LEN, b"\x00" * 12), "packed double data of 12 bytes is not a multiple of 8"),
+    (f(7, wire.LEN, f(1, wire.LEN, wire.varint_bytes(3))) + f(5, wire.LEN, b"\x00" * 8),
+     r"blob of shape \(3,\) holds 2 values, expected 3"),
+    (f(7, wire.LEN, f(1, wire.LEN, wire.varint_bytes(-2) + wire.varint_bytes(-1))),
+     "negative dimensions"),
+])
+def test_corrupt_blobs_are_one_bad_file_error(tmp_path, blob, why):
+    with pytest.raises(BadFileError, match=why) as e:
+        read(tmp_path, layer("x", "Convolution", [blob]))
+    assert "m.caffemodel" in str(e.value) and "not a valid caffemodel" in str(e.value)
+
+
+def test_not_a_caffemodel(tmp_path):
+    with pytest.raises(BadFileError, match="is empty"):
+        read(tmp_path, b"")
+    with pytest.raises(BadFileError, match="is a text prototxt"):
+        read(tmp_path, b'name: "x"\nlayer { name: "a" type: "ReLU" }\n')
+    with pytest.raises(BadFileError, match="holds no layers"):
+        read(tmp_path, pb.NetParameter(name="only a name").SerializeToString())
+    with pytest.raises(BadFileError, match="unexpected field 9"):
+        read(tmp_path, f(9, wire.VARINT, b"\x01") + layer("a", "ReLU", []))
+    with pytest.raises(BadFileError, match="unexpected field 100"):  # a layer must be a message
+        read(tmp_path, f(100, wire.VARINT, b"\x01"))
+
+
+def test_read_net_checks_structure(tmp_path):
+    p = tmp_path / "n.prototxt"
+    p.write_text('layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 1 } } }\n'
+                 'layer { name: "d" type: "ReLU" bottom: "d" top: "r" }\n')
+    with pytest.raises(BadFileError, match="duplicate layer name"):
+        read_net(p)
+    p.write_text('layer { name: "r" type: "ReLU" bottom: "nowhere" top: "r" }\n')
+    with pytest.raises(BadFileError, match="bottom 'nowhere' is not produced"):
+        read_net(p)
