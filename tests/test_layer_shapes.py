@@ -124,6 +124,8 @@ def one_layer(tmp_path, text, shape=(2, 3, 8, 8)):
      (2, 3, 8, 8), "must be smaller than kernel"),
     ('layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_param { global_pooling: true kernel_size: 2 } }',
      (2, 3, 8, 8), "cannot be combined"),
+    ('layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_param { kernel_size: 11 pad: 1 } }',
+     (2, 3, 8, 8), "larger than the padded input 10x10"),
     ('layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_param { stride: 2 } }',
      (2, 3, 8, 8), "has no kernel_size"),
     ('layer { name: "s" type: "Slice" bottom: "data" top: "a" top: "b" slice_param { axis: 1 } }',
