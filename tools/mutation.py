@@ -212,8 +212,9 @@ def _short(node) -> str:
     return s if len(s) <= 70 else s[:67] + "..."
 
 
-def find_mutants(module: str, relpath: str) -> list:
-    src = (ROOT / relpath).read_text()
+def find_mutants(module: str, relpath: str, src: str = None) -> list:
+    """Every mutant of one file (``src``: its text, by default the file in ROOT)."""
+    src = (ROOT / relpath).read_text() if src is None else src
     lines = src.splitlines()
     tree = ast.parse(src)
     out, seen = [], {}
@@ -236,9 +237,13 @@ def find_mutants(module: str, relpath: str) -> list:
     return out
 
 
-def mutant_source(m: Mutant) -> str:
-    tree = ast.parse((ROOT / m.path).read_text())
-    node, parent, _ = _walk(tree)[m.index]
+def mutant_source(m: Mutant, src: str) -> str:
+    """``src`` (the text ``m`` was found in) with ``m`` applied."""
+    tree = ast.parse(src)
+    walk = _walk(tree)
+    if m.index >= len(walk) or _short(walk[m.index][0]) != m.before:
+        raise LookupError(f"{m.path} changed since its mutants were listed")
+    node, parent, _ = walk[m.index]
     _apply(node, parent, m.kind, m.arg)
     return ast.unparse(tree) + "\n"
 
@@ -336,17 +341,20 @@ def run_mutant(ws: Workspace, m: Mutant, tests, timeout):
     target = ws.repo / m.path
     original = target.read_text()
     try:
-        target.write_text(mutant_source(m))
+        target.write_text(mutant_source(m, original))
         rc, secs, detail = ws.pytest(tests, timeout)
+    except LookupError as e:
+        rc, secs, detail = "stale", 0.0, str(e)
     finally:
         target.write_text(original)
     m.seconds = round(secs, 1)
     m.detail = detail
-    m.status = {0: "survived", 1: "killed", "timeout": "timeout"}.get(rc, "error" if rc != 5 else "survived")
+    m.status = {0: "survived", 1: "killed", "timeout": "timeout", "stale": "stale"}.get(
+        rc, "error" if rc != 5 else "survived")
 
 
 def score(ms):
-    judged = [m for m in ms if m.status != "equivalent"]
+    judged = [m for m in ms if m.status not in ("equivalent", "stale")]
     killed = sum(m.status in ("killed", "timeout", "error") for m in judged)
     return killed, len(judged)
 
@@ -367,12 +375,23 @@ def main(argv=None):
         if mod not in GROUPS:
             ap.error(f"unknown module {mod!r}; choose from {', '.join(GROUPS)}")
 
+    if a.list:
+        for mod in modules:
+            n = sum(len(find_mutants(mod, f)) for f in group_files(mod))
+            print(f"{mod:14s} {n:5d} mutants in {len(group_files(mod))} file(s)")
+        return 0
+    workspaces = [Workspace() for _ in range(max(1, a.jobs))]
+    pristine = workspaces[0].repo  # mutants are listed from the copy they are applied to
+
+    def mutants_of(mod):
+        return [m for f in group_files(mod) for m in find_mutants(mod, f, (pristine / f).read_text())]
+
     chosen = {}
     if a.rerun:
         old = json.loads(Path(a.rerun).read_text())["mutants"]
         want = {m["id"] for m in old if m["status"] in ("survived", "not covered")}
         for mod in modules:
-            ms = [m for f in group_files(mod) for m in find_mutants(mod, f) if m.id in want]
+            ms = [m for m in mutants_of(mod) if m.id in want]
             if ms:
                 chosen[mod] = ms
         gone = want - {m.id for ms in chosen.values() for m in ms}
@@ -380,17 +399,11 @@ def main(argv=None):
             print(f"{len(gone)} earlier survivors no longer exist as mutants (code changed)")
     else:
         for mod in modules:
-            ms = [m for f in group_files(mod) for m in find_mutants(mod, f)]
-            if a.list:
-                print(f"{mod:14s} {len(ms):5d} mutants in {len(group_files(mod))} file(s)")
-                continue
+            ms = mutants_of(mod)
             rng = random.Random(f"{a.seed}:{mod}")
             chosen[mod] = sorted(rng.sample(ms, a.sample) if 0 < a.sample < len(ms) else ms,
                                  key=lambda m: (m.path, m.line, m.index))
-        if a.list:
-            return 0
 
-    workspaces = [Workspace() for _ in range(max(1, a.jobs))]
     results, t_start = {}, time.monotonic()
     try:
         for mod, ms in chosen.items():
@@ -405,6 +418,7 @@ def main(argv=None):
                     m.status, m.detail = "equivalent", EQUIVALENT[m.id]
                 elif not m.covered and not a.run_uncovered:
                     m.status = "not covered"
+                    print(f"  {m.status}     {m.path}:{m.line}  {m.before}  ->  {m.after}", flush=True)
                 else:
                     todo.append(m)
             free = list(workspaces)
@@ -422,6 +436,8 @@ def main(argv=None):
             with ThreadPoolExecutor(len(workspaces)) as pool:
                 list(pool.map(work, todo))
             results[mod] = ms
+            if a.json:  # after every module: a crash or ^C keeps what was done
+                write_json(a.json, a, results)
     finally:
         for ws in workspaces:
             ws.close()
@@ -439,9 +455,13 @@ def main(argv=None):
         for m in surv:
             print(f"  [{m.status}] {m.path}:{m.line}  {m.before}  ->  {m.after}\n      id: {m.id}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"seed": a.seed, "sample": a.sample, "mutants": [
-            asdict(m) for ms in results.values() for m in ms]}, indent=1, default=str))
+        write_json(a.json, a, results)
     return 0
+
+
+def write_json(path, a, results):
+    Path(path).write_text(json.dumps({"seed": a.seed, "sample": a.sample, "mutants": [
+        asdict(m) for ms in results.values() for m in ms]}, indent=1, default=str))
 
 
 if __name__ == "__main__":
