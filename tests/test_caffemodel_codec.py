@@ -153,3 +153,31 @@ def test_read_net_checks_structure(tmp_path):
     p.write_text('layer { name: "r" type: "ReLU" bottom: "nowhere" top: "r" }\n')
     with pytest.raises(BadFileError, match="bottom 'nowhere' is not produced"):
         read_net(p)
+
+
+@pytest.mark.parametrize("header, want", [
+    ('input: "a"\ninput_dim: 1\ninput_dim: 2\ninput_dim: 3\ninput_dim: 4\n', {"a": (1, 2, 3, 4)}),
+    ('input: "a"\ninput: "b"\n' + "".join(f"input_dim: {d}\n" for d in (1, 2, 3, 4, 5, 6, 7, 8)),
+     {"a": (1, 2, 3, 4), "b": (5, 6, 7, 8)}),
+    ('input: "a"\ninput: "b"\ninput_shape { dim: 2 dim: 5 }\ninput_shape { dim: 3 }\n', {"a": (2, 5), "b": (3,)}),
+    ('input: "a"\ninput_dim: 1\n', "1 input_dim values for 1 inputs"),
+    ('input: "a"\ninput: "b"\ninput_shape { dim: 2 }\ninput_shape { dim: 2 }\ninput_shape { dim: 2 }\n',
+     "3 input_shape entries for 2 inputs"),
+    ('input_shape { dim: 2 }\n', "has input_dim/input_shape but no 'input:' name"),
+    ('input_dim: 2\n', "has input_dim/input_shape but no 'input:' name"),
+    ('input: "a"\n', "declares inputs without input_dim or input_shape"),
+])
+def test_input_header_upgrade(tmp_path, header, want):
+    """Caffe's UpgradeNetInput: the deploy header becomes one Input layer first in the net."""
+    p = tmp_path / "h.prototxt"
+    p.write_text(header + 'layer { name: "r" type: "ReLU" bottom: "a" top: "r" }\n')
+    if isinstance(want, str):
+        with pytest.raises(BadFileError, match=want):
+            read_net(p)
+        return
+    net = read_net(p)
+    first = net.layers[0]
+    assert (first.name, first.type, first.tops) == ("input", "Input", list(want))
+    shapes = [tuple(s.dim) for s in first.param_msg("input_param").shape]
+    assert dict(zip(first.tops, shapes)) == want
+    assert [layer.name for layer in net.layers] == ["input", "r"]
