@@ -45,24 +45,24 @@ def test_read_varint_limits():
 
 def every_wire_type() -> bytes:
     """A LayerParameter (name: LEN, loss_weight: non-packed float = I32, phase: VARINT)
-    plus an unknown field 99 of wire type I64 (protobuf keeps it as unknown)."""
+    plus unknown fields 99 of wire type I64 and 97, a varint, after it (protobuf keeps them)."""
     lp = pb.LayerParameter(name="conv1", type="Convolution", loss_weight=[1.5, -2.0], phase=pb.TEST)
     i64 = wire.key_bytes(99, wire.I64) + np.array([3.25], "<f8").tobytes()
-    return lp.SerializeToString() + i64
+    return lp.SerializeToString() + i64 + wire.key_bytes(97, wire.VARINT) + wire.varint_bytes(300)
 
 
 def test_iter_fields_reads_every_wire_type():
     data = every_wire_type()
     fields = list(wire.iter_fields(data, 0, len(data)))
     assert [(f, t) for f, t, _ in fields] == [(1, wire.LEN), (2, wire.LEN), (5, wire.I32), (5, wire.I32),
-                                              (10, wire.VARINT), (99, wire.I64)]
+                                              (10, wire.VARINT), (99, wire.I64), (97, wire.VARINT)]
     (s, e), (s2, e2) = fields[0][2], fields[1][2]
     assert data[s:e] == b"conv1" and data[s2:e2] == b"Convolution"
     floats = [float(np.frombuffer(data[s:e], "<f4")[0]) for _, _, (s, e) in fields[2:4]]
     assert floats == [1.5, -2.0]
     assert fields[4][2] == pb.TEST
     s, e = fields[5][2]
-    assert float(np.frombuffer(data[s:e], "<f8")[0]) == 3.25 and e == len(data)
+    assert float(np.frombuffer(data[s:e], "<f8")[0]) == 3.25 and fields[6][2] == 300
     # a sub-range: only the fields between start and end (field 2: key and length byte, then 11 bytes)
     assert list(wire.iter_fields(data, s2 - 2, e2)) == [(2, wire.LEN, (s2, e2))]
     pb.LayerParameter.FromString(data)  # protobuf reads it too
