@@ -181,3 +181,19 @@ def test_input_header_upgrade(tmp_path, header, want):
     shapes = [tuple(s.dim) for s in first.param_msg("input_param").shape]
     assert dict(zip(first.tops, shapes)) == want
     assert [layer.name for layer in net.layers] == ["input", "r"]
+
+
+def test_prototxt_given_as_weights_is_named_even_when_cut_mid_character(tmp_path):
+    """Only the first 4096 bytes are sniffed: a UTF-8 character cut there is still text,
+    a bad byte earlier is not."""
+    pad = 4096 - len('name: "x"\n# ') - 1
+    text = 'name: "x"\n# ' + "a" * pad + "\u00e9\u00e9\nlayer { name: \"a\" type: \"ReLU\" }\n"
+    raw = text.encode("utf-8")
+    assert raw[4095:4097] == "\u00e9".encode("utf-8")  # the character straddles byte 4096
+    p = tmp_path / "m.caffemodel"
+    p.write_bytes(raw)
+    with pytest.raises(BadFileError, match="is a text prototxt"):
+        read_caffemodel(p)
+    p.write_bytes(b'name: "x"\n\xff\xfe' + raw[12:])
+    with pytest.raises(BadFileError, match="not a valid caffemodel"):
+        read_caffemodel(p)
