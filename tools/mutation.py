@@ -62,7 +62,8 @@ GROUPS = {
                   "tests/test_cli_io.py"]),
     "ir.layers": (["lrprune_caffe/ir/layers/*.py"],
                   ["tests/test_layer_shapes.py", "tests/test_registry.py", "tests/test_onnx_activations.py",
-                   "tests/test_ssd.py", "tests/test_onnx.py", "tests/test_io_golden.py"]),
+                   "tests/test_ssd.py", "tests/test_onnx.py", "tests/test_io_golden.py",
+                   "tests/test_torch_model.py", "tests/test_prune.py"]),  # to_torch, channel shrinking
     "lowrank": (["lrprune_caffe/lowrank/*.py"],
                 ["tests/test_decompose.py", "tests/test_factorize.py"]),
     "masks": (["lrprune_caffe/transforms/prune.py", "lrprune_caffe/ir/masks.py"],
