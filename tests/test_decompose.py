@@ -271,3 +271,27 @@ def test_lazy_vectors_after_spectra(monkeypatch, rank):
     W1, W2, _ = dec.fc_decompose(W, rank, cache=cache)
     assert res.U is not None
     assert sq_err(W, W2.astype(np.float64) @ W1) == pytest.approx(discarded([W], rank), rel=1e-6)
+
+
+def test_lazy_vectors_grow_with_a_later_larger_rank(monkeypatch):
+    """A lazy result asked first for 3 vectors (leading eigenpairs only), then for 30, gives
+    the best rank-30 approximation (Eckart-Young), not 3 vectors padded out."""
+    monkeypatch.setattr(dec, "LAZY_VECTORS_SIDE", 8)
+    W = weights((40, 100), seed=7, decay=0.95)
+    cache = {}
+    res = dec.svd(W, vectors=False, cache=cache, key="w")
+    A, B = dec.low_rank_factors(W, 3, res=res)
+    assert sq_err(W, A @ B) == pytest.approx(discarded([W], 3), rel=1e-6)
+    A, B = dec.low_rank_factors(W, 30, res=res)
+    assert A.shape == (40, 30) and B.shape == (30, 100)
+    assert sq_err(W, A @ B) == pytest.approx(discarded([W], 30), rel=1e-6)
+
+
+def test_svd_methods_are_the_ones_asked_for():
+    W = weights((12, 20), seed=8)
+    assert dec.svd(W, method="exact").method == "exact" and dec.svd(W, method="exact").side == "both"
+    assert dec.svd(W, method="gram").method == "gram" and dec.svd(W).method == "gram"  # auto: Gram route
+    with pytest.raises(ValueError, match="randomized SVD needs the rank"):
+        dec.svd(W, method="randomized")
+    with pytest.raises(ValueError, match="unknown SVD method 'lapack'"):
+        dec.svd(W, method="lapack")
