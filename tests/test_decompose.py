@@ -295,3 +295,25 @@ def test_svd_methods_are_the_ones_asked_for():
         dec.svd(W, method="randomized")
     with pytest.raises(ValueError, match="unknown SVD method 'lapack'"):
         dec.svd(W, method="lapack")
+
+
+def test_left_vectors_span_the_leading_subspace():
+    W = weights((15, 40), seed=9).astype(np.float64)
+    U = sla.svd(W)[0][:, :4]
+    for kw in ({}, {"method": "exact"}, {"res": dec.svd(W, side="right")}):
+        L = dec.left_vectors(W, 4, **kw)
+        assert L.shape == (15, 4)
+        np.testing.assert_allclose(L.T @ L, np.eye(4), atol=1e-8)
+        np.testing.assert_allclose(L @ L.T, U @ U.T, atol=1e-6)  # the same projector
+
+
+def test_scheme_spectra_default_is_one_group():
+    W = weights((8, 6, 3, 3), seed=10).astype(np.float64)
+    (mode,) = dec.scheme_spectra(W, "channel")
+    np.testing.assert_allclose(np.ravel(mode.s), sla.svdvals(W.reshape(8, -1)), rtol=1e-9)
+    assert len(mode.s) == 1
+
+
+def test_energy_of_a_large_array_is_exact():
+    M = np.full((2050, 2050), 0.5, np.float32)  # above the 4M-element block size
+    assert dec._energy(M) == 2050 * 2050 * 0.25
