@@ -69,6 +69,7 @@ def test_files_and_report_fields(pruned90):
     for row in rep["layers"]:
         assert row["action"] == "pruned" and "sparsity" in row and "nonzero_params" in row
     assert "## Storage" in (out / "report.md").read_text()
+    assert "masks.npz" in rep["files"]
 
 
 def test_counts_equal_zeros_opencv_reads(pruned90):

@@ -471,3 +471,57 @@ def test_compress_prune_steps(tmp_path):
         with pytest.raises(UserError, match=msg):
             C.compress_files(proto, weights, tmp_path / "bad", rank="ip1=32", verify=False, **kw)
         assert not (tmp_path / "bad").exists()
+
+
+# ---- compress --prune options and the outcome summary, by hand ------------------------------
+
+@pytest.mark.parametrize("opts, why", [
+    ({"prune_scope": "global"}, "--prune-scope needs --prune FRACTION"),
+    ({"quality": 0.5}, "--quality needs --prune FRACTION (or --prune-method std)"),
+    ({"prune_method": "std", "prune": "0.5"}, "--prune takes no fraction with it"),
+    ({"prune_method": "std", "prune": "conv1=0.3"}, "--prune takes no fraction with it"),
+])
+def test_prune_options_refused(opts, why):
+    from lrprune_caffe.errors import UserError
+    from lrprune_caffe.transforms.prune import spec_from_options
+    with pytest.raises(UserError) as e:
+        spec_from_options(opts)
+    assert why in str(e.value)
+
+
+def test_prune_options_accepted():
+    from lrprune_caffe.transforms.prune import spec_from_options
+    assert spec_from_options({}) is None
+    assert spec_from_options({"prune_method": "std", "prune": "conv1=0"}) is not None  # LAYER=0 leaves it out
+    assert spec_from_options({"prune": 0.5}).fraction == 0.5
+
+
+def _totals(**kw):
+    t = {"macs_before": 1000, "macs_after": 400, "caffemodel_bytes": 1000, "onnx_bytes": None,
+         "sparsity": 0.0, "csr_bytes": 1234, "dense_bytes": 5000}
+    t.update(kw)
+    return {"totals": t}
+
+
+def test_outcome_summary_by_hand(tmp_path):
+    from lrprune_caffe.transforms.prune import outcome
+    orig = tmp_path / "orig.caffemodel"
+    orig.write_bytes(b"\0" * 2000)
+    o = outcome(_totals(), orig)
+    assert o["faster"] and o["caffemodel_smaller"] and o["caffemodel_ratio"] == 2.0
+    assert o["original_caffemodel_bytes"] == 2000 and o["onnx_vs_dense"] is None
+    assert o["summary"] == ("faster: 2.50x fewer multiply-adds in any dense runtime; "
+                            "model.caffemodel 2.00x smaller than the original")
+    o = outcome(_totals(macs_after=1000, caffemodel_bytes=1985), orig)  # ratio 1.0076: not 1 % smaller
+    assert not o["faster"] and not o["caffemodel_smaller"]
+    assert o["summary"].startswith("not faster: the same multiply-adds")
+    assert "model.caffemodel not smaller (Caffe stores every blob dense, zeros included)" in o["summary"]
+    o = outcome(_totals(onnx_bytes=300, sparsity=0.9), orig, sparse=True, dense_onnx_bytes=1000)
+    assert o["onnx_vs_dense"] == 0.3
+    assert o["summary"].endswith("model.onnx is 0.30x the size of its dense form (sparse initializers)")
+    # zeros kept dense: the CSR hint above 5 % zeros only
+    o = outcome(_totals(sparsity=0.06), None)
+    assert o["original_caffemodel_bytes"] is None and o["caffemodel_ratio"] is None
+    assert o["summary"].endswith("or CSR 1,234 bytes vs 5,000 dense")
+    assert "CSR" not in outcome(_totals(sparsity=0.04), None)["summary"]
+    assert outcome(_totals(), tmp_path / "gone.caffemodel")["original_caffemodel_bytes"] is None
