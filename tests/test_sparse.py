@@ -238,3 +238,24 @@ def test_csr_relative_bytes_formula():
     v[[0, 40, 99]] = 1  # gaps 1, 40 (2 entries at m=31), 59 (2 entries)
     assert csr_relative_bytes(v, index_bits=5, value_bytes=1) == (5 * 13 + 7) // 8 + 8
     assert csr_relative_bytes(np.zeros((4, 7), np.float32)) == 4 * 5
+
+
+def test_onnx_layer_bytes_by_owner():
+    """Each initializer counts for the longest layer name it is ``name`` or ``name/...`` of
+    (``conv1_1/w`` is conv1_1's, not conv1's); the rest under ""."""
+    from types import SimpleNamespace
+
+    from lrprune_caffe.export.sparse import onnx_layer_bytes, to_sparse_tensor
+    rng = np.random.default_rng(4)
+    dense = {n: numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), n)
+             for n, k in (("conv1/weight", 30), ("conv1/bias", 3), ("conv1_1/weight", 50), ("shape_const", 4),
+                          ("conv1", 2))}
+    sp = to_sparse_tensor(numpy_helper.from_array(sparse_array(rng, (20, 20), 0.9), "conv1_1/bias"))
+    g = helper.make_graph([], "g", [], [], initializer=list(dense.values()), sparse_initializer=[sp])
+    model = helper.make_model(g)
+    net = SimpleNamespace(layers=[SimpleNamespace(name=n) for n in ("conv1", "conv1_1", "unused")])
+    size = {n: t.ByteSize() for n, t in dense.items()}
+    assert onnx_layer_bytes(model, net) == {
+        "conv1": size["conv1/weight"] + size["conv1/bias"] + size["conv1"],
+        "conv1_1": size["conv1_1/weight"] + sp.ByteSize(),
+        "": size["shape_const"]}
