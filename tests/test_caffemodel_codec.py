@@ -197,3 +197,13 @@ def test_prototxt_given_as_weights_is_named_even_when_cut_mid_character(tmp_path
     p.write_bytes(b'name: "x"\n\xff\xfe' + raw[12:])
     with pytest.raises(BadFileError, match="not a valid caffemodel"):
         read_caffemodel(p)
+
+
+def test_required_field_missing_names_the_layer(tmp_path):
+    p = tmp_path / "c.prototxt"
+    p.write_text('layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 1 } } }\n'
+                 'layer { name: "clip" type: "Clip" bottom: "d" top: "c" clip_param { min: 0 } }\n')
+    with pytest.raises(BadFileError) as e:
+        read_net(p)
+    assert "required field 'clip_param.max' is not set" in str(e.value)
+    assert "'clip'" in str(e.value) and "Clip" in str(e.value)

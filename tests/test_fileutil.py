@@ -223,3 +223,13 @@ def test_read_npz(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:-30])
     with pytest.raises(BadFileError, match="is not a readable .npz"):
         read_npz(tmp_path / "cut.npz")
+
+
+def test_the_process_umask_is_left_as_it_was(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        assert os.umask(0o027) == 0o027  # still ours after the write
+        assert ((tmp_path / "a.bin").stat().st_mode & 0o777) == 0o640
+    finally:
+        os.umask(old)

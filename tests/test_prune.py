@@ -525,3 +525,46 @@ def test_outcome_summary_by_hand(tmp_path):
     assert o["summary"].endswith("or CSR 1,234 bytes vs 5,000 dense")
     assert "CSR" not in outcome(_totals(sparsity=0.04), None)["summary"]
     assert outcome(_totals(), tmp_path / "gone.caffemodel")["original_caffemodel_bytes"] is None
+
+
+def test_masks_npz_of_0_1_numbers_and_refusals(tmp_path):
+    from lrprune_caffe.errors import BadFileError
+    from lrprune_caffe.transforms.prune import load_masks
+    np.savez(tmp_path / "m.npz", **{"conv1/0": np.array([[0, 1], [1, 0]], np.uint8),
+                                    "ip1/1": np.array([1.0, 0.0]), "a/b/0": np.array([True])})
+    m = load_masks(tmp_path / "m.npz")
+    assert m[("conv1", 0)].dtype == np.bool_ and m[("conv1", 0)].tolist() == [[False, True], [True, False]]
+    assert m[("ip1", 1)].tolist() == [True, False] and ("a/b", 0) in m
+    for arrays, why in (({"conv1": np.ones(2, bool)}, "is not '<layer>/<blob index>'"),
+                        ({"conv1/x": np.ones(2, bool)}, "is not '<layer>/<blob index>'"),
+                        ({"conv1/0": np.array([0, 2])}, "holds int64 values, expected bool")):
+        np.savez(tmp_path / "bad.npz", **arrays)
+        with pytest.raises(BadFileError, match=why):
+            load_masks(tmp_path / "bad.npz")
+
+
+def test_std_quality_must_be_a_number():
+    from lrprune_caffe.errors import UserError
+    from lrprune_caffe.transforms.prune import PruneSpec, check_spec
+    d = golden_case("lenet_mnist")
+    net = load_net(d / "model.prototxt", d / "model.caffemodel")
+    for q in ("abc", -1):
+        with pytest.raises(UserError, match=f"--quality: quality {q} must be a number >= 0"):
+            check_spec(net, PruneSpec(method="std", quality=q))
+    check_spec(net, PruneSpec(method="std", quality=0.7))
+
+
+def test_dense_onnx_bytes_by_hand():
+    from onnx import helper, numpy_helper
+    from lrprune_caffe.export.sparse import to_sparse_tensor
+    from lrprune_caffe.transforms.prune import _dense_onnx_bytes
+    w = np.zeros((10, 10), np.float32)
+    w[0, :3] = 1
+    st = to_sparse_tensor(numpy_helper.from_array(w, "w"))
+    dense = numpy_helper.from_array(w, "w")
+    g = helper.make_graph([], "g", [], [], sparse_initializer=[st])
+    gd = helper.make_graph([], "g", [], [], initializer=[dense])
+    m, md = helper.make_model(g), helper.make_model(gd)
+    # the same graph with the tensor dense: 400 bytes of floats instead of the sparse entry
+    assert _dense_onnx_bytes(m) == m.ByteSize() - st.ByteSize() + 400
+    assert 0 <= md.ByteSize() - _dense_onnx_bytes(m) < 20  # less the dense TensorProto's own header
