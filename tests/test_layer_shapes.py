@@ -147,3 +147,20 @@ def test_inputs_caffe_refuses(tmp_path, text, shape, why):
     with pytest.raises(BadFileError, match=why) as e:
         one_layer(tmp_path, text, shape)
     assert "bad.prototxt" in str(e.value)
+
+
+def test_crop_lowering_defaults_to_offset_0(tmp_path):
+    """Caffe's Crop: offsets default to 0; nothing to crop is an Identity."""
+    from lrprune_caffe.engines.runtime import ort_session
+    from lrprune_caffe.export.onnx import export_model
+    p = tmp_path / "crop.prototxt"
+    p.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 dim: 6 dim: 5 } } }\n'
+                 'layer { name: "r" type: "Input" top: "r" input_param { shape { dim: 1 dim: 2 dim: 4 dim: 3 } } }\n'
+                 'layer { name: "c" type: "Crop" bottom: "x" bottom: "r" top: "c" crop_param { axis: 2 } }\n'
+                 'layer { name: "same" type: "Crop" bottom: "x" bottom: "x" top: "same" }\n')
+    model = export_model(read_net(p), opset=13)
+    x = np.arange(60, dtype=np.float32).reshape(1, 2, 6, 5)
+    c, same = ort_session(model.SerializeToString()).run(["c", "same"], {"x": x, "r": np.zeros((1, 2, 4, 3), np.float32)})
+    np.testing.assert_array_equal(c, x[:, :, :4, :3])
+    np.testing.assert_array_equal(same, x)
+    assert "Identity" in [n.op_type for n in model.graph.node]

@@ -73,8 +73,33 @@ GROUPS = {
                  ["tests/test_fileutil.py", "tests/test_cli_robustness.py", "tests/test_bad_input.py"]),
 }
 
-#: mutant id -> why it changes no behaviour (ids as printed by this tool)
-EQUIVALENT: dict[str, str] = {}
+#: mutant id -> why it changes no behaviour (ids as printed by this tool); judged by hand
+EQUIVALENT: dict[str, str] = {
+    "lrprune_caffe/io/caffe.py::merge_weights::4 -> 3":
+        "len(e) <= 3: a 4-D e only reaches this test when e != arr.shape, where (1,)*0 + e == arr.shape is false",
+    "lrprune_caffe/io/caffe.py::caffemodel_chunks::1 -> 0 #2":
+        "chunks[-0] is chunks[-1]: the name is the only chunk yet",
+    "lrprune_caffe/ir/layers/conv.py::ConvolutionSpec.infer::n + 2 * p < k or out < 1 -> n + 2 * p < k and out < 1":
+        "n + 2p < k implies out = (n + 2p - k) // stride + 1 < 1",
+    "lrprune_caffe/ir/layers/dense.py::InnerProductSpec.weight_shapes::0 -> -1":
+        "in_shapes[-1] is in_shapes[0]: one bottom",
+    "lrprune_caffe/lowrank/decompose.py::svd::0 -> 1 #2": "G.shape[1] == G.shape[0]: a Gram matrix is square",
+    "lrprune_caffe/lowrank/decompose.py::_ensure_vectors::res.side == 'left' -> res.side != 'left'":
+        "only which vectors count as already there: the other side is None, so they are recomputed, same result",
+    "lrprune_caffe/lowrank/decompose.py::left_vectors::0 -> 1":
+        "default seed of the randomized route: any seed is as valid",
+    "lrprune_caffe/export/sparse.py::csr_relative_bytes::1 -> 2 #6":
+        "rows per processing block: memory only, same count",
+    "lrprune_caffe/export/sparse.py::caffemodel_layer_bytes::7 -> 8": "field 8's key is one byte, as field 7's",
+    "lrprune_caffe/export/sparse.py::caffemodel_layer_bytes::100 -> 101":
+        "field 101's key is two bytes, as field 100's",
+    "lrprune_caffe/fileutil.py::_default_mode::0 -> 1":
+        "umask(1) only to read the old umask, which is put back at once",
+    "lrprune_caffe/fileutil.py::OutputSet.__init__::False -> True":
+        "_created is empty until a folder is made, so the rmdir loop has nothing to remove",
+    "lrprune_caffe/fileutil.py::OutputSet.__exit__::return False -> return None":
+        "None is falsy: the exception propagates",
+}
 
 _CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
              ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
