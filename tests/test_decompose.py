@@ -218,14 +218,14 @@ def test_budget_stops_at_the_first_front_point_that_meets_the_target():
     (60, .3) and (80, .25) lie above the hull segment (10, .5) -> (100, 0), so the greedy
     has one segment; it must stop at the most expensive front point that meets the target
     (the exact optimum here), not run on to the segment's cheap end."""
-    o = rk.Options("a", 100, np.array([10.0, 60, 80]), np.array([0.5, 0.3, 0.25]), np.array([[1], [2], [3]]))
+    o = rk.LayerChoices("a", 100, np.array([10.0, 60, 80]), np.array([0.5, 0.3, 0.25]), np.array([[1], [2], [3]]))
     assert rk.lower_hull(np.array([10.0, 60, 80, 100]), np.array([0.5, 0.3, 0.25, 0])) == [0, 3]
     for target, want in ((95, 2), (85, 2), (80, 2), (75, 1), (60, 1), (59, 0), (10, 0), (100, None)):
         assert rk.budget_allocation([o], target) == {"a": want}, target
 
 
-BUDGET_A = rk.Options("A", 100, np.array([20.0, 40, 70]), np.array([0.6, 0.2, 0.15]), np.array([[1], [2], [3]]))
-BUDGET_B = rk.Options("B", 100, np.array([50.0]), np.array([0.25]), np.array([[1]]))
+BUDGET_A = rk.LayerChoices("A", 100, np.array([20.0, 40, 70]), np.array([0.6, 0.2, 0.15]), np.array([[1], [2], [3]]))
+BUDGET_B = rk.LayerChoices("B", 100, np.array([50.0]), np.array([0.25]), np.array([[1]]))
 
 
 @pytest.mark.parametrize("target, fixed, want", [
@@ -276,32 +276,32 @@ def test_lazy_vectors_after_spectra(monkeypatch, rank):
 def test_lazy_vectors_grow_with_a_later_larger_rank(monkeypatch):
     """A lazy result asked first for 3 vectors (leading eigenpairs only), then for 30, gives
     the best rank-30 approximation (Eckart-Young), not 3 vectors padded out."""
-    monkeypatch.setattr(dec, "LAZY_VECTORS_SIDE", 8)
+    monkeypatch.setattr(svd_backends, "LAZY_VECTORS_SIDE", 8)
     W = weights((40, 100), seed=7, decay=0.95)
     cache = {}
-    res = dec.svd(W, vectors=False, cache=cache, key="w")
-    A, B = dec.low_rank_factors(W, 3, res=res)
+    res = svd_backends.svd(W, vectors=False, cache=cache, key="w")
+    A, B = svd_backends.low_rank_factors(W, 3, res=res)
     assert sq_err(W, A @ B) == pytest.approx(discarded([W], 3), rel=1e-6)
-    A, B = dec.low_rank_factors(W, 30, res=res)
+    A, B = svd_backends.low_rank_factors(W, 30, res=res)
     assert A.shape == (40, 30) and B.shape == (30, 100)
     assert sq_err(W, A @ B) == pytest.approx(discarded([W], 30), rel=1e-6)
 
 
 def test_svd_methods_are_the_ones_asked_for():
     W = weights((12, 20), seed=8)
-    assert dec.svd(W, method="exact").method == "exact" and dec.svd(W, method="exact").side == "both"
-    assert dec.svd(W, method="gram").method == "gram" and dec.svd(W).method == "gram"  # auto: Gram route
+    assert svd_backends.svd(W, method="exact").method == "exact" and svd_backends.svd(W, method="exact").side == "both"
+    assert svd_backends.svd(W, method="gram").method == "gram" and svd_backends.svd(W).method == "gram"  # auto: Gram route
     with pytest.raises(ValueError, match="randomized SVD needs the rank"):
-        dec.svd(W, method="randomized")
+        svd_backends.svd(W, method="randomized")
     with pytest.raises(ValueError, match="unknown SVD method 'lapack'"):
-        dec.svd(W, method="lapack")
+        svd_backends.svd(W, method="lapack")
 
 
 def test_left_vectors_span_the_leading_subspace():
     W = weights((15, 40), seed=9).astype(np.float64)
     U = sla.svd(W)[0][:, :4]
-    for kw in ({}, {"method": "exact"}, {"res": dec.svd(W, side="right")}):
-        L = dec.left_vectors(W, 4, **kw)
+    for kw in ({}, {"method": "exact"}, {"res": svd_backends.svd(W, side="right")}):
+        L = svd_backends.left_vectors(W, 4, **kw)
         assert L.shape == (15, 4)
         np.testing.assert_allclose(L.T @ L, np.eye(4), atol=1e-8)
         np.testing.assert_allclose(L @ L.T, U @ U.T, atol=1e-6)  # the same projector
@@ -316,4 +316,4 @@ def test_scheme_spectra_default_is_one_group():
 
 def test_energy_of_a_large_array_is_exact():
     M = np.full((2050, 2050), 0.5, np.float32)  # above the 4M-element block size
-    assert dec._energy(M) == 2050 * 2050 * 0.25
+    assert svd_backends._energy(M) == 2050 * 2050 * 0.25

@@ -158,13 +158,16 @@ def test_output_set_failure_part_way_leaves_nothing(tmp_path):
 
 def test_output_set_keeps_an_existing_folder_and_its_files(tmp_path):
     (tmp_path / "model.caffemodel").write_bytes(b"old")
+    with pytest.raises(UserError, match="not empty"):
+        with OutputSet(tmp_path):
+            pass
     with pytest.raises(RuntimeError):
-        with OutputSet(tmp_path) as outs:
+        with OutputSet(tmp_path, force=True) as outs:
             outs.write_bytes("model.caffemodel", b"new")
             raise RuntimeError("x")
     assert [p.name for p in tmp_path.iterdir()] == ["model.caffemodel"]
     assert (tmp_path / "model.caffemodel").read_bytes() == b"old"
-    with OutputSet(tmp_path) as outs:
+    with OutputSet(tmp_path, force=True) as outs:
         outs.write_bytes("model.caffemodel", b"new")
         outs.write_text("report.json", "{}")
     assert (tmp_path / "model.caffemodel").read_bytes() == b"new"
@@ -173,8 +176,8 @@ def test_output_set_keeps_an_existing_folder_and_its_files(tmp_path):
 
 # ---- the checks before any output, and read_npz ---------------------------------------------
 
-def test_check_output_dir(tmp_path):
-    from lrprune_caffe.fileutil import check_output_dir
+def test_check_output_file(tmp_path):
+    from lrprune_caffe.fileutil import check_output_file as check_output_dir
     assert check_output_dir(tmp_path / "m.onnx") == tmp_path / "m.onnx"
     with pytest.raises(UserError, match="is a folder; give a file name"):
         check_output_dir(tmp_path)

@@ -482,18 +482,19 @@ def test_compress_prune_steps(tmp_path):
     ({"prune_method": "std", "prune": "conv1=0.3"}, "--prune takes no fraction with it"),
 ])
 def test_prune_options_refused(opts, why):
+    from lrprune_caffe.core.options import CompressOptions, prune_spec
     from lrprune_caffe.errors import UserError
-    from lrprune_caffe.transforms.prune import spec_from_options
     with pytest.raises(UserError) as e:
-        spec_from_options(opts)
+        prune_spec(CompressOptions(**opts))
     assert why in str(e.value)
 
 
 def test_prune_options_accepted():
-    from lrprune_caffe.transforms.prune import spec_from_options
-    assert spec_from_options({}) is None
-    assert spec_from_options({"prune_method": "std", "prune": "conv1=0"}) is not None  # LAYER=0 leaves it out
-    assert spec_from_options({"prune": 0.5}).fraction == 0.5
+    from lrprune_caffe.core.options import CompressOptions, prune_spec
+    assert prune_spec(CompressOptions()) is None
+    std = CompressOptions(prune_method="std", prune="conv1=0", quality=0.5)
+    assert prune_spec(std) is not None  # LAYER=0 leaves it out
+    assert prune_spec(CompressOptions(prune=0.5)).fraction == 0.5
 
 
 def _totals(**kw):
@@ -503,8 +504,13 @@ def _totals(**kw):
     return {"totals": t}
 
 
+def outcome(report, original=None, sparse=False, dense_onnx_bytes=None):
+    from lrprune_caffe.core.report import outcome as report_outcome
+    size = original.stat().st_size if original is not None and original.exists() else None
+    return report_outcome(report["totals"], size, sparse=sparse, dense_onnx_size=dense_onnx_bytes)
+
+
 def test_outcome_summary_by_hand(tmp_path):
-    from lrprune_caffe.transforms.prune import outcome
     orig = tmp_path / "orig.caffemodel"
     orig.write_bytes(b"\0" * 2000)
     o = outcome(_totals(), orig)
@@ -524,17 +530,16 @@ def test_outcome_summary_by_hand(tmp_path):
     assert o["original_caffemodel_bytes"] is None and o["caffemodel_ratio"] is None
     assert o["summary"].endswith("or CSR 1,234 bytes vs 5,000 dense")
     assert "CSR" not in outcome(_totals(sparsity=0.04), None)["summary"]
-    assert outcome(_totals(), tmp_path / "gone.caffemodel")["original_caffemodel_bytes"] is None
 
 
 def test_masks_npz_of_0_1_numbers_and_refusals(tmp_path):
     from lrprune_caffe.errors import BadFileError
-    from lrprune_caffe.transforms.prune import load_masks
+    from lrprune_caffe.ir.masks import load_masks
     np.savez(tmp_path / "m.npz", **{"conv1/0": np.array([[0, 1], [1, 0]], np.uint8),
                                     "ip1/1": np.array([1.0, 0.0]), "a/b/0": np.array([True])})
     m = load_masks(tmp_path / "m.npz")
-    assert m[("conv1", 0)].dtype == np.bool_ and m[("conv1", 0)].tolist() == [[False, True], [True, False]]
-    assert m[("ip1", 1)].tolist() == [True, False] and ("a/b", 0) in m
+    assert m["conv1/0"].dtype == np.bool_ and m["conv1/0"].tolist() == [[False, True], [True, False]]
+    assert m["ip1/1"].tolist() == [True, False] and "a/b/0" in m
     for arrays, why in (({"conv1": np.ones(2, bool)}, "is not '<layer>/<blob index>'"),
                         ({"conv1/x": np.ones(2, bool)}, "is not '<layer>/<blob index>'"),
                         ({"conv1/0": np.array([0, 2])}, "holds int64 values, expected bool")):
@@ -557,7 +562,7 @@ def test_std_quality_must_be_a_number():
 def test_dense_onnx_bytes_by_hand():
     from onnx import helper, numpy_helper
     from lrprune_caffe.export.sparse import to_sparse_tensor
-    from lrprune_caffe.transforms.prune import _dense_onnx_bytes
+    from lrprune_caffe.export.sparse import dense_onnx_bytes as _dense_onnx_bytes
     w = np.zeros((10, 10), np.float32)
     w[0, :3] = 1
     st = to_sparse_tensor(numpy_helper.from_array(w, "w"))
