@@ -207,3 +207,22 @@ def test_required_field_missing_names_the_layer(tmp_path):
         read_net(p)
     assert "required field 'clip_param.max' is not set" in str(e.value)
     assert "'clip'" in str(e.value) and "Clip" in str(e.value)
+
+
+def test_unknown_fields_inside_a_blob_shape_are_skipped(tmp_path):
+    """Protobuf skips fields it does not know; so must the fast reader (BlobShape has only dim)."""
+    shape = f(1, wire.LEN, wire.varint_bytes(2)) + f(2, wire.VARINT, wire.varint_bytes(9)) + \
+        f(1, wire.VARINT, wire.varint_bytes(3))
+    blob = f(7, wire.LEN, shape) + f(5, wire.LEN, np.arange(6, dtype="<f4").tobytes())
+    data = layer("a", "InnerProduct", [blob])
+    ours = read(tmp_path, data)
+    assert_same(ours, protobuf_view(data))
+    assert ours[0].blobs[0].shape == (2, 3)
+
+
+def test_the_first_missing_required_field_is_named(tmp_path):
+    p = tmp_path / "c.prototxt"
+    p.write_text('layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 1 } } }\n'
+                 'layer { name: "clip" type: "Clip" bottom: "d" top: "c" clip_param { } }\n')
+    with pytest.raises(BadFileError, match="required field 'clip_param.min' is not set"):
+        read_net(p)
