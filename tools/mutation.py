@@ -85,6 +85,8 @@ EQUIVALENT: dict[str, str] = {
         "n + 2p < k implies out = (n + 2p - k) // stride + 1 < 1",
     "lrprune_caffe/ir/layers/dense.py::InnerProductSpec.weight_shapes::0 -> -1":
         "in_shapes[-1] is in_shapes[0]: one bottom",
+    "lrprune_caffe/ir/layers/normalization.py::LRNSpec.to_torch::1 -> 0":
+        "pre = n // 2 equals (n - 1) // 2 for the odd local_size Caffe requires (even ones are refused above)",
     "lrprune_caffe/lowrank/decompose.py::svd::0 -> 1 #2": "G.shape[1] == G.shape[0]: a Gram matrix is square",
     "lrprune_caffe/lowrank/decompose.py::_ensure_vectors::res.side == 'left' -> res.side != 'left'":
         "only which vectors count as already there: the other side is None, so they are recomputed, same result",
