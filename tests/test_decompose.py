@@ -317,3 +317,28 @@ def test_scheme_spectra_default_is_one_group():
 def test_energy_of_a_large_array_is_exact():
     M = np.full((2050, 2050), 0.5, np.float32)  # above the 4M-element block size
     assert svd_backends._energy(M) == 2050 * 2050 * 0.25
+
+
+@pytest.mark.parametrize("L, M, sigma2", [(100, 100, 1.0), (40, 80, 2.0)])
+def test_evbmf_threshold_with_known_noise(L, M, sigma2):
+    """Nakajima et al. 2013, Theorem 2: with sigma^2 given, a component is kept iff
+    s > sqrt(M sigma^2 (1 + tau) (1 + alpha / tau)), alpha = L / M, tau = 2.5129 sqrt(alpha)."""
+    import math
+    alpha = L / M
+    tau = 2.5129 * math.sqrt(alpha)
+    th = math.sqrt(M * sigma2 * (1 + tau) * (1 + alpha / tau))
+    assert rk.evbmf_rank(np.array([th * 1.001, th * 0.999, 0.1]), L, M, sigma2=sigma2) == 1
+    assert rk.evbmf_rank(np.array([th * 1.2, th * 1.001, th * 0.999]), M, L, sigma2=sigma2) == 2  # L > M: swapped
+
+
+def test_evbmf_degenerate_spectra():
+    assert rk.evbmf_rank(np.zeros(4), 4, 6) == 4  # all zero: nothing to judge, keep them (min 1)
+    assert rk.evbmf_rank(np.array([3.0]), 1, 6) == 1
+
+
+def test_tucker2_default_is_plain_hosvd():
+    W = weights((6, 5, 3, 3), seed=11)
+    plain = dec.tucker2_decompose(W, (3, 2))
+    hosvd = dec.tucker2_decompose(W, (3, 2), hooi_iters=0)
+    for a, b in zip(plain[:3], hosvd[:3]):
+        np.testing.assert_array_equal(a, b)
