@@ -251,11 +251,13 @@ def test_onnx_layer_bytes_by_owner():
              for n, k in (("conv1/weight", 30), ("conv1/bias", 3), ("conv1_1/weight", 50), ("shape_const", 4),
                           ("conv1", 2))}
     sp = to_sparse_tensor(numpy_helper.from_array(sparse_array(rng, (20, 20), 0.9), "conv1_1/bias"))
-    g = helper.make_graph([], "g", [], [], initializer=list(dense.values()), sparse_initializer=[sp])
+    fc = to_sparse_tensor(numpy_helper.from_array(sparse_array(rng, (30, 20), 0.9), "fc/weight"))
+    g = helper.make_graph([], "g", [], [], initializer=list(dense.values()), sparse_initializer=[sp, fc])
     model = helper.make_model(g)
-    net = SimpleNamespace(layers=[SimpleNamespace(name=n) for n in ("conv1", "conv1_1", "unused")])
+    net = SimpleNamespace(layers=[SimpleNamespace(name=n) for n in ("conv1", "conv1_1", "fc", "unused")])
     size = {n: t.ByteSize() for n, t in dense.items()}
     assert onnx_layer_bytes(model, net) == {
         "conv1": size["conv1/weight"] + size["conv1/bias"] + size["conv1"],
         "conv1_1": size["conv1_1/weight"] + sp.ByteSize(),
+        "fc": fc.ByteSize(),  # sparse only
         "": size["shape_const"]}
