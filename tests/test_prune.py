@@ -504,10 +504,11 @@ def _totals(**kw):
     return {"totals": t}
 
 
-def outcome(report, original=None, sparse=False, dense_onnx_bytes=None):
+def outcome(report, original=None, sparse=False, dense_onnx_bytes=None, sparse_written=None):
     from lrprune_caffe.core.report import outcome as report_outcome
     size = original.stat().st_size if original is not None and original.exists() else None
-    return report_outcome(report["totals"], size, sparse=sparse, dense_onnx_size=dense_onnx_bytes)
+    return report_outcome(report["totals"], size, sparse=sparse, dense_onnx_size=dense_onnx_bytes,
+                          sparse_written=sparse_written)
 
 
 def test_outcome_summary_by_hand(tmp_path):
@@ -522,9 +523,11 @@ def test_outcome_summary_by_hand(tmp_path):
     assert not o["faster"] and not o["caffemodel_smaller"]
     assert o["summary"].startswith("not faster: the same multiply-adds")
     assert "model.caffemodel not smaller (Caffe stores every blob dense, zeros included)" in o["summary"]
-    o = outcome(_totals(onnx_bytes=300, sparsity=0.9), orig, sparse=True, dense_onnx_bytes=1000)
+    o = outcome(_totals(onnx_bytes=300, sparsity=0.9), orig, sparse=True, dense_onnx_bytes=1000, sparse_written=3)
     assert o["onnx_vs_dense"] == 0.3
-    assert o["summary"].endswith("model.onnx is 0.30x the size of its dense form (sparse initializers)")
+    assert o["summary"].endswith("model.onnx is 0.30x the size of its dense form (3 sparse initializers)")
+    o = outcome(_totals(onnx_bytes=900, sparsity=0.3), orig, sparse=True, dense_onnx_bytes=900, sparse_written=0)
+    assert o["onnx_vs_dense"] is None and "model.onnx stays dense" in o["summary"]
     # zeros kept dense: the CSR hint above 5 % zeros only
     o = outcome(_totals(sparsity=0.06), None)
     assert o["original_caffemodel_bytes"] is None and o["caffemodel_ratio"] is None
