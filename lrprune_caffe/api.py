@@ -75,14 +75,19 @@ def convert(prototxt, weights=None, outdir="out", phase="TEST", all_phases=False
 
 
 def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, train_net=None, phase="TEST",
-                   calib=None, plot=False, **options):
+                   calib=None, preprocess=None, plot=False, **options):
     """Read a Caffe net, :func:`lrprune_caffe.core.compress.compress` it, and (with ``outdir``) write
     OUTDIR/model.prototxt, model.caffemodel, report.json, report.md (+ train_val.prototxt with
     ``train_net``, model.onnx with ``onnx``, masks.npz when pruning) all or nothing.
     ``inputs``: an .npz of verification inputs; ``labels``: an .npz (or an array) of their labels;
-    ``calib``: an .npz of calibration inputs for ``quantize="int8"`` (default: ``inputs``);
+    ``calib``: unlabeled calibration data (``calib_n`` samples of an .npz, an image folder, a Caffe
+    data source or a train_val prototxt: :func:`lrprune_caffe.data.calib.load_calib`; or a dict
+    {input: array}): fits the compressed layers, is the check's held-out data without ``inputs``,
+    and calibrates ``quantize="int8"`` (default there: ``inputs``); ``preprocess``: a
+    :class:`lrprune_caffe.data.datasets.Preprocess` for image folders / data sources;
     ``plot``: also draw OUTDIR/report.png (:mod:`lrprune_caffe.core.plots`; report.md embeds it);
-    ``options``: the fields of :class:`CompressOptions`. Returns ``(report, new net)``."""
+    ``options``: the fields of :class:`CompressOptions`. Returns ``(report, new net)``; when the
+    quality gate fails, only report.json and report.md are written (``report["gate"]``)."""
     # the core (scipy, the exporter) loads on first use: "inspect" and "convert" start fast
     from .core.compress import CompressData, CompressOptions, compress
     from .core.markdown import report_markdown
@@ -92,9 +97,6 @@ def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, 
     if plot:
         from .core.plots import _plt
         _plt()  # matplotlib missing: say so before the work
-    if calib is not None:
-        from .export.precision import check_options as check_precision
-        check_precision(o.precision, o.quantize, calib)
     if weights is None:
         raise UserError("compress needs the trained weights (WEIGHTS.caffemodel)")
     net = load_net(prototxt, weights, phase=phase)
@@ -106,8 +108,17 @@ def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, 
     if train_net is not None:
         data.train_net = read_train_net(train_net)
     if calib is not None:
-        from .engines.model import load_arrays
-        data.calib = load_arrays(calib, net.inputs())
+        if isinstance(calib, dict):
+            data.calib, data.calib_desc = dict(calib), f"{len(next(iter(calib.values())))} calibration samples"
+        else:
+            from .data.calib import load_calib
+            shapes = net.input_shapes()
+            cs = load_calib(calib, net.inputs(), shapes.get(net.inputs()[0]) if len(shapes) == 1 else None,
+                            n=o.calib_n, pre=preprocess, seed=o.seed)
+            data.calib, data.calib_desc = cs.arrays, cs.desc
+            net.notes.extend(cs.notes)
+    if preprocess is not None and (preprocess.mean is not None or preprocess.scale != 1.0):
+        data.preprocessing = (preprocess.mean, preprocess.scale)
     result = compress(net, o, data)
     report = result.report
     if outdir is not None:
@@ -118,9 +129,26 @@ def compress_files(prototxt, weights, outdir=None, *, inputs=None, labels=None, 
             extra["report.png"] = report_png(json_safe(report))
         safe = json_safe(report)
         extra.update({"report.json": json.dumps(safe, indent=2) + "\n", "report.md": report_markdown(safe)})
-        extra.update(result.files)
-        report["written"] = write_net(result.net, outdir, extra=extra)
+        if result.passed:
+            extra.update(result.files)
+            report["written"] = write_net(result.net, outdir, extra=extra)
+        else:
+            report["written"] = _write_reports(outdir, extra)
     return report, result.net
+
+
+def _write_reports(outdir, files: dict) -> dict:
+    """A failed quality gate: OUTDIR holds the reports only (report.json, report.md, report.png), all or nothing."""
+    from .fileutil import OutputSet
+    written = {}
+    try:
+        with OutputSet(outdir) as out:
+            for name, content in files.items():
+                (out.write_text if isinstance(content, str) else out.write_bytes)(name, content)
+                written[name] = str(out.final(name))
+    except OSError as e:
+        raise UserError(f"{outdir}: cannot write the report: {e.strerror or e}") from e
+    return written
 
 
 def compress_checks(o, outdir=None, inputs=None, labels=None):
@@ -131,6 +159,8 @@ def compress_checks(o, outdir=None, inputs=None, labels=None):
         check_outdir(outdir)  # missing folders are created at the end (and only then)
     if labels is not None and inputs is None:
         raise UserError("--labels are the labels of --inputs: give --inputs too")
+    if o.max_drop is not None and labels is None:
+        raise UserError("--max-drop limits the fall of top-1 accuracy: give --inputs and their --labels")
     return spec
 
 

@@ -25,7 +25,7 @@ accuracy) mean nothing here: this measures time and memory only.
 Usage::
 
     python tools/bench_compress.py [--speedup 2] [--scheme channel] [--repeat 3] [--threads N]
-                                   [--verify] [--json] [--workdir DIR] [--keep]
+                                   [--verify] [--calib N] [--json] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -65,20 +65,22 @@ def _peak_kb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def child(prototxt, caffemodel, outdir, speedup, scheme, verify) -> dict:
+def child(prototxt, caffemodel, outdir, speedup, scheme, verify, calib="") -> dict:
     import numpy  # noqa: F401  (imports are not part of the measurement)
     import scipy.linalg  # noqa: F401
     import tqdm  # noqa: F401
 
     from lrprune_caffe import api
-    from lrprune_caffe.core import compress as core
+    from lrprune_caffe.core import calib as cb, compress as core
 
     # the steps of compress_files / core.compress, timed where they are looked up
     steps = {}
     for mod, attr, name in ((api, "load_net", "load"), (core, "plan_ranks", "rank"),
                             (core, "factorize_net", "factorize"), (core, "prune_new", "prune"),
                             (core, "check_compressed", "verify"), (core, "export_onnx", "onnx"),
-                            (core, "build_report", "report"), (api, "write_net", "write")):
+                            (core, "build_report", "report"), (api, "write_net", "write"),
+                            (cb, "layer_statistics", "calib_budget"), (cb, "fit_factorized", "calib_fit"),
+                            (cb, "fit_pruned", "calib_prune")):
         def wrap(*a, fn=getattr(mod, attr), name=name, **k):
             t = time.perf_counter()
             try:
@@ -89,7 +91,7 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify) -> dict:
     base = _status_kb("VmRSS") or 0
     t0 = time.perf_counter()
     report, _ = api.compress_files(prototxt, caffemodel, outdir, speedup=float(speedup), scheme=scheme,
-                                   verify=verify == "1")
+                                   verify=verify == "1", calib=calib or None)
     seconds = time.perf_counter() - t0
     peak = _peak_kb()
     fact = [r for r in report["layers"] if r["action"] == "factorized"]
@@ -104,11 +106,11 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify) -> dict:
             "written_bytes": sum(os.path.getsize(os.path.join(outdir, f)) for f in os.listdir(outdir))}
 
 
-def run_child(prototxt, caffemodel, outdir, speedup, scheme, verify, threads=None) -> dict:
+def run_child(prototxt, caffemodel, outdir, speedup, scheme, verify, threads=None, calib="") -> dict:
     from bench_io import run_json_child
     shutil.rmtree(outdir, ignore_errors=True)
     return run_json_child(os.path.abspath(__file__), [prototxt, caffemodel, outdir, speedup, scheme,
-                                                      "1" if verify else "0"], threads, what="compress")
+                                                      "1" if verify else "0", calib], threads, what="compress")
 
 
 def versions() -> dict:
@@ -128,12 +130,15 @@ def main(argv=None) -> int:
     ap.add_argument("--scheme", default="channel", choices=["channel", "spatial", "tucker2"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads in the child (default: all cores)")
-    ap.add_argument("--verify", action="store_true", help="include the onnxruntime check (batch 1)")
+    ap.add_argument("--verify", action="store_true",
+                    help="include the check (onnxruntime; batch 1, or the held-out calibration images)")
+    ap.add_argument("--calib", type=int, default=0, metavar="N",
+                    help="compress --calib with N seeded random 224x224 images (x.npz; fits the factors)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="folder for the model files (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(*args.child)))
@@ -151,8 +156,14 @@ def main(argv=None) -> int:
             assert net.params() == VGG16_PARAMS
             caffe_io.save_net(net, proto, model)
             del net
-        runs = [run_child(proto, model, str(work / "out"), args.speedup, args.scheme, args.verify, args.threads)
-                for _ in range(args.repeat)]
+        calib = ""
+        if args.calib:
+            import numpy as np
+            calib = str(work / f"calib{args.calib}.npz")
+            rng = np.random.default_rng(args.seed)
+            np.savez(calib, x=rng.standard_normal((args.calib, 3, 224, 224), dtype=np.float32))
+        runs = [run_child(proto, model, str(work / "out"), args.speedup, args.scheme, args.verify, args.threads,
+                          calib) for _ in range(args.repeat)]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -161,7 +172,7 @@ def main(argv=None) -> int:
     result = {"versions": versions(), "threads": args.threads or f"default ({os.cpu_count()} cores)",
               "model": {"name": "VGG-16 (224x224, seeded He-normal weights)", "params": VGG16_PARAMS,
                         "caffemodel_bytes": os.path.getsize(model) if args.keep else None},
-              "speedup": args.speedup, "scheme": args.scheme, "verify": args.verify,
+              "speedup": args.speedup, "scheme": args.scheme, "verify": args.verify, "calib": args.calib,
               "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
               "peak_bytes_max": max(r["peak_bytes"] for r in runs),
               "peak_extra_bytes_max": max(r["peak_extra_bytes"] for r in runs),
@@ -175,7 +186,8 @@ def main(argv=None) -> int:
         print("BLAS: " + ", ".join(f"{b['internal_api']} {b['version']} x{b['num_threads']} threads"
                                    for b in med["blas"]))
     print(f"VGG-16 ({VGG16_PARAMS:,} params), compress --scheme {args.scheme} --speedup {args.speedup}"
-          f"{'' if args.verify else ' --no-verify'}: {med['factorized']} of {med['eligible']} layers factorized, "
+          f"{'' if args.verify else ' --no-verify'}{f' --calib ({args.calib} images)' if args.calib else ''}: "
+          f"{med['factorized']} of {med['eligible']} layers factorized, "
           f"selected MACs / {med['macs_reduction']:.2f}")
     print(f"end to end (read, spectra, budget, factorize, write): median {result['median_s']:.2f} s "
           f"(min {result['min_s']:.2f}, max {result['max_s']:.2f}) over {args.repeat} fresh subprocesses")

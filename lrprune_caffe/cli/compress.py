@@ -44,11 +44,18 @@ def _print_written(written, file=None):
 
 
 def _precision_options(args) -> dict:
-    """--precision/--quantize/--calib for compress --onnx, passed on only when given (the core
+    """--precision/--quantize for compress --onnx, passed on only when given (the core
     converts model.onnx with lrprune_caffe.export.precision.reduce_precision)."""
-    opts = {"precision": args.precision if args.precision != "fp32" else None, "quantize": args.quantize,
-            "calib": args.calib}
+    opts = {"precision": args.precision if args.precision != "fp32" else None, "quantize": args.quantize}
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def _calib_options(args) -> dict:
+    """--calib and its preprocessing, --calib-n, --calib-damping, and the quality gate's limits."""
+    from .train import _preprocess
+    return {"calib": args.calib, "preprocess": _preprocess(args), "calib_n": args.calib_n,
+            "calib_damping": args.calib_damping, "max_drop": args.max_drop, "min_agree": args.min_agree,
+            "max_rel_l2": args.max_rel_l2}
 
 
 def cmd_compress(args) -> int:
@@ -62,10 +69,11 @@ def cmd_compress(args) -> int:
                          prune_method=args.prune_method, quality=args.quality,
                          prune_structured=args.prune_structured, prune_exclude=args.prune_exclude,
                          sparse=args.sparse, labels=args.labels, opset=args.opset, plot=args.plot,
-                         **_precision_options(args))
+                         **_precision_options(args), **_calib_options(args))
+    failed = report.get("gate", {}).get("passed") is False
     if args.json:
         print(json.dumps(json_safe(report), indent=2))
-        return 0
+        return 1 if failed else 0
     _print_summary(report, verbose=args.verbose)
     if not args.verbose:
         print("per-layer table: report.md, or --verbose" if report.get("written") else
@@ -73,7 +81,11 @@ def cmd_compress(args) -> int:
     _print_written(report.get("written", {}))
     for n in report.get("notes", []):
         print(f"note: {n}", file=sys.stderr)
-    return 0
+    if failed:
+        for f in report["gate"]["failures"]:
+            print(f"FAIL: {f['text']}", file=sys.stderr)
+        print("the quality gate failed: no model files written (only report.json, report.md)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_verify(args) -> int:
@@ -166,8 +178,10 @@ def register(sub):
     g.add_argument("--prune-scope", choices=["layer", "global"], default=None,
                    help="layer: the fraction in each layer (default); global: one magnitude threshold over "
                         "all layers")
-    g.add_argument("--prune-method", choices=["magnitude", "std"], default=None,
-                   help="magnitude: smallest |w| (default); std: Han et al. 2015, zero |w| < Q x std(W)")
+    g.add_argument("--prune-method", choices=["magnitude", "std", "sparsegpt"], default=None,
+                   help="magnitude: smallest |w| (default; with --calib and --prune-scope global: smallest "
+                        "data-aware saliency); std: Han et al. 2015, zero |w| < Q x std(W); sparsegpt (needs "
+                        "--calib): each layer's mask re-chosen by SparseGPT saliency (Frantar & Alistarh 2023)")
     g.add_argument("--quality", type=float, metavar="Q", help="--prune-method std: the quality parameter Q")
     g.add_argument("--prune-structured", action="store_true",
                    help="remove whole output filters / rank components with the smallest norms and shrink "
@@ -186,7 +200,35 @@ def register(sub):
     p.add_argument("--opset", type=int, default=13, metavar="N",
                    help="with --onnx: the ONNX opset (default 13; 11 to the installed onnx's newest)")
     from .export import add_precision_args
-    add_precision_args(p)  # with --onnx; --calib defaults to the --inputs
+    add_precision_args(p, calib=False)  # with --onnx; int8 is calibrated on --calib, else the --inputs
+    g = p.add_argument_group("calibration data (unlabeled: fit the compressed layers to the original's outputs)")
+    g.add_argument("--calib", metavar="SRC",
+                   help="a few hundred inputs of the kind the net sees, labels never needed: an .npz (arrays "
+                        "keyed by input name, or x, or an MNIST-style split's x_train), an image folder "
+                        "(preprocessed with the flags below), an LMDB/LevelDB/ImageData list/HDF5 source, or "
+                        "a train_val prototxt (its TRAIN data layer). Ranks (--speedup), factors and pruned "
+                        "weights are fit to the original net's outputs; without --inputs, a held-out 1/8 "
+                        "(at least 64) is the check's data; --quantize int8 is calibrated on it")
+    g.add_argument("--calib-n", type=_positive_int, default=512, metavar="N",
+                   help="read the first N samples of --calib (default 512)")
+    g.add_argument("--calib-damping", type=float, default=0.01, metavar="D",
+                   help="ridge damping of every fit, relative to mean(diag H) (default 0.01)")
+    g.add_argument("--mean", help="image preprocessing: per-channel mean in the net's channel order, e.g. "
+                                  "104,117,123 (also scales the random inputs of a check without data)")
+    g.add_argument("--scale", type=float, default=None, help="multiply after subtracting the mean, e.g. 0.017")
+    order = g.add_mutually_exclusive_group()
+    order.add_argument("--bgr", dest="bgr", action="store_true", default=True,
+                       help="feed channels as BGR (default, as Caffe models expect)")
+    order.add_argument("--rgb", dest="bgr", action="store_false", help="feed channels as RGB")
+    g.add_argument("--resize", type=int, metavar="N",
+                   help="resize the shorter side to N, then center-crop to the net's input size")
+    g.add_argument("--gray", action="store_true", help="read images as one gray channel")
+    g = p.add_argument_group("quality gate (exit 1 and no model files when the check shows worse)")
+    g.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="most top-1 percentage points the compressed net may lose on --inputs with --labels")
+    g.add_argument("--min-agree", type=float, metavar="F",
+                   help="least top-1 agreement (0..1) of every class-score output with the original")
+    g.add_argument("--max-rel-l2", type=float, metavar="X", help="largest relative L2 error of any output")
     p.add_argument("--engine", choices=ENGINES, default="onnxruntime",
                    help="engine for the check (default onnxruntime; falls back to opencv with a note "
                         "when the net cannot be exported)")

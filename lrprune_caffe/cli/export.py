@@ -126,16 +126,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def add_precision_args(p, check=False) -> None:
-    """--precision / --quantize / --calib (export-onnx and compress --onnx)."""
+def add_precision_args(p, check=False, calib=True) -> None:
+    """--precision / --quantize (/ --calib: export-onnx; compress has its own) (export-onnx and compress --onnx)."""
     g = p.add_argument_group("reduced precision (onnxruntime's converters)")
     g.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="fp16: fp16 weights and compute, fp32 inputs and outputs (default fp32)")
     g.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: static QDQ, per-channel int8 weights, activations calibrated on --calib")
-    g.add_argument("--calib", metavar="NPZ",
-                   help="calibration inputs for --quantize int8: arrays keyed by input name, x, or an "
-                        "MNIST-style split's x_train (default: the --inputs)")
+    if calib:
+        g.add_argument("--calib", metavar="NPZ",
+                       help="calibration inputs for --quantize int8: arrays keyed by input name, x, or an "
+                            "MNIST-style split's x_train (default: the --inputs)")
     if check:
         g.add_argument("--inputs", metavar="INPUTS.npz",
                        help="inputs on which the written file is checked against the fp32 export "

@@ -319,7 +319,8 @@ def cmd_pipeline(args):
                                scheme=args.scheme, prune_scope=args.prune_scope, tolerance=args.tolerance,
                                max_epochs=args.max_epochs,
                                batch_size=batch_size, seed=args.seed or 0, threads=args.threads,
-                               progress=False if (args.quiet or args.json) else None, solver=solver)
+                               progress=False if (args.quiet or args.json) else None, solver=solver,
+                               calib=args.calib, calib_n=args.calib_n, preprocess=_preprocess(args))
     if args.json:
         from lrprune_caffe.engines.compare import json_safe
         print(json.dumps(json_safe(report), indent=2))
@@ -440,6 +441,11 @@ def register(sub):
     p.add_argument("--speedup", type=float, default=None, help="lowrank-prune: whole-net MAC reduction of "
                    "the factorization (default 2)")
     p.add_argument("--scheme", choices=SCHEMES, default="channel", help="lowrank-prune: conv scheme")
+    p.add_argument("--calib", metavar="SRC",
+                   help="unlabeled calibration data, as compress --calib takes it (an .npz, image folder with the "
+                        "preprocessing flags, Caffe data source or train_val): each round's factorization / "
+                        "pruning is fit to the original net's outputs before fine-tuning")
+    p.add_argument("--calib-n", type=int, default=512, metavar="N", help="samples of --calib (default 512)")
     p.add_argument("--tolerance", type=float, default=0.005,
                    help="a round ends once val top-1 >= original - TOL (default 0.005 = 0.5 points)")
     p.add_argument("--max-epochs", type=int, default=5, help="epochs at most per round (default 5)")

@@ -33,10 +33,11 @@ from lrprune_caffe.transforms import run_pass
 from lrprune_caffe.transforms.factorize import factorize, rewrite_train_net
 from lrprune_caffe.transforms.prune import PruneSpec, prune_net
 
+from . import calib as cb
 from .options import CompressOptions, check_options
-from .ranks import RankPlan, plan_ranks, progress_bar
+from .ranks import RankPlan, data_aware_names, plan_ranks, progress_bar
 from .report import STANDARD_FILES, PruneRecord, rank_value, build_report
-from .verify import check_compressed, seeded_inputs
+from .verify import check_compressed, check_data, declared_preprocessing, gate, warnings_of
 
 
 @dataclass
@@ -48,7 +49,10 @@ class CompressData:
     labels: Optional[np.ndarray] = None  # labels of ``inputs`` (top-1 accuracy of both nets)
     train_net: Optional[Net] = None  # a training net (every phase) to rewrite as the net is
     original_weights_bytes: Optional[int] = None  # size of the caffemodel read (for the report's outcome)
-    calib: Optional[dict] = None  # --quantize int8: calibration arrays {input name: array}; default: ``inputs``
+    calib: Optional[dict] = None  # calibration inputs {input name: array}, no labels: data-aware ranks, fits and
+    #                               masks, the check's held-out data, int8 calibration (default there: ``inputs``)
+    calib_desc: Optional[str] = None  # how the report names them
+    preprocessing: Optional[tuple] = None  # (mean per channel or None, scale) the net's inputs expect, if known
 
 
 @dataclass
@@ -58,6 +62,8 @@ class CompressResult:
     report: dict  # report.json's content
     files: dict = field(default_factory=dict)  # other outputs {file name: bytes | str}: train_val.prototxt,
     #                                             model.onnx, masks.npz
+    passed: bool = True  # the quality gate (--max-drop / --min-agree / --max-rel-l2): False -> write no model
+
 
 
 def factorize_net(net: Net, rp: RankPlan, o: CompressOptions, train_net: Optional[Net] = None) -> tuple:
@@ -123,34 +129,111 @@ def export_onnx(new: Net, o: CompressOptions, calib: Optional[dict] = None) -> t
     return model, model.SerializeToString(), record
 
 
+def _check_data(o: CompressOptions, data: CompressData, spec):
+    if data.labels is not None and data.inputs is None:
+        raise UserError("--labels are the labels of --inputs: give --inputs too")
+    if o.max_drop is not None and data.labels is None:
+        raise UserError("--max-drop limits the fall of top-1 accuracy: give --inputs and their --labels")
+    if o.prune_method == "sparsegpt" and (data.calib is None or not o.calib_fit):
+        raise UserError("--prune-method sparsegpt chooses masks from calibration data: give --calib SRC")
+
+
+def _data_aware_energies(net, shapes, o, calib, notes, run=None):
+    """--speedup with calibration data: {layer: response eigenvalues} of the candidate layers."""
+    from .ranks import _rows, _select, parse_rank_spec
+    default_rank, layer_ranks = parse_rank_spec(o.rank)
+    _, infos = _rows(net, shapes, o, _select(net, o, layer_ranks, default_rank))
+    names = data_aware_names(infos, list(infos), o.scheme)
+    if len(names) < len(infos):  # one criterion for every layer: never response eigenvalues beside weight spectra
+        notes.append(f"calibration: --speedup spent its budget by weight energy: the {o.scheme} scheme's spectra "
+                     f"(or grouped layers') have no response-eigenvalue form")
+        return None
+    stats = cb.layer_statistics(net, names, calib, seed=o.seed, run=run)
+    if not stats:
+        notes.append("calibration: no numpy forward for every layer; --speedup spent its budget by weight energy")
+        return None
+    return cb.response_energies(stats)
+
+
+def _macs(net, shapes) -> int:
+    """Multiply-adds per sample (the declared batch divided out)."""
+    from lrprune_caffe.ir.analysis import layer_stats, totals
+    batch = max([int(s[0]) for s in net.input_shapes().values() if s] or [1])
+    return int(totals(layer_stats(net, shapes))["macs"]) // max(1, batch)
+
+
+def _compress_steps(net, shapes, o, data, spec, fit, held, notes, run=None) -> tuple:
+    """plan_ranks -> factorize (-> calibrate) -> prune (-> calibrate): (rank plan, new net, masks,
+    PruneRecord or None, calibration record or None); ``notes`` extended. ``run``: the
+    calibration passes' layer forward (None: numpy)."""
+    energies = _data_aware_energies(net, shapes, o, fit, notes, run) if fit is not None and o.speedup else None
+    rp = plan_ranks(net, shapes, o, data_energies=energies)
+    notes += rp.notes
+    new, more = factorize_net(net, rp, o, data.train_net)
+    notes += more
+    calibration = None
+    if fit is not None:
+        calibration = {"source": data.calib_desc, "samples": cb.count(fit),
+                       "held_out": cb.count(held), "damping": float(o.calib_damping),
+                       "forward": "onnxruntime (conv/FC) + numpy" if run is not None else "numpy"}
+        if rp.plan:
+            calibration["factorized"], more = cb.fit_factorized(net, new, rp.plan, fit, o, run)
+            notes += more
+    if spec is not None:
+        dense = cb.dense_copy(new) if fit is not None else None
+        masks, pruned = prune_new(net, new, spec, rp.rows)
+        if fit is not None and masks:
+            calibration["pruned"], more = cb.fit_pruned(net, new, dense, masks, fit, o, run)
+            notes += more
+        elif fit is not None and spec.structured:
+            notes.append("calibration: structured pruning is not re-fit (only factorized and masked layers are)")
+        del dense
+    else:
+        masks, pruned = {}, None
+    return rp, new, masks, pruned, calibration
+
+
 def compress(net: Net, options: CompressOptions = None, data: CompressData = None) -> CompressResult:
     """Factorize and/or prune ``net`` (an IR net with weights; not changed) as ``options`` say.
+
+    With ``data.calib`` (unlabeled inputs) the ranks, the factors and the kept weights are
+    fit to the original net's outputs (:mod:`lrprune_caffe.core.calib`). The check runs on
+    ``data.inputs``, else on a held-out part of the calibration set, else on random inputs
+    (a weak check, said in the report). ``result.passed`` is the quality gate's verdict.
 
     Raises UserError for a request that cannot be met (before anything is computed where the
     options alone show it). See :class:`CompressOptions` and the CLI help for the options."""
     o = options or CompressOptions()
     data = data or CompressData()
     spec = check_options(o)
-    if data.labels is not None and data.inputs is None:
-        raise UserError("--labels are the labels of --inputs: give --inputs too")
+    _check_data(o, data, spec)
     shapes = validate(net)
     notes = list(net.notes)
-    inputs, inputs_desc = data.inputs, data.inputs_desc
-    if inputs is None and o.verify:
-        inputs, inputs_desc = seeded_inputs(net, o.seed)
+    fit = held = None
+    macs = _macs(net, shapes) if data.calib is not None else None
+    if data.calib is not None and o.calib_fit:
+        fit, held = cb.split_calib(data.calib, holdout=o.verify and data.inputs is None, macs_per_sample=macs)
+    elif data.calib is not None:
+        held = data.calib
+    pre = data.preprocessing or declared_preprocessing(data.train_net)
+    if o.verify:
+        held_desc = None if held is None else (
+            f"{cb.count(held)} held-out calibration samples (never used for fitting) of "
+            f"{data.calib_desc or 'the calibration set'}")
+        inputs, inputs_desc, weak = check_data(net, data.inputs, data.inputs_desc, held, held_desc, pre, o.seed)
 
-    rp = plan_ranks(net, shapes, o)
-    notes += rp.notes
-    new, more = factorize_net(net, rp, o, data.train_net)
-    notes += more
-    masks, pruned = prune_new(net, new, spec, rp.rows) if spec is not None else ({}, None)
+    run = cb.runner_for(net, macs, o.threads) if fit is not None else None
+    with cb.blas_threads_for(macs if fit is not None else None):
+        rp, new, masks, pruned, calibration = _compress_steps(net, shapes, o, data, spec, fit, held, notes, run)
     if o.verify:
         verification, more = check_compressed(net, new, inputs, inputs_desc or "", o.engine, o.threads, data.labels)
+        verification["weak"] = weak
         notes += more
     else:
+        inputs = data.inputs
         verification = {"skipped": True}
-    calib = data.calib if data.calib is not None else inputs
-    model, onnx_bytes, precision = export_onnx(new, o, calib) if o.onnx else (None, None, None)
+    int8_calib = data.calib if data.calib is not None else inputs
+    model, onnx_bytes, precision = export_onnx(new, o, int8_calib) if o.onnx else (None, None, None)
 
     files = {}
     if data.train_net is not None:
@@ -170,11 +253,20 @@ def compress(net: Net, options: CompressOptions = None, data: CompressData = Non
         report.setdefault("onnx", {})["consumer_notes"] = consumer_notes(model)
         if precision is None:
             report["notes"] += [f"model.onnx: {n}" for n in report["onnx"]["consumer_notes"]]
+    if calibration is not None:
+        report["calibration"] = calibration
     if precision is not None:
         report["precision"] = precision
         notes_of = precision.get("notes") or []
         report["notes"] += [f"model.onnx: {n}" for n in notes_of]
-    return CompressResult(new, masks, report, files)
+    report["warnings"] = warnings_of(verification) if o.verify else []
+    passed = True
+    if any(getattr(o, k) is not None for k in ("max_drop", "min_agree", "max_rel_l2")):
+        report["gate"] = gate(verification, o.max_drop, o.min_agree, o.max_rel_l2)
+        passed = report["gate"]["passed"]
+        if not passed:
+            report["files"] = ["report.json", "report.md"]
+    return CompressResult(new, masks, report, files, passed)
 
 
 __all__ = ["compress", "CompressOptions", "CompressData", "CompressResult", "factorize_net", "prune_new",

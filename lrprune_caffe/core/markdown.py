@@ -187,6 +187,15 @@ def _md_table(headers, rows) -> str:
     return "\n".join(out)
 
 
+def gate_lines(report: dict) -> list:
+    """The quality gate's verdict, first (the warnings are in the summary)."""
+    g = report.get("gate")
+    if g is None:
+        return []
+    return (["", "## Quality gate: " + ("passed" if g["passed"] else "FAILED (no model files written)"), ""]
+            + ([f"- {f['text']}" for f in g["failures"]] or [f"- limits: {g['limits']}"]))
+
+
 def report_markdown(report: dict) -> str:
     t = report["totals"]
     o = report.get("options", {})
@@ -206,7 +215,7 @@ def report_markdown(report: dict) -> str:
              f"- source: `{report['source']['prototxt']}` + `{report['source']['weights']}`",
              f"- scheme: {scheme_prefix}{rule}" + (", VBMF" if o.get("rank_method") == "vbmf" and o.get("rank")
                                                    else "") + f"; SVD: {o.get('svd')}",
-             f"- tool: {report.get('tool')}"]
+             f"- tool: {report.get('tool')}", *gate_lines(report)]
     lines += ["", "## Summary", ""]
     for line in summary_lines(report, width=10**6):
         lines.append(("  - " + line.strip()) if line.startswith("  ") else f"- {line}")

@@ -13,6 +13,8 @@ from lrprune_caffe.transforms.factorize import format_ranks
 from lrprune_caffe.transforms.prune import PruneSpec, _fraction, parse_layer_list, parse_prune_arg
 
 SCHEMES = dec.SCHEMES
+PRUNE_METHODS = ("magnitude", "std", "sparsegpt")  # sparsegpt: needs calibration data
+GATE_OPTIONS = ("max_drop", "min_agree", "max_rel_l2")
 RANK_METHODS = ("svd", "vbmf")
 SVD_METHODS = dec.METHODS
 DEFAULT_OPSET = 13  # with onnx: the pinned ONNX opset (export.onnx.DEFAULT_OPSET)
@@ -46,6 +48,14 @@ class CompressOptions:
     opset: int = DEFAULT_OPSET
     precision: str = None  # with onnx: "fp16" (export.precision); None / "fp32": as exported
     quantize: str = None  # with onnx: "int8" static QDQ, calibrated on CompressData.calib
+    # calibration (CompressData.calib: unlabeled inputs): data-aware ranks, fits and masks
+    calib_n: int = 512  # how many calibration samples the file wrapper reads
+    calib_damping: float = 0.01  # ridge damping relative to mean(diag H) of every fit
+    calib_fit: bool = True  # False: use the calibration data for the check / int8 only
+    # quality gate (compress fails, exit 1, no model files, when the check shows worse)
+    max_drop: float = None  # top-1 points (with labels) the compressed net may lose
+    min_agree: float = None  # least top-1 agreement with the original, 0..1
+    max_rel_l2: float = None  # largest relative L2 error of any output
     verify: bool = True
     engine: str = "onnxruntime"
     threads: int = None
@@ -74,6 +84,9 @@ class CompressOptions:
             out[name] = getattr(self, name)
         if self.precision not in (None, "fp32") or self.quantize is not None:
             out.update(precision=self.precision, quantize=self.quantize)
+        gate = {k: getattr(self, k) for k in GATE_OPTIONS if getattr(self, k) is not None}
+        if gate:
+            out["gate"] = gate
         return out
 
 
@@ -131,6 +144,13 @@ def parse_rank_spec(spec):
 def prune_spec(o: CompressOptions):
     """A PruneSpec from the pruning options, or None when no pruning is asked for."""
     method = o.prune_method or "magnitude"
+    if method not in PRUNE_METHODS:
+        raise UserError(f"--prune-method: unknown method '{method}' (choose from {', '.join(PRUNE_METHODS)})")
+    if method == "sparsegpt":
+        if o.prune_structured:
+            raise UserError("--prune-method sparsegpt chooses single weights: it cannot be combined with "
+                            "--prune-structured")
+        method = "magnitude"  # the starting masks; calibrate_pruned re-chooses them by SparseGPT saliency
     if o.prune is None and method != "std":
         for k in ("prune_scope", "prune_structured", "prune_exclude", "quality"):
             if getattr(o, k) not in (None, False, "", ()):
@@ -206,9 +226,22 @@ def check_options(o: CompressOptions):
         raise UserError("--opset applies to the ONNX file: add --onnx")
     elif o.precision not in (None, "fp32") or o.quantize is not None:
         raise UserError(f"--{'quantize' if o.quantize else 'precision'} converts model.onnx: add --onnx")
+    if int(o.calib_n) < 1:
+        raise UserError(f"--calib-n {o.calib_n} must be at least 1")
+    if not 0 <= float(o.calib_damping) < 1e6:
+        raise UserError(f"--calib-damping {o.calib_damping} must be >= 0")
+    if o.min_agree is not None and not 0 <= float(o.min_agree) <= 1:
+        raise UserError(f"--min-agree {o.min_agree} must be in [0, 1] (a share of samples, e.g. 0.95)")
+    if o.max_rel_l2 is not None and not float(o.max_rel_l2) >= 0:
+        raise UserError(f"--max-rel-l2 {o.max_rel_l2} must be >= 0")
+    if o.max_drop is not None and not float(o.max_drop) >= 0:
+        raise UserError(f"--max-drop {o.max_drop} must be >= 0 (top-1 percentage points)")
+    if not o.verify and any(getattr(o, k) is not None for k in GATE_OPTIONS):
+        raise UserError("--max-drop / --min-agree / --max-rel-l2 judge the check: drop --no-verify")
     parse_rank_spec(o.rank)
     return spec
 
 
-__all__ = ["CompressOptions", "check_options", "prune_spec", "parse_rank_spec", "SCHEMES", "RANK_METHODS",
+__all__ = ["CompressOptions", "check_options", "PRUNE_METHODS", "GATE_OPTIONS",
+           "prune_spec", "parse_rank_spec", "SCHEMES", "RANK_METHODS",
            "SVD_METHODS"]

@@ -48,7 +48,7 @@ from lrprune_caffe.errors import UserError
 from lrprune_caffe.fileutil import check_outdir
 from lrprune_caffe.transforms.prune import PruneSpec, prune_net
 
-from .compress import CompressOptions, compress
+from .compress import CompressData, CompressOptions, compress
 
 SCHEDULES = ("han", "lowrank-prune")
 DEFAULT_PRUNE_STEPS = (0.5, 0.7, 0.8, 0.9)
@@ -99,6 +99,8 @@ class PipelineOptions:
     engine: str = "onnxruntime"
     progress: object = None
     solver: object = None  # train.SolverSettings
+    calib: dict = None  # unlabeled calibration inputs {input: array}: every round's compression step is fit to
+    #                     the original net's outputs before fine-tuning (lrprune_caffe.core.calib)
 
 
 def net_numbers(net) -> dict:
@@ -156,6 +158,8 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
             new_masks, _ = prune_net(pruned, PruneSpec(fraction=float(s), scope=opts.prune_scope))
             masks = grow_masks(masks, new_masks)
             apply_masks(pruned, masks)
+            if opts.calib is not None:
+                _calibrate_pruned(net, pruned, cur, masks, opts)
             cur = pruned
             what = f"prune to {s:.0%} " + ("per layer" if opts.prune_scope == "layer" else "over the net")
         validate(cur)
@@ -188,7 +192,8 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
                     "speedup": opts.speedup if opts.schedule != "han" else None,
                     "scheme": opts.scheme if opts.schedule != "han" else None,
                     "tolerance": opts.tolerance, "max_epochs": opts.max_epochs, "batch_size": opts.batch_size,
-                    "seed": opts.seed, "solver": solver.as_dict(), "engine": opts.engine, "threads": opts.threads},
+                    "seed": opts.seed, "solver": solver.as_dict(), "engine": opts.engine, "threads": opts.threads,
+                    "calib_samples": None if opts.calib is None else len(next(iter(opts.calib.values())))},
         "original": {"top1": base_acc, **net_numbers(net)},
         "goal_top1": goal,
         "rounds": rounds,
@@ -210,10 +215,21 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
 
 
 def _factorize(net, opts):
-    """The factorization round: ``compress`` on the net itself, MAC budget, no check."""
+    """The factorization round: ``compress`` on the net itself, MAC budget, no check (fit to
+    the calibration data when there is some)."""
     result = compress(net, CompressOptions(scheme=opts.scheme, speedup=float(opts.speedup), verify=False,
-                                           criterion=opts.criterion, seed=opts.seed))
+                                           criterion=opts.criterion, seed=opts.seed),
+                      CompressData(calib=opts.calib, calib_desc="the pipeline's calibration data"))
     return result.report, result.net
+
+
+def _calibrate_pruned(original, pruned, dense, masks, opts):
+    """A pruning round with calibration data: the kept weights re-solved to the original's outputs."""
+    from lrprune_caffe.transforms import run_pass
+    from lrprune_caffe.transforms.calibrate import calibrate_pruned
+    run_pass(calibrate_pruned, pruned, original=original, masks=masks, calib_inputs=opts.calib, dense=dense,
+             seed=opts.seed)
+    apply_masks(pruned, masks)
 
 
 def pipeline_markdown(report: dict) -> str:
@@ -239,13 +255,22 @@ def pipeline_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, log=None, net=None, **kw):
+def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, log=None, net=None, calib=None,
+                   calib_n=512, preprocess=None, **kw):
     """Load, run :func:`run_pipeline`, and (with ``outdir``) write model.prototxt,
     model.caffemodel, masks.npz, report.json, report.md (+ model.onnx; rounds.png, embedded in
     report.md, when matplotlib is installed), all or nothing.
-    ``net``: the net already loaded (a train_val's deploy view) instead of reading ``prototxt``."""
+    ``net``: the net already loaded (a train_val's deploy view) instead of reading ``prototxt``.
+    ``calib``: calibration data as compress takes it (``calib_n`` samples;
+    :func:`lrprune_caffe.data.calib.load_calib`), or a dict {input: array}."""
     net = net if net is not None else load_net(prototxt, weights)
-    opts = PipelineOptions(**kw)
+    if calib is not None and not isinstance(calib, dict):
+        from lrprune_caffe.data.calib import load_calib
+        shapes = net.input_shapes()
+        cs = load_calib(calib, net.inputs(), shapes.get(net.inputs()[0]) if len(shapes) == 1 else None,
+                        n=calib_n, pre=preprocess, seed=int(kw.get("seed") or 0))
+        calib = cs.arrays
+    opts = PipelineOptions(calib=calib, **kw)
     if outdir is not None:
         check_outdir(outdir)  # before the training, not after
     final, masks, report = run_pipeline(net, train, val, opts, log=log)

@@ -16,6 +16,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 
 from lrprune_caffe.errors import UserError
 from lrprune_caffe.ir.analysis import layer_stats
@@ -37,6 +38,7 @@ class RankPlan:
     caches: dict = field(default_factory=dict)  # name -> SVDs computed for the spectra
     budget: dict = None  # --speedup: the budget record for the report
     notes: list = field(default_factory=list)
+    data_energies: dict = None  # --speedup with calibration data: {layer: response eigenvalues}
 
 
 def progress_bar(total, desc, progress):
@@ -190,16 +192,45 @@ def _per_layer_ranks(net, rp: RankPlan, infos, names, o, layer_ranks, default_ra
         rp.plan[name] = LayerPlan(scheme, ranks, info)
 
 
-def _budget_layer(info, scheme, spectra) -> bg.BudgetLayer:
-    return bg.BudgetLayer(info.name, info.macs, tuple(m.energies for m in spectra), info.max_ranks(scheme),
+#: --speedup leaves alone a layer under this share of the selected layers' MACs (negligible saving)
+NEGLIGIBLE_SHARE = 0.01
+
+
+def _budget_layer(info, scheme, spectra, data=None) -> bg.BudgetLayer:
+    energies = tuple(m.energies for m in spectra)
+    if data is not None and len(energies) == 1:
+        r = info.max_ranks(scheme)[0]
+        energies = (np.concatenate([data[:r], np.zeros(max(0, r - data.size))]),)
+    return bg.BudgetLayer(info.name, info.macs, energies, info.max_ranks(scheme),
                           lambda ranks, info=info, scheme=scheme: info.cost(scheme, ranks)[0])
+
+
+def negligible(info, macs_selected: int):
+    """Why a --speedup budget should leave the layer alone (None: it may be factorized)."""
+    if info.n_out // info.group <= 2:
+        return f"left alone: {info.n_out} outputs (a rank-1 cut of so few outputs saves next to nothing)"
+    if macs_selected and info.macs < NEGLIGIBLE_SHARE * macs_selected:
+        return (f"left alone: {info.macs:,} MACs, under {NEGLIGIBLE_SHARE:.0%} of the selected layers' "
+                f"{macs_selected:,} (a negligible saving)")
+    return None
+
+
+def data_aware_names(infos, names, scheme) -> list:
+    """The layers whose budget cost may be their response eigenvalues (one SVD factor, no groups)."""
+    return [n for n in names if infos[n].scheme_for(scheme) in ("channel", "fc") and infos[n].group == 1]
 
 
 def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
     spectra = _spectra(net, infos, names, o, rp.caches)
     macs_before = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows)
-    fixed = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows and n not in infos)
-    layers = [_budget_layer(infos[n], infos[n].scheme_for(o.scheme), spectra[n]) for n in names]
+    small = {n: negligible(infos[n], macs_before) for n in names}
+    for n, why in small.items():
+        if why:
+            rp.rows[n].reason = why
+    names = [n for n in names if not small[n]]
+    fixed = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows and n not in names)
+    data = rp.data_energies or {}
+    layers = [_budget_layer(infos[n], infos[n].scheme_for(o.scheme), spectra[n], data.get(n)) for n in names]
     try:
         alloc = bg.allocate(layers, float(o.speedup), o.criterion, macs_before, fixed)
     except bg.Unreachable as e:
@@ -218,14 +249,21 @@ def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
         rp.plan[name] = LayerPlan(info.scheme_for(o.scheme), ranks, info)
     rp.budget = {"speedup": float(o.speedup), "macs_before": int(macs_before), "target_macs": int(alloc.target_macs),
                  "criterion": o.criterion, "criterion_text": bg.CRITERION_TEXT[o.criterion]}
+    used = sorted(n for n in names if n in data)
+    if used:
+        rp.budget["data_aware"] = {
+            "layers": used, "energies": "eigenvalues of each layer's centered output-response covariance on the "
+            "calibration data (Zhang et al. 2015, Eq. 14) instead of the weights' squared singular values"}
 
 
-def plan_ranks(net, shapes, o: CompressOptions) -> RankPlan:
-    """Rows, selection and the factorization plan of ``net`` (see the module docstring)."""
+def plan_ranks(net, shapes, o: CompressOptions, data_energies=None) -> RankPlan:
+    """Rows, selection and the factorization plan of ``net`` (see the module docstring).
+    ``data_energies``: {layer: response eigenvalues} (:func:`lrprune_caffe.core.calib.response_energies`)
+    for ``--speedup`` to spend its budget on, in place of the weights' spectra."""
     default_rank, layer_ranks = parse_rank_spec(o.rank)
     selected = _select(net, o, layer_ranks, default_rank)
     rows, infos = _rows(net, shapes, o, selected)
-    rp = RankPlan(rows, selected)
+    rp = RankPlan(rows, selected, data_energies=data_energies)
     if not o.factorizing:
         for name in selected:
             if name in rows and rows[name].action == "kept":
@@ -239,4 +277,5 @@ def plan_ranks(net, shapes, o: CompressOptions) -> RankPlan:
     return rp
 
 
-__all__ = ["RankPlan", "plan_ranks", "select_layers", "progress_bar", "REPORTED_TYPES"]
+__all__ = ["RankPlan", "plan_ranks", "negligible", "data_aware_names", "NEGLIGIBLE_SHARE",
+           "select_layers", "progress_bar", "REPORTED_TYPES"]

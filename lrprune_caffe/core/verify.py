@@ -7,6 +7,8 @@ errors. Nothing here reads or writes files.
 
 from __future__ import annotations
 
+import numpy as np
+
 from lrprune_caffe.engines.compare import compare_outputs, output_kinds
 from lrprune_caffe.engines.model import OnnxModel, run_model
 from lrprune_caffe.engines.runtime import ENGINES, default_inputs
@@ -29,6 +31,126 @@ def seeded_inputs(net, seed: int = 0) -> tuple:
 
 def _engine_of(net, engine):
     return "onnxruntime" if is_onnx_model(net) else engine
+
+
+#: the report warns when an output's relative L2 error passes this, or its top-1 agreement falls under WARN_AGREE
+WARN_REL_L2 = 0.5
+WARN_AGREE = 0.90
+#: top-1 agreement over fewer samples than this is reported with its count
+FEW_SAMPLES = 100
+
+
+def declared_preprocessing(train_net):
+    """(mean per channel or None, scale) of a training net's first data layer's transform_param, or None."""
+    if train_net is None:
+        return None
+    for layer in train_net.layers:
+        if layer.type in ("Data", "ImageData") and layer.has("transform_param"):
+            tp = layer.msg.transform_param
+            mean = tuple(float(v) for v in tp.mean_value) or None
+            return mean, float(np.float32(tp.scale))
+    return None
+
+
+def scaled_inputs(net, pre, seed=0) -> tuple:
+    """(inputs, description): seeded uniform 0..255 pixels, then (pixel - mean) * scale, of the input shapes."""
+    mean, scale = pre
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, x in default_inputs(net, seed=seed).items():
+        px = rng.uniform(0, 255, size=x.shape).astype(np.float32)
+        if mean:
+            m = np.asarray(mean, np.float32)
+            if x.ndim == 4 and m.size in (1, x.shape[1]):
+                px = px - m.reshape(1, -1, 1, 1)
+        out[name] = (px * np.float32(scale)).astype(np.float32)
+    what = f"mean {','.join(f'{v:g}' for v in mean)}, " if mean else ""
+    return out, f"seeded uniform 0..255 pixels ({what}scale {scale:g}: the declared preprocessing, seed {seed})"
+
+
+def check_data(net, inputs=None, desc=None, held=None, held_desc=None, pre=None, seed=0) -> tuple:
+    """(inputs, description, weak): ``--inputs``, else the held-out calibration part, else random
+    inputs (scaled to the declared preprocessing ``pre`` = (mean, scale) when known): a weak check."""
+    if inputs is not None:
+        return inputs, desc, False
+    if held is not None:
+        return held, held_desc, False
+    if pre is not None:
+        return (*scaled_inputs(net, pre, seed), True)
+    return (*seeded_inputs(net, seed), True)
+
+
+def warnings_of(verification: dict) -> list:
+    """One line per output whose error passes WARN_REL_L2 or whose top-1 agreement is under WARN_AGREE;
+    and one when the check was weak (random inputs)."""
+    out = []
+    if verification.get("skipped"):
+        return out
+    batch = verification.get("batch")
+    for name, v in (verification.get("blobs") or {}).items():
+        rel = v.get("rel_l2")
+        if rel is not None and rel > WARN_REL_L2:
+            out.append(f"output '{name}': relative L2 error {rel:.3g} > {WARN_REL_L2} against the original")
+        agree = v.get("top1_agreement")
+        if agree is not None and agree < WARN_AGREE:
+            n = v.get("samples", batch)
+            few = f" (over only {n} samples)" if n is not None and n < FEW_SAMPLES else ""
+            out.append(f"output '{name}': top-1 agreement with the original {agree:.1%} < {WARN_AGREE:.0%}{few}")
+    for name, v in (verification.get("detections") or {}).items():
+        if v.get("recall") is not None and v["recall"] < WARN_AGREE:
+            out.append(f"output '{name}': {v['recall']:.1%} of the original's detections found (recall < "
+                       f"{WARN_AGREE:.0%})")
+    if verification.get("weak"):
+        out.append("the check is weak: it ran on random inputs, not on images of the kind the net sees "
+                   "(give --inputs or --calib)")
+    return out
+
+
+def gate(verification: dict, max_drop=None, min_agree=None, max_rel_l2=None) -> dict:
+    """The quality gate's record: {"passed", "limits", "failures": [{output, measure, value, limit, by}]}."""
+    limits = {k: v for k, v in (("max_drop", max_drop), ("min_agree", min_agree), ("max_rel_l2", max_rel_l2))
+              if v is not None}
+    failures = []
+    if verification.get("skipped"):
+        failures.append({"output": None, "measure": "check", "value": None, "limit": None, "by": None,
+                         "text": f"the check did not run ({verification.get('reason', 'skipped')}), so the gate "
+                                 f"cannot pass"})
+        return {"passed": False, "limits": limits, "failures": failures}
+
+    def fail(name, measure, value, limit, by, text):
+        failures.append({"output": name, "measure": measure, "value": value, "limit": limit, "by": by,
+                         "text": f"output '{name}': {text}"})
+
+    drop_checked = False
+    for name, v in (verification.get("blobs") or {}).items():
+        if "error" in v:
+            fail(name, "error", None, None, None, v["error"])
+            continue
+        if max_rel_l2 is not None and v.get("rel_l2") is not None and not v["rel_l2"] <= max_rel_l2:
+            fail(name, "rel_l2", v["rel_l2"], max_rel_l2, v["rel_l2"] - max_rel_l2,
+                 f"relative L2 error {v['rel_l2']:.4g} > --max-rel-l2 {max_rel_l2:g} "
+                 f"(by {v['rel_l2'] - max_rel_l2:.4g})")
+        agree = v.get("top1_agreement")
+        if min_agree is not None and agree is not None and agree < min_agree:
+            fail(name, "top1_agreement", agree, min_agree, min_agree - agree,
+                 f"top-1 agreement {agree:.2%} < --min-agree {min_agree:.2%} (by {100 * (min_agree - agree):.2f} "
+                 f"points, over {v.get('samples', verification.get('batch'))} samples)")
+        if max_drop is not None and "top1_ref" in v:
+            drop_checked = True
+            drop = 100 * (v["top1_ref"] - v["top1_test"])
+            if drop > max_drop:
+                fail(name, "top1_drop", drop, max_drop, drop - max_drop,
+                     f"top-1 accuracy fell {drop:.2f} points ({100 * v['top1_ref']:.2f}% -> "
+                     f"{100 * v['top1_test']:.2f}%) > --max-drop {max_drop:g} (by {drop - max_drop:.2f})")
+    if min_agree is not None and not any(v.get("top1_agreement") is not None
+                                         for v in (verification.get("blobs") or {}).values()):
+        failures.append({"output": None, "measure": "top1_agreement", "value": None, "limit": min_agree, "by": None,
+                         "text": "--min-agree: no output is class scores, so top-1 agreement cannot be measured"})
+    if max_drop is not None and not drop_checked:
+        failures.append({"output": None, "measure": "top1_drop", "value": None, "limit": max_drop, "by": None,
+                         "text": "--max-drop: no top-1 accuracy was measured (it needs --labels of the --inputs "
+                                 "and a class-score output)"})
+    return {"passed": not failures, "limits": limits, "failures": failures}
 
 
 def run_pair(net_a, net_b, inputs, engine="onnxruntime", outputs=None, threads=None):
@@ -111,5 +233,6 @@ def verify_nets(a, b, inputs=None, inputs_desc=None, engine="onnxruntime", seed=
     return res
 
 
-__all__ = ["run_pair", "compare_nets", "check_compressed", "check_comparable", "verify_nets", "seeded_inputs",
-           "is_onnx_model"]
+__all__ = ["check_data", "warnings_of", "gate", "declared_preprocessing", "scaled_inputs", "WARN_REL_L2",
+           "WARN_AGREE", "run_pair", "compare_nets", "check_compressed", "check_comparable", "verify_nets",
+           "seeded_inputs", "is_onnx_model"]
