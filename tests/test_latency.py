@@ -31,11 +31,16 @@ def fake_timer(monkeypatch):
     """Replace the only two places that time anything; count the graphs 'measured'."""
     calls = []
 
-    def fake_measure(model_bytes, feeds, target, external=True):
+    def fake_measure(model_bytes, feeds, target, external=True, cold=False):
         calls.append(len(model_bytes))
-        return {"ms": 1.0 + len(calls) * 0.01, "runs": 1, "min": 1.0, "max": 1.0}
+        return {"ms": 1.0 - len(calls) * 0.001, "runs": 1, "min": 1.0, "max": 1.0}  # every chain faster
+
+    def fake_profile(net, target):
+        calls.append("profile")
+        return {"runs": 1, "run_ms": 10.0, "layers": {"conv1": 2.0, "ip1": 1.0, "relu1": 0.5}, "other_ms": 0.0}
 
     monkeypatch.setattr(L, "measure_model", fake_measure)
+    monkeypatch.setattr(L, "profile_net", fake_profile)
     monkeypatch.setattr(L, "net_runner", lambda net, target: (lambda: None))
     monkeypatch.setattr(L, "time_runs", lambda run, **kw: (calls.append("net"), {"ms": 5.0})[1])
     return calls

@@ -9,30 +9,33 @@ we time, on the target runtime:
   builds: channel = kxk conv to g*r channels then 1x1; spatial = kx1 then
   1xk; tucker2 = 1x1, kxk, 1x1; fc = two Gemms) on a coarse rank grid
   (:func:`rank_grid`: ~8 ranks over 1..the rank where the chain's MACs reach
-  the layer's; Tucker-2: a 5 x 5 grid of (r_in, r_out)).
+  the layer's; Tucker-2: a 5 x 5 grid of (r_in, r_out)), in ascending rank,
+  stopping a row after two chains no faster than the layer left alone.
 
-Each candidate is a tiny ONNX graph (onnx.helper; seeded weights of the right
-shapes: the time does not depend on their values) run by onnxruntime with the
-target's session options (:func:`ort_options`: ``intra_op_num_threads`` =
+Each candidate is a tiny ONNX graph (:mod:`lrprune_caffe.engines.latency_graphs`;
+seeded weights of the right shapes: the time does not depend on their values)
+run by onnxruntime with the target's session options (``intra_op_num_threads`` =
 threads, ``inter_op_num_threads`` 1, sequential, ``ORT_ENABLE_ALL``, as the
-exported net runs). Time = the median of repeated runs after warm-up; the
-repeat count adapts (:func:`time_runs`: up to 12 runs for small layers, 3 for big
-ones), and every timed run starts with cold caches (:class:`Flush`: in a net a
-layer's weights are not in cache when it runs; timed hot, ResNet-50's layers
-add up to half the net's time). :class:`lrprune_caffe.lowrank.latency_budget.LayerTable` interpolates
-between the measured ranks.
+exported net runs). Time = the median of repeated runs after warm-up (up to 12
+runs for small layers, 3 for big ones), minus the per-run cost of any graph.
 
-The whole original net is measured once too (:func:`net_ms`, exported by
-:func:`lrprune_caffe.export.onnx.export_model`): the budget's fixed part is
-that total minus the tabled layers left alone.
+A layer timed alone is not the layer inside the net (hot caches, no fusion,
+layout reorders around it). So by default (``timing="profile"``) the tables
+are timed hot and then calibrated: the whole original net is profiled once
+(:mod:`lrprune_caffe.engines.latency_net`, onnxruntime's profiler), and each
+layer's row is scaled by its in-net time / its time alone
+(:func:`lrprune_caffe.lowrank.latency_budget.calibrate`). The budget's fixed
+part is then the net's total (:func:`net_ms`) minus the tabled layers' in-net
+times. ``timing="cold"`` (every run after a cache flush, no calibration) and
+``"hot"`` (neither) remain for comparison.
 
 Everything measured is cached on disk (JSON; ``$LRPRUNE_CACHE/latency`` or
 ``~/.cache/lrprune-caffe/latency``), one file per target key (runtime and its
 version, threads, batch, machine = platform.machine + CPU model + core
-count, and :data:`GRID_VERSION`), one entry per layer geometry: a second run
+count, cold or not, and :data:`GRID_VERSION`), one entry per layer geometry: a second run
 measures nothing.
 
-This is measurement, not a test; unit tests replace :func:`time_runs`.
+This is measurement, not a test; unit tests replace :func:`measure_model` and :func:`time_runs`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,12 +52,16 @@ from pathlib import Path
 import numpy as np
 
 from lrprune_caffe.errors import UserError
-from lrprune_caffe.lowrank.latency_budget import LayerTable
+from lrprune_caffe.lowrank.latency_budget import LayerTable, calibrate
 from .latency_graphs import (Flush, layer_model, measure_model, ort_options, overhead_model, session,  # noqa: F401
                              time_runs)
+from .latency_net import in_net_ms, measured_speedup, net_runner, net_signature, profile_net  # noqa: F401
 
 RUNTIMES = ("onnxruntime",)
-GRID_VERSION = 2  # bump when the grid or the timing method changes: old cache entries are ignored
+GRID_VERSION = 3  # bump when the grid or the timing method changes: old cache entries are ignored
+#: how layers are timed: "profile" (hot, then scaled to their in-net time from the profiled net; the
+#: default), "cold" (caches flushed before each run, no calibration), "hot" (neither)
+TIMINGS = ("profile", "cold", "hot")
 
 
 # ---------------------------------------------------------------------------
@@ -119,11 +125,11 @@ def cache_dir(path=None) -> Path:
 class Cache:
     """One JSON file per target key: {"target": key, "layers": {signature: entry}, "nets": {sig: ms}}."""
 
-    def __init__(self, target: Target, directory=None):
-        self.key = target.key()
+    def __init__(self, target: Target, directory=None, cold: bool = False):
+        self.key = {**target.key(), "cold": bool(cold)}
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = cache_dir(directory) / f"{self.key['runtime']}-t{self.key['threads']}-b{self.key['batch']}-" \
-                                           f"{digest}.json"
+                                           f"{'cold-' if cold else ''}{digest}.json"
         self.data = self._read()
         self.hits = 0
         self.misses = 0
@@ -258,6 +264,8 @@ class Tables:
     measured: int = 0  # graphs timed now (0 on a full cache hit)
     overhead_ms: float = 0.0  # per-run cost of any graph, subtracted from the table entries
     complete: bool = True  # False: the time budget ran out first (what was measured is cached)
+    timing: str = "profile"  # one of TIMINGS
+    in_net: dict = field(default_factory=dict)  # name -> the layer's ms inside the profiled net
     cache_path: str = ""
     notes: list = field(default_factory=list)
 
@@ -274,37 +282,57 @@ def run_overhead(cache: Cache, counter: list) -> float:
     return float(ms)
 
 
+def _grid_points(axes) -> list:
+    """Grid points in measuring order: ascending ranks (row by row for Tucker-2)."""
+    if len(axes) == 1:
+        return [(r,) for r in axes[0]]
+    return [(a, b) for a in axes[0] for b in axes[1]]
+
+
 def _measure_layer(geo, scheme, axes, cache: Cache, counter: list, overhead: float = 0.0) -> LayerTable:
-    """The layer's table. Left alone is timed before and after its chains and the faster median kept:
-    noise only adds time, and a left-alone time inflated by a neighbour's burst would make every
-    chain look like a saving."""
+    """The layer's table (what is measured is stored before ``overhead`` is subtracted).
+
+    Left alone is timed before and after its chains and the faster median kept:
+    noise only adds time, and a left-alone time inflated by a neighbour's burst
+    would make every chain look like a saving. Ranks rise along each grid row;
+    after two chains in a row no faster than the layer left alone, the larger
+    ranks of that row (and, for Tucker-2, the rows after a row whose smallest
+    chain was no faster) are not measured: NaN, never offered.
+    """
     sig = signature(geo)
     target = cache_target(cache)
+    cold = bool(cache.key.get("cold"))
     orig = cache.get("layers", sig, "orig")
     part = f"{scheme}:" + ";".join(",".join(str(r) for r in a) for a in axes)
     stored = cache.get("layers", sig, part)
+
+    def timed(model_feeds):
+        counter[0] += 1
+        return measure_model(*model_feeds, target, cold=cold)["ms"]
+
     if orig is None:
-        model, feeds = layer_model(geo)
-        orig = measure_model(model, feeds, target)["ms"]
-        counter[0] += 1
+        orig = timed(layer_model(geo))
     if stored is None:
-        if len(axes) == 1:
-            points = [(r,) for r in axes[0]]
-        else:
-            points = [(a, b) for a in axes[0] for b in axes[1]]
         stored = []
-        for ranks in points:
-            model, feeds = layer_model(geo, scheme, ranks)
-            stored.append(measure_model(model, feeds, target)["ms"])
-            counter[0] += 1
-        model, feeds = layer_model(geo)
-        orig = min(orig, measure_model(model, feeds, target)["ms"])
-        counter[0] += 1
+        slow_run, dead_row, row = 0, False, None
+        for ranks in _grid_points(axes):
+            if len(axes) == 2 and ranks[0] != row:  # a new Tucker-2 row
+                dead_row = dead_row or (row is not None and stored[-len(axes[1])] is not None
+                                        and stored[-len(axes[1])] >= orig)
+                row, slow_run = ranks[0], 0
+            if dead_row or slow_run >= 2:
+                stored.append(None)
+                continue
+            ms = timed(layer_model(geo, scheme, ranks))
+            stored.append(ms)
+            slow_run = slow_run + 1 if ms >= orig else 0
+        orig = min(orig, timed(layer_model(geo)))
         cache.put("layers", sig, stored, part)
     cache.put("layers", sig, orig, "orig")
-    ms = np.asarray(stored, dtype=np.float64).reshape(tuple(len(a) for a in axes))
+    ms = np.asarray([np.nan if v is None else v for v in stored], dtype=np.float64)
+    ms = ms.reshape(tuple(len(a) for a in axes))
     floor = 1e-4  # ms: a layer never costs nothing
-    ms = np.maximum(ms - overhead, floor)
+    ms = np.maximum(ms - overhead, floor)  # NaN stays NaN
     orig = max(float(orig) - overhead, floor)
     return LayerTable("", float(orig), scheme, tuple(np.asarray(a, np.int64) for a in axes), ms)
 
@@ -314,16 +342,35 @@ def cache_target(cache: Cache) -> Target:
     return Target(k["runtime"], k["threads"], k["batch"])
 
 
+def _calibrate(out: Tables, net, cache: Cache, counter: list):
+    """Scale each table to its layer's in-net time (:mod:`lrprune_caffe.engines.latency_net`)."""
+    prof = net_profile(net, out.target, cache, counter)
+    out.in_net = in_net_ms(prof, out.total_ms)
+    missing = []
+    for name, table in list(out.tables.items()):
+        ms = out.in_net.get(name)
+        if ms is None:
+            missing.append(name)
+            continue
+        out.tables[name] = calibrate(table, ms)
+    if missing:
+        out.notes.append(f"latency tables: {len(missing)} layer(s) not found in the net's profile, left "
+                         f"uncalibrated: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
 def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=None, progress: bool = False,
-                 time_budget_s: float = None) -> Tables:
+                 time_budget_s: float = None, timing: str = "profile") -> Tables:
     """Tables for ``infos`` ({name: factorize.LayerInfo}) under ``scheme``; with ``net``, also its total ms.
 
-    Stops after the layer that exceeds ``time_budget_s`` (``complete`` False);
-    what was measured stays cached.
+    ``timing``: one of :data:`TIMINGS`; "profile" needs ``net`` (without it the
+    tables stay hot and uncalibrated, with a note). Stops after the layer that
+    exceeds ``time_budget_s`` (``complete`` False); what was measured stays cached.
     """
+    if timing not in TIMINGS:
+        raise UserError(f"latency timing '{timing}' unknown (choose from {', '.join(TIMINGS)})")
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    cache = Cache(target, directory)
-    out = Tables(target, scheme, cache_path=str(cache.path))
+    cache = Cache(target, directory, cold=timing == "cold")
+    out = Tables(target, scheme, cache_path=str(cache.path), timing=timing)
     counter = [0]
     saved = 0
     try:
@@ -357,6 +404,11 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
             if counter[0] != saved:
                 cache.save()
                 saved = counter[0]
+        if timing == "profile" and out.complete:
+            if net is None:
+                out.notes.append("latency tables: no net to profile, so the tables are not calibrated")
+            else:
+                _calibrate(out, net, cache, counter)
     finally:
         if bar is not None:
             bar.close()
@@ -390,37 +442,15 @@ def net_infos(net, names=None) -> tuple:
 # ---------------------------------------------------------------------------
 # whole nets
 
-def net_signature(net, batch: int) -> str:
-    h = hashlib.sha256()
-    h.update(repr(sorted((k, tuple(v) if v else None) for k, v in net.input_shapes().items())).encode())
-    h.update(f"batch{batch}".encode())
-    for layer in net.layers:
-        h.update(repr((layer.name, layer.type, layer.bottoms, layer.tops,
-                       [tuple(b.shape) for b in layer.blobs])).encode())
-        h.update(layer.msg.SerializeToString(deterministic=True))
-    return h.hexdigest()[:24]
-
-
-def net_runner(net, target: Target):
-    """A callable running ``net`` once at the target batch (exported by our ONNX exporter)."""
-    from lrprune_caffe.export.onnx import export_model
-    from .runtime import default_inputs
-    feeds = default_inputs(net, seed=0, batch=target.batch)
-    dynamic = any(s and s[0] != target.batch for s in net.input_shapes().values())
-    data = export_model(net, dynamic_batch=dynamic).SerializeToString()
-    sess = session(data, target)
-    del data
-    outs = [o.name for o in sess.get_outputs()]
-    return lambda: sess.run(outs, feeds)
-
-
 def net_ms(net, target: Target, cache: Cache = None, directory=None, counter: list = None) -> float:
-    """Median ms of the whole net on the target (cached by the net's structure and shapes)."""
+    """ms of the whole net on the target, the lower quartile of ~0.5 s of runs (cached by the net's
+    structure and shapes)."""
     cache = cache or Cache(target, directory)
     sig = net_signature(net, target.batch)
     ms = cache.get("nets", sig)
     if ms is None:
-        ms = time_runs(net_runner(net, target), budget_s=0.5)["ms"]
+        ms = time_runs(net_runner(net, target), budget_s=0.5)
+        ms = ms.get("low", ms["ms"])  # the statistic of the tables and the profile
         cache.put("nets", sig, ms)
         if counter is not None:
             counter[0] += 1
@@ -429,31 +459,17 @@ def net_ms(net, target: Target, cache: Cache = None, directory=None, counter: li
     return float(ms)
 
 
-def measured_speedup(net_a, net_b, target: Target, rounds: int = 20, warmup: int = 2) -> dict:
-    """End-to-end speed-up of ``net_b`` over ``net_a``: interleaved (ABBA) rounds on the target.
-
-    Either net may be a :func:`net_runner` already built (a VGG-16 export takes seconds).
-    Returns medians of each net, the ratio of the medians (``speedup``), and
-    the median and the 10th-90th percentiles of the per-round ratios.
-    """
-    runs = [n if callable(n) else net_runner(n, target) for n in (net_a, net_b)]
-    for r in runs:
-        for _ in range(int(warmup)):
-            r()
-    clock = time.perf_counter
-    times = [[], []]
-    for rnd in range(int(rounds)):
-        for i in ((0, 1) if rnd % 2 == 0 else (1, 0)):
-            t0 = clock()
-            runs[i]()
-            times[i].append((clock() - t0) * 1e3)
-    ratios = np.asarray(times[0]) / np.asarray(times[1])
-    a, b = statistics.median(times[0]), statistics.median(times[1])
-    return {"a_ms": a, "b_ms": b, "speedup": a / b, "paired_median": float(np.median(ratios)),
-            "paired_p10": float(np.percentile(ratios, 10)), "paired_p90": float(np.percentile(ratios, 90)),
-            "rounds": int(rounds), "target": target.key()}
+def net_profile(net, target: Target, cache: Cache, counter: list) -> dict:
+    """:func:`lrprune_caffe.engines.latency_net.profile_net` of the net, cached like :func:`net_ms`."""
+    sig = net_signature(net, target.batch) + ":profile"
+    prof = cache.get("nets", sig)
+    if prof is None:
+        prof = profile_net(net, target)
+        cache.put("nets", sig, prof)
+        counter[0] += 1
+    return prof
 
 
 __all__ = ["Target", "Cache", "Tables", "RUNTIMES", "geometry", "signature", "rank_grid", "break_even",
            "layer_model", "time_runs", "measure_model", "layer_tables", "net_ms", "net_runner",
-           "measured_speedup", "cache_dir", "ort_options", "net_infos"]
+           "measured_speedup", "cache_dir", "ort_options", "net_infos", "net_profile", "TIMINGS"]

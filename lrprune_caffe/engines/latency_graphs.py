@@ -1,5 +1,6 @@
 """The timed side of :mod:`lrprune_caffe.engines.latency`: tiny ONNX graphs of one layer (left alone or
-factorized), onnxruntime sessions on the target's options, and cold-cache timing.
+factorized), onnxruntime sessions on the target's options, and their timing (hot, or cold: caches
+flushed before each run).
 
 Large weights of the tiny graphs all point into one file of seeded values (ONNX external data), so a
 400 MB FC weight is neither generated nor serialized per graph; the time does not depend on values.
@@ -221,7 +222,14 @@ def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40
         run()
         times.append(clock() - t0)
     ms = sorted(t * 1e3 for t in times)
-    return {"ms": statistics.median(ms), "runs": n, "min": ms[0], "max": ms[-1]}
+    return {"ms": statistics.median(ms), "low": low(ms), "runs": n, "min": ms[0], "max": ms[-1]}
+
+
+def low(values) -> float:
+    """The lower quartile (the minimum of 3 or fewer): on a shared machine noise only adds time, and a
+    few runs' median still carries a neighbour's burst."""
+    v = sorted(values)
+    return float(v[(len(v) - 1) // 4])
 
 
 def overhead_model():
@@ -235,13 +243,17 @@ def overhead_model():
     return model.SerializeToString(), {"x": np.zeros(1, np.float32)}
 
 
-def measure_model(model_bytes: bytes, feeds: dict, target, external: bool = True) -> dict:
-    """Time one ONNX model (by default a :func:`layer_model`, which may point into the weight file),
-    each run with cold caches (:class:`Flush`)."""
+def measure_model(model_bytes: bytes, feeds: dict, target, external: bool = True, cold: bool = False) -> dict:
+    """Time one ONNX model (by default a :func:`layer_model`, which may point into the weight file).
+
+    ``ms`` is the lower quartile of the runs (:func:`low`). Hot by default (the tables are calibrated
+    against the profiled net, :mod:`lrprune_caffe.engines.latency_net`); ``cold``: each run after a
+    :class:`Flush`."""
     sess = session(model_bytes, target, external)
     outs = [o.name for o in sess.get_outputs()]
-    return time_runs(lambda: sess.run(outs, feeds), max_runs=12, flush=_flush())
+    res = time_runs(lambda: sess.run(outs, feeds), max_runs=12, flush=_flush() if cold else None)
+    return {**res, "ms": res["low"]}
 
 
-__all__ = ["layer_model", "overhead_model", "ort_options", "session", "time_runs", "measure_model", "Flush",
+__all__ = ["layer_model", "overhead_model", "ort_options", "session", "time_runs", "measure_model", "low", "Flush",
            "llc_bytes", "OPSET"]
