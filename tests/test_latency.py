@@ -37,7 +37,8 @@ def fake_timer(monkeypatch):
 
     def fake_profile(net, target):
         calls.append("profile")
-        return {"runs": 1, "run_ms": 10.0, "layers": {"conv1": 2.0, "ip1": 1.0, "relu1": 0.5}, "other_ms": 0.0}
+        return {"runs": 1, "run_ms": 10.0, "layers": {"conv1": 2.0, "ip1": 1.0, "relu1": 0.5}, "other_ms": 0.0,
+                "wall_ms": 5.0}
 
     monkeypatch.setattr(L, "measure_model", fake_measure)
     monkeypatch.setattr(L, "profile_net", fake_profile)

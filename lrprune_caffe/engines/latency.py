@@ -8,8 +8,8 @@ we time, on the target runtime:
 - its **factorized chains** (the layers :mod:`lrprune_caffe.transforms.factorize`
   builds: channel = kxk conv to g*r channels then 1x1; spatial = kx1 then
   1xk; tucker2 = 1x1, kxk, 1x1; fc = two Gemms) on a coarse rank grid
-  (:func:`rank_grid`: ~8 ranks over 1..the rank where the chain's MACs reach
-  the layer's; Tucker-2: a 5 x 5 grid of (r_in, r_out)), in ascending rank,
+  (:func:`rank_grid`: 5-8 ranks over 1..the rank where the chain's MACs reach
+  the layer's, fewer for slow layers; Tucker-2: 4 x 4 or 5 x 5 (r_in, r_out)), in ascending rank,
   stopping a row after two chains no faster than the layer left alone.
 
 Each candidate is a tiny ONNX graph (:mod:`lrprune_caffe.engines.latency_graphs`;
@@ -25,9 +25,9 @@ are timed hot and then calibrated: the whole original net is profiled once
 (:mod:`lrprune_caffe.engines.latency_net`, onnxruntime's profiler), and each
 layer's row is scaled by its in-net time / its time alone
 (:func:`lrprune_caffe.lowrank.latency_budget.calibrate`). The budget's fixed
-part is then the net's total (:func:`net_ms`) minus the tabled layers' in-net
-times. ``timing="cold"`` (every run after a cache flush, no calibration) and
-``"hot"`` (neither) remain for comparison.
+part is then the net's total (from the same profiled runs) minus the tabled
+layers' in-net times. ``timing="cold"`` (every run after a cache flush, no
+calibration) and ``"hot"`` (neither) remain for comparison.
 
 Everything measured is cached on disk (JSON; ``$LRPRUNE_CACHE/latency`` or
 ``~/.cache/lrprune-caffe/latency``), one file per target key (runtime and its
@@ -55,6 +55,7 @@ from lrprune_caffe.errors import UserError
 from lrprune_caffe.lowrank.latency_budget import LayerTable, calibrate
 from .latency_graphs import (Flush, layer_model, measure_model, ort_options, overhead_model, session,  # noqa: F401
                              time_runs)
+from .latency_graphs import break_even, geometry, grid_points, rank_grid, signature  # noqa: F401
 from .latency_net import in_net_ms, measured_speedup, net_runner, net_signature, profile_net  # noqa: F401
 
 RUNTIMES = ("onnxruntime",)
@@ -180,75 +181,6 @@ class Cache:
 
 
 # ---------------------------------------------------------------------------
-# geometry and rank grids
-
-def geometry(info, batch: int) -> dict:
-    """What a layer's latency depends on, at the target batch (from a factorize.LayerInfo)."""
-    if info.kind == "ip":
-        rows = info.outer
-        if info.axis >= 1 and info.in_shape:
-            rows = info.outer // max(1, int(info.in_shape[0])) * int(batch)
-        return {"kind": "fc", "rows": int(rows), "k": int(info.c_in), "n": int(info.n_out), "bias": bool(info.bias),
-                "transpose": bool(info.transpose)}
-    _, c, h, w = (int(x) for x in info.in_shape)
-    return {"kind": "conv", "batch": int(batch), "c": c, "h": h, "w": w, "n": int(info.n_out),
-            "group": int(info.group), "kernel": list(info.kernel), "stride": list(info.stride),
-            "pad": list(info.pad), "dilation": list(info.dilation), "bias": bool(info.bias)}
-
-
-def signature(geo: dict) -> str:
-    if geo["kind"] == "fc":
-        return f"fc:m{geo['rows']}:k{geo['k']}:n{geo['n']}:b{int(geo['bias'])}:t{int(geo['transpose'])}"
-    xy = lambda v: "x".join(str(int(a)) for a in v)  # noqa: E731
-    return (f"conv:b{geo['batch']}:c{geo['c']}:h{geo['h']}:w{geo['w']}:n{geo['n']}:g{geo['group']}:"
-            f"k{xy(geo['kernel'])}:s{xy(geo['stride'])}:p{xy(geo['pad'])}:d{xy(geo['dilation'])}:"
-            f"b{int(geo['bias'])}")
-
-
-def _spread(cap: int, points: int) -> list:
-    """~``points`` ranks over 1..cap, multiples of 8 above 16 (SIMD widths), always 1 and cap."""
-    if cap <= points:
-        return list(range(1, cap + 1))
-    raw = np.linspace(1, cap, points)
-    out = {1, int(cap)}
-    for r in raw[1:-1]:
-        r = int(round(r))
-        if r > 16:
-            r = max(16, int(round(r / 8.0)) * 8)
-        out.add(min(max(1, r), cap))
-    return sorted(out)
-
-
-def break_even(info, scheme: str) -> tuple:
-    """Per rank dimension, the largest rank whose chain's MACs stay at or below the layer's (0: none)."""
-    maxr = info.max_ranks(scheme)
-    if scheme == "tucker2":
-        caps = []
-        for d in range(2):
-            r = np.arange(1, maxr[d] + 1)
-            other = np.ones_like(r)
-            macs, _ = info.cost(scheme, (r, other) if d == 0 else (other, r))
-            ok = np.nonzero(np.asarray(macs) <= info.macs)[0]
-            caps.append(int(r[ok[-1]]) if ok.size else 0)
-        return tuple(caps)
-    r = np.arange(1, maxr[0] + 1)
-    macs, _ = info.cost(scheme, (r,))
-    ok = np.nonzero(np.asarray(macs) <= info.macs)[0]
-    return (int(r[ok[-1]]) if ok.size else 0,)
-
-
-def rank_grid(info, scheme: str, points: int = 8, points_2d: int = 5) -> tuple:
-    """The measured ranks: one ascending list per rank dimension (empty when no rank cuts MACs)."""
-    scheme = info.scheme_for(scheme)
-    caps = break_even(info, scheme)
-    if any(c < 1 for c in caps):
-        return ()
-    if scheme == "tucker2":
-        return tuple(_spread(c, points_2d) for c in caps)
-    return (_spread(caps[0], points),)
-
-
-# ---------------------------------------------------------------------------
 # tables
 
 @dataclass
@@ -289,8 +221,9 @@ def _grid_points(axes) -> list:
     return [(a, b) for a in axes[0] for b in axes[1]]
 
 
-def _measure_layer(geo, scheme, axes, cache: Cache, counter: list, overhead: float = 0.0) -> LayerTable:
-    """The layer's table (what is measured is stored before ``overhead`` is subtracted).
+def _measure_layer(geo, scheme, info, cache: Cache, counter: list, overhead: float = 0.0) -> LayerTable:
+    """The layer's table (what is measured is stored before ``overhead`` is subtracted); its grid is
+    :func:`rank_grid` at :func:`grid_points` of the layer left alone.
 
     Left alone is timed before and after its chains and the faster median kept:
     noise only adds time, and a left-alone time inflated by a neighbour's burst
@@ -303,8 +236,6 @@ def _measure_layer(geo, scheme, axes, cache: Cache, counter: list, overhead: flo
     target = cache_target(cache)
     cold = bool(cache.key.get("cold"))
     orig = cache.get("layers", sig, "orig")
-    part = f"{scheme}:" + ";".join(",".join(str(r) for r in a) for a in axes)
-    stored = cache.get("layers", sig, part)
 
     def timed(model_feeds):
         counter[0] += 1
@@ -312,6 +243,9 @@ def _measure_layer(geo, scheme, axes, cache: Cache, counter: list, overhead: flo
 
     if orig is None:
         orig = timed(layer_model(geo))
+    axes = rank_grid(info, scheme, *grid_points(orig))
+    part = f"{scheme}:" + ";".join(",".join(str(r) for r in a) for a in axes)
+    stored = cache.get("layers", sig, part)
     if stored is None:
         stored = []
         slow_run, dead_row, row = 0, False, None
@@ -342,9 +276,8 @@ def cache_target(cache: Cache) -> Target:
     return Target(k["runtime"], k["threads"], k["batch"])
 
 
-def _calibrate(out: Tables, net, cache: Cache, counter: list):
+def _calibrate(out: Tables, prof: dict):
     """Scale each table to its layer's in-net time (:mod:`lrprune_caffe.engines.latency_net`)."""
-    prof = net_profile(net, out.target, cache, counter)
     out.in_net = in_net_ms(prof, out.total_ms)
     missing = []
     for name, table in list(out.tables.items()):
@@ -381,8 +314,12 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
         bar = None
     try:
         out.overhead_ms = run_overhead(cache, counter)
-        if net is not None:
+        if net is not None and timing == "profile":  # one session gives the total and the layers' shares
+            prof = net_profile(net, target, cache, counter)
+            out.total_ms = float(prof["wall_ms"])
+        elif net is not None:
             out.total_ms = net_ms(net, target, cache=cache, counter=counter)
+        if net is not None:
             if bar is not None:
                 bar.update(1)
         for name, info in infos.items():
@@ -392,11 +329,10 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
                                  f"{len(out.tables)} of {len(infos)} layers (what was measured is cached)")
                 break
             s = info.scheme_for(scheme)
-            axes = rank_grid(info, s)
-            if not axes:
+            if not rank_grid(info, s):
                 out.notes.append(f"layer {name}: no {s} rank cuts its MACs; not tabled")
             else:
-                table = _measure_layer(geometry(info, target.batch), s, axes, cache, counter, out.overhead_ms)
+                table = _measure_layer(geometry(info, target.batch), s, info, cache, counter, out.overhead_ms)
                 table.name = name
                 out.tables[name] = table
             if bar is not None:
@@ -408,7 +344,7 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
             if net is None:
                 out.notes.append("latency tables: no net to profile, so the tables are not calibrated")
             else:
-                _calibrate(out, net, cache, counter)
+                _calibrate(out, prof)
     finally:
         if bar is not None:
             bar.close()
@@ -472,4 +408,4 @@ def net_profile(net, target: Target, cache: Cache, counter: list) -> dict:
 
 __all__ = ["Target", "Cache", "Tables", "RUNTIMES", "geometry", "signature", "rank_grid", "break_even",
            "layer_model", "time_runs", "measure_model", "layer_tables", "net_ms", "net_runner",
-           "measured_speedup", "cache_dir", "ort_options", "net_infos", "net_profile", "TIMINGS"]
+           "measured_speedup", "cache_dir", "ort_options", "net_infos", "net_profile", "TIMINGS", "grid_points"]

@@ -1,6 +1,6 @@
-"""The timed side of :mod:`lrprune_caffe.engines.latency`: tiny ONNX graphs of one layer (left alone or
-factorized), onnxruntime sessions on the target's options, and their timing (hot, or cold: caches
-flushed before each run).
+"""The timed side of :mod:`lrprune_caffe.engines.latency`: each layer's geometry and rank grid, tiny ONNX
+graphs of one layer (left alone or factorized), onnxruntime sessions on the target's options, and their
+timing (hot, or cold: caches flushed before each run).
 
 Large weights of the tiny graphs all point into one file of seeded values (ONNX external data), so a
 400 MB FC weight is neither generated nor serialized per graph; the time does not depend on values.
@@ -16,6 +16,85 @@ from pathlib import Path
 import numpy as np
 
 OPSET = 13
+
+
+# ---------------------------------------------------------------------------
+# geometry and rank grids
+
+def geometry(info, batch: int) -> dict:
+    """What a layer's latency depends on, at the target batch (from a factorize.LayerInfo)."""
+    if info.kind == "ip":
+        rows = info.outer
+        if info.axis >= 1 and info.in_shape:
+            rows = info.outer // max(1, int(info.in_shape[0])) * int(batch)
+        return {"kind": "fc", "rows": int(rows), "k": int(info.c_in), "n": int(info.n_out), "bias": bool(info.bias),
+                "transpose": bool(info.transpose)}
+    _, c, h, w = (int(x) for x in info.in_shape)
+    return {"kind": "conv", "batch": int(batch), "c": c, "h": h, "w": w, "n": int(info.n_out),
+            "group": int(info.group), "kernel": list(info.kernel), "stride": list(info.stride),
+            "pad": list(info.pad), "dilation": list(info.dilation), "bias": bool(info.bias)}
+
+
+def signature(geo: dict) -> str:
+    if geo["kind"] == "fc":
+        return f"fc:m{geo['rows']}:k{geo['k']}:n{geo['n']}:b{int(geo['bias'])}:t{int(geo['transpose'])}"
+    xy = lambda v: "x".join(str(int(a)) for a in v)  # noqa: E731
+    return (f"conv:b{geo['batch']}:c{geo['c']}:h{geo['h']}:w{geo['w']}:n{geo['n']}:g{geo['group']}:"
+            f"k{xy(geo['kernel'])}:s{xy(geo['stride'])}:p{xy(geo['pad'])}:d{xy(geo['dilation'])}:"
+            f"b{int(geo['bias'])}")
+
+
+def _spread(cap: int, points: int) -> list:
+    """~``points`` ranks over 1..cap, multiples of 8 above 16 (SIMD widths), always 1 and cap."""
+    if cap <= points:
+        return list(range(1, cap + 1))
+    raw = np.linspace(1, cap, points)
+    out = {1, int(cap)}
+    for r in raw[1:-1]:
+        r = int(round(r))
+        if r > 16:
+            r = max(16, int(round(r / 8.0)) * 8)
+        out.add(min(max(1, r), cap))
+    return sorted(out)
+
+
+def break_even(info, scheme: str) -> tuple:
+    """Per rank dimension, the largest rank whose chain's MACs stay at or below the layer's (0: none)."""
+    maxr = info.max_ranks(scheme)
+    if scheme == "tucker2":
+        caps = []
+        for d in range(2):
+            r = np.arange(1, maxr[d] + 1)
+            other = np.ones_like(r)
+            macs, _ = info.cost(scheme, (r, other) if d == 0 else (other, r))
+            ok = np.nonzero(np.asarray(macs) <= info.macs)[0]
+            caps.append(int(r[ok[-1]]) if ok.size else 0)
+        return tuple(caps)
+    r = np.arange(1, maxr[0] + 1)
+    macs, _ = info.cost(scheme, (r,))
+    ok = np.nonzero(np.asarray(macs) <= info.macs)[0]
+    return (int(r[ok[-1]]) if ok.size else 0,)
+
+
+def grid_points(left_alone_ms: float) -> tuple:
+    """(points, points_2d) of the rank grid for a layer that takes ``left_alone_ms`` alone: fewer for
+    slow layers, whose curves are long straight lines and whose every chain costs a lot to time."""
+    if left_alone_ms >= 30:
+        return 5, 4
+    if left_alone_ms >= 8:
+        return 6, 4
+    return 8, 5
+
+
+def rank_grid(info, scheme: str, points: int = 8, points_2d: int = 5) -> tuple:
+    """The measured ranks: one ascending list per rank dimension (empty when no rank cuts MACs)."""
+    scheme = info.scheme_for(scheme)
+    caps = break_even(info, scheme)
+    if any(c < 1 for c in caps):
+        return ()
+    if scheme == "tucker2":
+        return tuple(_spread(c, points_2d) for c in caps)
+    return (_spread(caps[0], points),)
 
 
 # ---------------------------------------------------------------------------
@@ -255,5 +334,5 @@ def measure_model(model_bytes: bytes, feeds: dict, target, external: bool = True
     return {**res, "ms": res["low"]}
 
 
-__all__ = ["layer_model", "overhead_model", "ort_options", "session", "time_runs", "measure_model", "low", "Flush",
-           "llc_bytes", "OPSET"]
+__all__ = ["geometry", "signature", "break_even", "rank_grid", "grid_points", "layer_model", "overhead_model",
+           "ort_options", "session", "time_runs", "measure_model", "low", "Flush", "llc_bytes", "OPSET"]

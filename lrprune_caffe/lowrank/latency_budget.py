@@ -249,5 +249,5 @@ def allocate(options: list, total_ms: float, speedup: float, fixed_ms: float = N
                       dict(dropped_slower or {}))
 
 
-__all__ = ["LayerTable", "calibrate", "interp_1d", "interp_2d", "latency_options", "rank_candidates", "Allocation", "Unreachable",
-           "fixed_part", "allocate"]
+__all__ = ["LayerTable", "calibrate", "interp_1d", "interp_2d", "latency_options", "rank_candidates", "Allocation",
+           "Unreachable", "fixed_part", "allocate"]
