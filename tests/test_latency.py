@@ -33,6 +33,8 @@ def fake_timer(monkeypatch):
 
     def fake_measure(model_bytes, feeds, target, external=True, cold=False):
         calls.append(len(model_bytes))
+        if not external:  # the per-run overhead (an Identity)
+            return {"ms": 0.01}
         return {"ms": 1.0 - len(calls) * 0.001, "runs": 1, "min": 1.0, "max": 1.0}  # every chain faster
 
     def fake_profile(net, target):
@@ -54,7 +56,11 @@ def test_second_call_measures_nothing(tmp_path, fake_timer):
     target = L.Target("onnxruntime", 1, 1)
     first = L.layer_tables(infos, "channel", target, net=net, directory=tmp_path)
     n_first = len(fake_timer)
-    assert n_first == first.measured > 0 and first.total_ms == 5.0
+    assert n_first == first.measured > 0 and first.total_ms == 3.5  # the profiled parts: 2 + 1 + 0.5
+    # calibrated: left alone = the layer's in-net time, its chains scaled alike
+    conv = first.tables["conv1"]
+    assert conv.left_alone_ms == pytest.approx(2.0) and first.tables["ip1"].left_alone_ms == pytest.approx(1.0)
+    assert conv.scale == pytest.approx(2.0 / (first.tables["conv1"].left_alone_ms / conv.scale))
     second = L.layer_tables(infos, "channel", target, net=net, directory=tmp_path)
     assert len(fake_timer) == n_first and second.measured == 0
     for name in infos:

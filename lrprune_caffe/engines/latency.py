@@ -25,7 +25,8 @@ are timed hot and then calibrated: the whole original net is profiled once
 (:mod:`lrprune_caffe.engines.latency_net`, onnxruntime's profiler), and each
 layer's row is scaled by its in-net time / its time alone
 (:func:`lrprune_caffe.lowrank.latency_budget.calibrate`). The budget's fixed
-part is then the net's total (from the same profiled runs) minus the tabled
+part is then the net's total (the sum of its profiled parts,
+:func:`lrprune_caffe.engines.latency_net.profile_total`) minus the tabled
 layers' in-net times. ``timing="cold"`` (every run after a cache flush, no
 calibration) and ``"hot"`` (neither) remain for comparison.
 
@@ -56,7 +57,8 @@ from lrprune_caffe.lowrank.latency_budget import LayerTable, calibrate
 from .latency_graphs import (Flush, layer_model, measure_model, ort_options, overhead_model, session,  # noqa: F401
                              time_runs)
 from .latency_graphs import break_even, geometry, grid_points, rank_grid, signature  # noqa: F401
-from .latency_net import in_net_ms, measured_speedup, net_runner, net_signature, profile_net  # noqa: F401
+from .latency_net import (in_net_ms, measured_speedup, net_runner, net_signature, profile_net,  # noqa: F401
+                          profile_total)
 
 RUNTIMES = ("onnxruntime",)
 GRID_VERSION = 3  # bump when the grid or the timing method changes: old cache entries are ignored
@@ -190,7 +192,8 @@ class Tables:
     target: Target
     scheme: str
     tables: dict = field(default_factory=dict)  # name -> LayerTable
-    total_ms: float = None  # the whole original net
+    total_ms: float = None  # the whole original net (timing "profile": the sum of its profiled parts)
+    wall_ms: float = None  # timing "profile": the lower quartile of the profiled runs' wall times
     seconds: float = 0.0  # wall time spent here (measuring, or reading the cache)
     cpu_seconds: float = 0.0  # CPU time of this process meanwhile (~ the wall time on an idle machine)
     measured: int = 0  # graphs timed now (0 on a full cache hit)
@@ -278,7 +281,7 @@ def cache_target(cache: Cache) -> Target:
 
 def _calibrate(out: Tables, prof: dict):
     """Scale each table to its layer's in-net time (:mod:`lrprune_caffe.engines.latency_net`)."""
-    out.in_net = in_net_ms(prof, out.total_ms)
+    out.in_net = in_net_ms(prof)
     missing = []
     for name, table in list(out.tables.items()):
         ms = out.in_net.get(name)
@@ -316,7 +319,7 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
         out.overhead_ms = run_overhead(cache, counter)
         if net is not None and timing == "profile":  # one session gives the total and the layers' shares
             prof = net_profile(net, target, cache, counter)
-            out.total_ms = float(prof["wall_ms"])
+            out.total_ms, out.wall_ms = profile_total(prof), float(prof["wall_ms"])
         elif net is not None:
             out.total_ms = net_ms(net, target, cache=cache, counter=counter)
         if net is not None:
