@@ -8,7 +8,8 @@ compress's ``engine`` and ``threads``: the engine the check runs on is the one t
   :mod:`lrprune_caffe.lowrank.latency_budget`), ``"macs"`` (the MAC budget), or None: latency when its
   tables can be had within ``table_time`` seconds (60; a cached table costs nothing), macs otherwise,
   with a note saying why (an engine without tables, the time ran out, a target the tables say cannot
-  be reached). An explicit ``"latency"`` waits for its tables and refuses what it cannot do.
+  be reached). An explicit ``"latency"`` waits for its tables (or ``table_time`` when given) and
+  refuses what it cannot do.
 - ``threads`` (None: 1) and ``batch`` (1): the target's intra-op threads and batch.
 - ``measure_rounds`` (20; 0: skip): after factorizing, the original and the written net run
   interleaved (ABBA rounds) on the target and the report gives the measured speed-up (median of the
@@ -66,7 +67,7 @@ def check_options(opts: dict, speedup, engine: str):
     if cost == "latency" and engine not in L.RUNTIMES:
         raise UserError(f"--cost latency: no latency tables for engine '{engine}' (they exist for "
                         f"{', '.join(L.RUNTIMES)}); use --engine onnxruntime or --cost macs")
-    if cost != "latency" and table_time is not None:
+    if cost == "macs" and table_time is not None:
         raise UserError("--table-time bounds the latency tables' measurement; it has no effect with "
                         "--cost macs")
 
@@ -89,7 +90,7 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
     if not tables.complete:
         raise NoLatency(f"its tables were not measured within {time_budget_s:.0f} s ({len(tables.tables)} of "
                         f"{len(infos)} layers; what was measured is cached, so a rerun goes further; "
-                        f"--cost latency waits for all)")
+                        f"--cost latency without --table-time waits for all)")
     options, dropped, reasons = [], {}, {}
     for name in infos:
         table = tables.tables.get(name)
@@ -126,7 +127,8 @@ def budget_latency(job, names, spectra) -> bool:
     explicit = cost_of(opts) == "latency"
     try:
         target = target_of(o.engine, o.threads, opts.get("batch"))
-        budget = None if explicit else float(opts.get("table_time") or TABLE_TIME_S)
+        budget = opts.get("table_time")
+        budget = float(budget) if budget is not None else (None if explicit else TABLE_TIME_S)
         res = plan(job.net, {n: job.infos[n] for n in names}, spectra, speedup=float(o.speedup), scheme=o.scheme,
                    criterion=o.criterion, target=target, time_budget_s=budget, progress=o.progress)
     except NoLatency as e:
