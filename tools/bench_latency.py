@@ -160,10 +160,12 @@ def run(args) -> dict:
                                                      for t in args.timing}}
                     row = {"net": name, "requested": s, "cost": cost, "threads": threads, **info,
                            "measured": m["speedup"], "p10": m["paired_p10"], "p90": m["paired_p90"],
+                           "cpu_measured": m.get("cpu_paired_median"),
                            "orig_ms": m["a_ms"], "new_ms": m["b_ms"]}
                     rows.append(row)
                     print(f"[{name}] S={s} {cost:7s} t={threads}: MAC cut {info['macs_cut']:.2f}x, measured "
                           f"{m['speedup']:.2f}x ({m['paired_p10']:.2f}-{m['paired_p90']:.2f})"
+                          + (f", CPU time {m['cpu_paired_median']:.2f}x" if m.get("cpu_paired_median") else "")
                           + (f", predicted {info['predicted']:.2f}x" if "predicted" in info else "")
                           + "; tables predict " + ", ".join(f"{t} {v:.2f}x" for t, v in info["predicted_by"].items()),
                           file=sys.stderr)
@@ -185,7 +187,7 @@ def print_table(result):
               f"{t['cpu_seconds']:.1f} s CPU ({t['graphs']} graphs, {t['layers']} layers; net {t['total_ms']:.1f} ms, "
               f"tabled layers alone {t.get('tabled_alone_ms', 0):.1f} ms, as used {t['tabled_left_alone_ms']:.1f} ms)")
     print(f"\n{'net':10s} {'S':>4s} {'cost':11s} {'thr':>3s} {'MAC cut':>8s} {'predicted':>9s} {'measured':>9s} "
-          f"{'p10-p90':>11s}  met?  tables predict")
+          f"{'p10-p90':>11s} {'CPU':>6s}  met?  tables predict")
     for r in result["rows"]:
         if "error" in r:
             print(f"{r['net']:10s} {r['requested']:4.1f} {r['cost']:11s} {r.get('threads', ''):>3} {r['error']}")
@@ -194,7 +196,8 @@ def print_table(result):
         met = "yes" if r["measured"] >= r["requested"] else f"no ({r['measured'] / r['requested']:.0%} of it)"
         by = ", ".join(f"{t} {v:.2f}x" for t, v in r.get("predicted_by", {}).items())
         print(f"{r['net']:10s} {r['requested']:4.1f} {r['cost']:11s} {r['threads']:3d} {r['macs_cut']:7.2f}x "
-              f"{pred:>9s} {r['measured']:8.2f}x {r['p10']:5.2f}-{r['p90']:<5.2f}  {met}  {by}")
+              f"{pred:>9s} {r['measured']:8.2f}x {r['p10']:5.2f}-{r['p90']:<5.2f} "
+              f"{(format(r['cpu_measured'], '5.2f') + 'x') if r.get('cpu_measured') else '-':>6s}  {met}  {by}")
 
 
 def plot(result, path):

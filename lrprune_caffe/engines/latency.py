@@ -17,7 +17,9 @@ seeded weights of the right shapes: the time does not depend on their values)
 run by onnxruntime with the target's session options (``intra_op_num_threads`` =
 threads, ``inter_op_num_threads`` 1, sequential, ``ORT_ENABLE_ALL``, as the
 exported net runs). Time = the median of repeated runs after warm-up (up to 12
-runs for small layers, 3 for big ones), minus the per-run cost of any graph.
+runs for small layers, 3 for big ones; their lower quartile, in CPU time with
+one thread: :func:`lrprune_caffe.engines.latency_graphs.cpu_clock`), minus the
+per-run cost of any graph.
 
 A layer timed alone is not the layer inside the net (hot caches, no fusion,
 layout reorders around it). So by default (``timing="profile"``) the tables
@@ -56,12 +58,12 @@ from lrprune_caffe.errors import UserError
 from lrprune_caffe.lowrank.latency_budget import LayerTable, calibrate
 from .latency_graphs import (Flush, layer_model, measure_model, ort_options, overhead_model, session,  # noqa: F401
                              time_runs)
-from .latency_graphs import break_even, geometry, grid_points, rank_grid, signature  # noqa: F401
+from .latency_graphs import break_even, cpu_clock, geometry, grid_points, rank_grid, signature  # noqa: F401
 from .latency_net import (in_net_ms, measured_speedup, net_runner, net_signature, profile_net,  # noqa: F401
                           profile_total)
 
 RUNTIMES = ("onnxruntime",)
-GRID_VERSION = 3  # bump when the grid or the timing method changes: old cache entries are ignored
+GRID_VERSION = 4  # bump when the grid or the timing method changes: old cache entries are ignored
 #: how layers are timed: "profile" (hot, then scaled to their in-net time from the profiled net; the
 #: default), "cold" (caches flushed before each run, no calibration), "hot" (neither)
 TIMINGS = ("profile", "cold", "hot")
@@ -108,7 +110,7 @@ class Target:
     def key(self) -> dict:
         return {"runtime": self.runtime, "version": runtime_version(self.runtime), "threads": int(self.threads),
                 "batch": int(self.batch), "machine": platform.machine(), "cpu": cpu_model(),
-                "cores": os.cpu_count(), "grid": GRID_VERSION}
+                "cores": os.cpu_count(), "grid": GRID_VERSION, "clock": "cpu" if int(self.threads) == 1 else "wall"}
 
     def describe(self) -> str:
         k = self.key()
@@ -388,7 +390,7 @@ def net_ms(net, target: Target, cache: Cache = None, directory=None, counter: li
     sig = net_signature(net, target.batch)
     ms = cache.get("nets", sig)
     if ms is None:
-        ms = time_runs(net_runner(net, target), budget_s=0.5)
+        ms = time_runs(net_runner(net, target), budget_s=0.5, clock=cpu_clock(target.threads))
         ms = ms.get("low", ms["ms"])  # the statistic of the tables and the profile
         cache.put("nets", sig, ms)
         if counter is not None:

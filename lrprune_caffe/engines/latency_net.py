@@ -15,7 +15,8 @@ run. Node names come from our exporter (:mod:`lrprune_caffe.export.onnx`: the Ca
 by ``/``, ``_`` or nothing). Kernels of no layer (layout reorders onnxruntime inserts) count towards
 the fixed part. Per run, each layer's kernels are summed; the lower quartile over the runs after
 warm-up (the statistic of the tables) is its in-net time, and the net's time is the sum of those parts
-(:func:`profile_total`).
+(:func:`profile_total`). With one thread, each run's kernels are first scaled by the run's CPU time /
+wall time (the tables are timed in CPU time, :func:`lrprune_caffe.engines.latency_graphs.cpu_clock`).
 
 :func:`lrprune_caffe.lowrank.latency_budget.calibrate` then scales each layer's table by
 in-net ms / alone ms of the layer left alone.
@@ -76,18 +77,25 @@ def measured_speedup(net_a, net_b, target, rounds: int = 20, warmup: int = 2) ->
     for r in runs:
         for _ in range(int(warmup)):
             r()
-    clock = time.perf_counter
-    times = [[], []]
+    clock, cpu = time.perf_counter, time.process_time
+    times, cpus = [[], []], [[], []]
     for rnd in range(int(rounds)):
         for i in ((0, 1) if rnd % 2 == 0 else (1, 0)):
-            t0 = clock()
+            t0, c0 = clock(), cpu()
             runs[i]()
             times[i].append((clock() - t0) * 1e3)
+            cpus[i].append((cpu() - c0) * 1e3)
     ratios = np.asarray(times[0]) / np.asarray(times[1])
     a, b = statistics.median(times[0]), statistics.median(times[1])
-    return {"a_ms": a, "b_ms": b, "speedup": a / b, "paired_median": float(np.median(ratios)),
-            "paired_p10": float(np.percentile(ratios, 10)), "paired_p90": float(np.percentile(ratios, 90)),
-            "rounds": int(rounds), "target": target.key()}
+    out = {"a_ms": a, "b_ms": b, "speedup": a / b, "paired_median": float(np.median(ratios)),
+           "paired_p10": float(np.percentile(ratios, 10)), "paired_p90": float(np.percentile(ratios, 90)),
+           "rounds": int(rounds), "target": target.key()}
+    if int(target.threads) == 1:  # CPU time: what the other jobs on a shared machine took is not in it
+        c = np.asarray(cpus[0]) / np.maximum(np.asarray(cpus[1]), 1e-9)
+        out.update({"cpu_a_ms": statistics.median(cpus[0]), "cpu_b_ms": statistics.median(cpus[1]),
+                    "cpu_paired_median": float(np.median(c)), "cpu_paired_p10": float(np.percentile(c, 10)),
+                    "cpu_paired_p90": float(np.percentile(c, 90))})
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -106,10 +114,11 @@ def owner(node_name: str, layer_names) -> str:
     return ""
 
 
-def parse_profile(events: list, layer_names, warmup: int = 1) -> dict:
+def parse_profile(events: list, layer_names, warmup: int = 1, scale=None) -> dict:
     """{"runs": n, "run_ms": model_run ms, "layers": {name: ms in a run}, "other_ms": ms of kernels of no
     layer} from onnxruntime profiler events (runs after ``warmup`` ones); each the lower quartile over
-    the runs (:func:`lrprune_caffe.engines.latency_graphs.low`)."""
+    the runs (:func:`lrprune_caffe.engines.latency_graphs.low`). ``scale``: one factor per run after
+    warm-up applied to its kernels (e.g. CPU / wall time of the run)."""
     names = sorted(set(layer_names), key=len, reverse=True)
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e.get("name") == "model_run")
@@ -130,7 +139,7 @@ def parse_profile(events: list, layer_names, warmup: int = 1) -> dict:
         who = cache.get(node)
         if who is None:
             who = cache[node] = owner(node, names)
-        ms = float(e["dur"]) / 1e3
+        ms = float(e["dur"]) / 1e3 * (float(scale[i]) if scale is not None and i < len(scale) else 1.0)
         if who:
             per_run[i][who] = per_run[i].get(who, 0.0) + ms
         else:
@@ -161,15 +170,19 @@ def profile_net(net, target, budget_s: float = 1.0, min_runs: int = 5, max_runs:
         for _ in range(int(warmup)):
             sess.run(outs, feeds)
         each = (clock() - t0) / max(1, int(warmup))
-        wall = []
+        wall, cpu = [], []
         for _ in range(int(min(max_runs, max(min_runs, round(budget_s / max(each, 1e-6)))))):
-            t0 = clock()
+            t0, c0 = clock(), time.process_time()
             sess.run(outs, feeds)
             wall.append((clock() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
         path = sess.end_profiling()
         with open(path) as fh:
             events = json.load(fh)
-    return {**parse_profile(events, [layer.name for layer in net.layers], warmup=warmup), "wall_ms": low(wall)}
+    # one thread: each kernel's share of its run, in the run's CPU time (as the tables are timed)
+    scale = [c / w if w > 0 else 1.0 for c, w in zip(cpu, wall)] if int(target.threads) == 1 else None
+    return {**parse_profile(events, [layer.name for layer in net.layers], warmup=warmup, scale=scale),
+            "wall_ms": low(wall), "cpu_ms": low(cpu)}
 
 
 def in_net_ms(profile: dict) -> dict:
