@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli
 from lrprune_caffe.core import latency_cost as lc
-from lrprune_caffe.core.compress import compress
+from lrprune_caffe.api import compress_files as compress
 from lrprune_caffe.engines import latency as L
 from lrprune_caffe.errors import UserError
 from lrprune_caffe.transforms.factorize import FACTORIZABLE

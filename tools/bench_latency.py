@@ -5,11 +5,11 @@ For each net (``tools/latency_nets.py``: VGG-16, ResNet-50, GoogLeNet, MobileNet
 seeded weights of power-law spectra), each ``--speedup`` S (default 1.5, 2, 3) and each onnxruntime
 intra-op thread count (default 1 and 2):
 
-- ``macs``: ``lrprune_caffe.core.compress.compress(..., speedup=S)``, the MAC budget;
+- ``macs``: ``lrprune_caffe.api.compress_files(..., speedup=S, cost="macs")``, the MAC budget;
 - ``latency``: per-layer latency tables (``lrprune_caffe.engines.latency``, measured on the same
   runtime, threads and batch, cached), the millisecond budget
   (``lrprune_caffe.lowrank.latency_budget.allocate``: fixed + sum of layer ms <= total / S, errors from
-  the weights' log-energy), applied by the same ``compress`` with explicit per-layer ranks
+  the weights' log-energy), applied by the same ``compress_files`` with explicit per-layer ranks
   (``rank="conv1_1=16,..."``);
 
 then the original and the compressed net run interleaved (ABBA rounds, batch 1) on onnxruntime and we
@@ -85,8 +85,8 @@ def latency_allocation(tables, spectra, speedup, criterion="log-energy"):
 
 
 def compressed(proto, model, scheme, **kw):
-    from lrprune_caffe.core.compress import compress
-    report, new = compress(proto, model, None, scheme=scheme, verify=False, **kw)
+    from lrprune_caffe.api import compress_files
+    report, new = compress_files(proto, model, None, scheme=scheme, verify=False, measure_rounds=0, **kw)
     ranks = {r["name"]: tuple(int(x) for x in (r["rank"] if isinstance(r["rank"], list) else [r["rank"]]))
              for r in report["layers"] if r["action"] == "factorized"}
     return new, {"macs_cut": report["totals"]["macs_reduction"], "factorized": len(ranks), "ranks": ranks}
@@ -133,7 +133,7 @@ def run(args) -> dict:
         for s in args.speedups:
             variants = []
             try:
-                variants.append(("macs", None, *compressed(proto, model, args.scheme, speedup=s)))
+                variants.append(("macs", None, *compressed(proto, model, args.scheme, speedup=s, cost="macs")))
             except Exception as e:  # a target the MAC budget cannot reach: say so in the table
                 rows.append({"net": name, "requested": s, "cost": "macs", "error": str(e)})
             for threads in args.threads:

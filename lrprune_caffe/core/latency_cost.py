@@ -1,15 +1,15 @@
 """``compress --speedup S --cost latency``: the budget in measured milliseconds on the target runtime, and
 the measured end-to-end speed-up of the written net.
 
-Options (``compress(..., cost=, batch=, table_time=, measure_rounds=)``; the target runtime is
-compress's ``engine`` and ``threads``: the engine the check runs on is the one the net is meant for):
+Options (fields of :class:`lrprune_caffe.core.options.CompressOptions`; the target runtime is
+``engine`` and ``threads``: the engine the check runs on is the one the net is meant for):
 
 - ``cost``: ``"latency"`` (per-layer latency tables of :mod:`lrprune_caffe.engines.latency`, allocated by
-  :mod:`lrprune_caffe.lowrank.latency_budget`), ``"macs"`` (the MAC budget), or None: latency when its
-  tables can be had within ``table_time`` seconds (60; a cached table costs nothing), macs otherwise,
-  with a note saying why (an engine without tables, the time ran out, a target the tables say cannot
-  be reached). An explicit ``"latency"`` waits for its tables (or ``table_time`` when given) and
-  refuses what it cannot do.
+  :mod:`lrprune_caffe.lowrank.latency_budget`), ``"macs"`` (the MAC budget, :mod:`lrprune_caffe.lowrank.budget`),
+  or None: latency when its tables can be had within ``table_time`` seconds (60; a cached table costs
+  nothing), macs otherwise, with a note saying why (an engine without tables, the time ran out, a target
+  the tables say cannot be reached). An explicit ``"latency"`` waits for its tables (or ``table_time``
+  when given) and refuses what it cannot do.
 - ``threads`` (None: 1) and ``batch`` (1): the target's intra-op threads and batch.
 - ``measure_rounds`` (20; 0: skip): after factorizing, the original and the written net run
   interleaved (ABBA rounds) on the target and the report gives the measured speed-up (median of the
@@ -30,8 +30,6 @@ from lrprune_caffe.transforms.factorize import LayerPlan
 COSTS = ("latency", "macs")
 TABLE_TIME_S = 60.0
 MEASURE_ROUNDS = 20
-#: compress keyword options read here
-OPTIONS = ("cost", "batch", "table_time", "measure_rounds")
 
 
 #: the cost when compress is given none: None = latency where its tables can be had, else macs
@@ -39,19 +37,19 @@ OPTIONS = ("cost", "batch", "table_time", "measure_rounds")
 DEFAULT_COST = None
 
 
-def cost_of(opts: dict):
+def cost_of(o):
     """The cost asked for: "latency", "macs", or None (latency if it can be had)."""
-    return opts.get("cost") or DEFAULT_COST
+    return o.cost or DEFAULT_COST
 
 
 class NoLatency(Exception):
     """Why the latency cost is not used (with cost None, compress falls back to macs and notes it)."""
 
 
-def check_options(opts: dict, speedup, engine: str):
+def check_options(o):
     """Refuse what cannot work or would have no effect (the flags' names in the messages)."""
-    cost, batch = opts.get("cost"), opts.get("batch")
-    table_time, rounds = opts.get("table_time"), opts.get("measure_rounds")
+    cost, batch, table_time, rounds = o.cost, o.batch, o.table_time, o.measure_rounds
+    speedup, engine = o.speedup, o.engine
     if cost is not None and cost not in COSTS:
         raise UserError(f"--cost: unknown cost '{cost}' (choose from {', '.join(COSTS)})")
     given = [f for f, v in (("--cost", cost), ("--batch", batch), ("--table-time", table_time),
@@ -120,39 +118,35 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
     return {"choice": alloc.choice, "reasons": reasons, "section": section, "notes": list(tables.notes)}
 
 
-def budget_latency(job, names, spectra) -> bool:
-    """compress's rank step under the latency cost: fills ``job.plan``, the rows' reasons and the budget
-    section and returns True; False (with a note) when cost is None and latency cannot be used."""
-    o, opts = job.opts, job.extra_options
-    explicit = cost_of(opts) == "latency"
+def budget_latency(net, rp, infos: dict, names: list, spectra: dict, o) -> bool:
+    """The rank step under the latency cost: fills ``rp.plan``, the rows' reasons, ``rp.budget`` and
+    ``rp.notes`` and returns True; False (with a note) when the cost is None and latency cannot be used."""
+    explicit = cost_of(o) == "latency"
     try:
-        target = target_of(o.engine, o.threads, opts.get("batch"))
-        budget = opts.get("table_time")
-        budget = float(budget) if budget is not None else (None if explicit else TABLE_TIME_S)
-        res = plan(job.net, {n: job.infos[n] for n in names}, spectra, speedup=float(o.speedup), scheme=o.scheme,
+        target = target_of(o.engine, o.threads, o.batch)
+        budget = float(o.table_time) if o.table_time is not None else (None if explicit else TABLE_TIME_S)
+        res = plan(net, {n: infos[n] for n in names}, spectra, speedup=float(o.speedup), scheme=o.scheme,
                    criterion=o.criterion, target=target, time_budget_s=budget, progress=o.progress)
     except NoLatency as e:
         if explicit:
             raise UserError(f"--cost latency: {e}") from None
-        job.notes.append(f"--speedup counts multiply-adds (--cost macs): the latency cost was not used, {e}")
+        rp.notes.append(f"--speedup counts multiply-adds (--cost macs): the latency cost was not used, {e}")
         return False
     except lb.Unreachable as e:
         msg = (f"--speedup {o.speedup} cannot be reached on {target.describe()}: the latency tables predict at "
                f"most {e.best_speedup:.2f}x even with every layer at its fastest measured configuration")
         if explicit:
             raise UserError(msg + " (--cost macs counts multiply-adds instead)") from None
-        job.notes.append(f"--speedup counts multiply-adds (--cost macs): {msg}")
+        rp.notes.append(f"--speedup counts multiply-adds (--cost macs): {msg}")
         return False
-    job.notes.extend(res["notes"])
+    rp.notes.extend(res["notes"])
     for name, ranks in res["choice"].items():
-        if ranks is None:
-            job.rows[name]["reason"] = res["reasons"][name]
-            continue
-        info = job.infos[name]
-        job.plan[name] = LayerPlan(info.scheme_for(o.scheme), tuple(int(r) for r in ranks), info)
+        if ranks is not None:
+            info = infos[name]
+            rp.plan[name] = LayerPlan(info.scheme_for(o.scheme), tuple(int(r) for r in ranks), info)
     for name, why in res["reasons"].items():
-        job.rows[name].setdefault("reason", why)
-    job.sections["budget"] = res["section"]
+        rp.rows[name].reason = why
+    rp.budget = res["section"]
     return True
 
 
@@ -179,49 +173,35 @@ def measure(net_a, net_b, engine: str, threads, batch, rounds: int) -> dict:
             "rounds": rounds}
 
 
-def speed_step(job):
-    """After the report (and the sizes step): measure, report, and say in the outcome line whether the
-    requested speed-up was met."""
-    o, opts = job.opts, job.extra_options
-    rounds = MEASURE_ROUNDS if opts.get("measure_rounds") is None else int(opts["measure_rounds"])
-    if o.speedup is None or rounds == 0 or job.report is None or job.new is None:
+def report_speed(net, new, o, report: dict) -> None:
+    """With --speedup: measure the written net against the original on the target, put it in
+    ``report["speed"]`` and say in the outcome line whether the requested speed-up was met."""
+    rounds = MEASURE_ROUNDS if o.measure_rounds is None else int(o.measure_rounds)
+    if o.speedup is None or rounds == 0:
         return
-    budget = job.report.get("budget") or {}
+    budget = report.get("budget") or {}
     try:
-        m = measure(job.net, job.new, o.engine, o.threads, opts.get("batch"), rounds)
+        m = measure(net, new, o.engine, o.threads, o.batch, rounds)
     except EngineError as e:
-        job.report.setdefault("notes", []).append(f"speed-up not measured: {e}")
+        report.setdefault("notes", []).append(f"speed-up not measured: {e}")
         return
     requested = float(o.speedup)
     met = m["speedup"] >= requested
     m.update({"requested": requested, "cost": budget.get("cost", "macs"), "met": met,
               "predicted": budget.get("predicted_speedup")})
-    job.report["speed"] = m
+    report["speed"] = m
     spread = f"p10-p90 {m['p10']:.2f}-{m['p90']:.2f}x, " if m.get("p10") is not None else ""
     line = (f"speed-up {'met' if met else 'MISSED'}: {m['speedup']:.2f}x measured ({spread}{rounds} interleaved "
-            f"rounds on {m['engine']}) against {requested:.2f}x requested "
-            f"({m['cost']} budget"
+            f"rounds on {m['engine']}) against {requested:.2f}x requested ({m['cost']} budget"
             + (f", {m['predicted']:.2f}x predicted" if m.get("predicted") else "") + ")"
             + (f"; in CPU time {m['cpu_speedup']:.2f}x" if m.get("cpu_speedup") else ""))
-    out = job.report.get("outcome")
+    out = report.get("outcome")
     if out:
         out["summary"] = line + "; " + out["summary"]
         out["speed_met"] = met
     else:
-        job.report["outcome"] = {"summary": line, "speed_met": met}
+        report["outcome"] = {"summary": line, "speed_met": met}
 
 
-def describe(section: dict) -> str:
-    """One line of the latency budget for report.md."""
-    return (f"Budget: measured latency on {section['target']}: {section['total_ms']:.2f} ms / {section['speedup']} "
-            f"= {section['target_ms']:.2f} ms ({section['fixed_ms']:.2f} ms fixed); predicted "
-            f"{section['predicted_ms']:.2f} ms ({section['predicted_speedup']:.2f}x); tables "
-            f"{section['tables']['seconds']:.1f} s ({section['tables']['graphs_timed']} graphs timed).")
-
-
-def install(add_step) -> None:
-    add_step("speed", speed_step, after="sizes")
-
-
-__all__ = ["COSTS", "OPTIONS", "DEFAULT_COST", "cost_of", "TABLE_TIME_S", "MEASURE_ROUNDS", "NoLatency",
-           "check_options", "target_of", "plan", "budget_latency", "measure", "speed_step", "describe", "install"]
+__all__ = ["COSTS", "DEFAULT_COST", "cost_of", "TABLE_TIME_S", "MEASURE_ROUNDS", "NoLatency", "check_options",
+           "target_of", "plan", "budget_latency", "measure", "report_speed"]

@@ -47,8 +47,13 @@ class CompressOptions:
     precision: str = None  # with onnx: "fp16" (export.precision); None / "fp32": as exported
     quantize: str = None  # with onnx: "int8" static QDQ, calibrated on CompressData.calib
     verify: bool = True
-    engine: str = "onnxruntime"
+    engine: str = "onnxruntime"  # the check's engine, and with --speedup the target runtime
     threads: int = None
+    # --speedup's target (core/latency_cost.py)
+    cost: str = None  # "latency" | "macs" | None: latency when its tables can be had in table_time
+    batch: int = None  # the target's batch (None: 1)
+    table_time: float = None  # seconds the latency tables may take (None: 60, or no limit with cost latency)
+    measure_rounds: int = None  # interleaved rounds of the measured speed-up (None: 20; 0: not measured)
     progress: bool = False
 
     @classmethod
@@ -74,6 +79,8 @@ class CompressOptions:
             out[name] = getattr(self, name)
         if self.precision not in (None, "fp32") or self.quantize is not None:
             out.update(precision=self.precision, quantize=self.quantize)
+        if self.speedup is not None:
+            out.update(cost=self.cost, engine=self.engine, threads=self.threads, batch=self.batch)
         return out
 
 
@@ -206,6 +213,8 @@ def check_options(o: CompressOptions):
         raise UserError("--opset applies to the ONNX file: add --onnx")
     elif o.precision not in (None, "fp32") or o.quantize is not None:
         raise UserError(f"--{'quantize' if o.quantize else 'precision'} converts model.onnx: add --onnx")
+    from .latency_cost import check_options as check_cost
+    check_cost(o)
     parse_rank_spec(o.rank)
     return spec
 
