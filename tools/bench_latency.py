@@ -6,8 +6,12 @@ seeded weights of power-law spectra), each ``--speedup`` S (default 1.5, 2, 3) a
 intra-op thread count (default 1 and 2):
 
 - ``macs``: ``lrprune_caffe.api.compress_files(..., speedup=S, cost="macs")``, the MAC budget;
-- ``latency``: per-layer latency tables (``lrprune_caffe.engines.latency``, measured on the same
-  runtime, threads and batch, cached), the millisecond budget
+- ``latency``: ``compress_files(..., speedup=S, cost="latency", threads=T)``, what the CLI does: per-layer
+  latency tables timed hot and calibrated against the profiled net, the millisecond budget, one
+  refinement from the profiled factorized net;
+- ``lat-cold`` / ``lat-hot`` (with ``--timing``): tables timed cold / hot, uncalibrated
+  (``lrprune_caffe.engines.latency``, measured on the same runtime, threads and batch, cached), the
+  millisecond budget
   (``lrprune_caffe.lowrank.latency_budget.allocate``: fixed + sum of layer ms <= total / S, errors from
   the weights' log-energy), applied by the same ``compress_files`` with explicit per-layer ranks
   (``rank="conv1_1=16,..."``);
@@ -37,6 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,7 +95,11 @@ def compressed(proto, model, scheme, **kw):
     report, new = compress_files(proto, model, None, scheme=scheme, verify=False, measure_rounds=0, **kw)
     ranks = {r["name"]: tuple(int(x) for x in (r["rank"] if isinstance(r["rank"], list) else [r["rank"]]))
              for r in report["layers"] if r["action"] == "factorized"}
-    return new, {"macs_cut": report["totals"]["macs_reduction"], "factorized": len(ranks), "ranks": ranks}
+    out = {"macs_cut": report["totals"]["macs_reduction"], "factorized": len(ranks), "ranks": ranks}
+    b = report.get("budget") or {}
+    if b.get("cost") == "latency":
+        out.update(predicted=b["predicted_speedup"], refined=b.get("refined"))
+    return new, out
 
 
 def predicted_speedup(tables, ranks) -> float:
@@ -97,7 +107,8 @@ def predicted_speedup(tables, ranks) -> float:
     from lrprune_caffe.lowrank.latency_budget import fixed_part
     ms = fixed_part(tables.total_ms, [t.left_alone_ms for t in tables.tables.values()])
     for name, t in tables.tables.items():
-        ms += float(t.predict([ranks[name]])[0]) if name in ranks else t.left_alone_ms
+        v = float(t.predict([ranks[name]])[0]) if name in ranks else t.left_alone_ms
+        ms += v if np.isfinite(v) else t.left_alone_ms  # a rank past the row's early stop: no faster than alone
     return tables.total_ms / ms
 
 
@@ -108,6 +119,8 @@ def run(args) -> dict:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_latency_")
     os.makedirs(workdir, exist_ok=True)
     cache = args.cache or tempfile.mkdtemp(prefix="bench_latency_cache_")
+    os.environ["LRPRUNE_CACHE"] = cache  # compress's latency cost reads the same tables
+    cache = os.path.join(cache, "latency")
     rows, tables_time = [], []
     for name in args.nets:
         t0 = time.perf_counter()
@@ -138,7 +151,17 @@ def run(args) -> dict:
                 rows.append({"net": name, "requested": s, "cost": "macs", "error": str(e)})
             for threads in args.threads:
                 for timing in args.timing:
-                    cost = "latency" if len(args.timing) == 1 else f"lat-{timing}"
+                    if timing == "profile":  # what compress --cost latency does (tables, allocation, refinement)
+                        try:
+                            new, info = compressed(proto, model, args.scheme, speedup=s, cost="latency",
+                                                   threads=threads)
+                        except Exception as e:
+                            rows.append({"net": name, "requested": s, "cost": "latency", "threads": threads,
+                                         "error": str(e)})
+                            continue
+                        variants.append(("latency", threads, new, info))
+                        continue
+                    cost = f"lat-{timing}"
                     try:
                         alloc, spec = latency_allocation(tables[threads, timing], spectra, s)
                     except Unreachable as e:

@@ -22,6 +22,8 @@ The allocation never buys a configuration slower than leaving a layer alone
 
 from __future__ import annotations
 
+import numpy as np
+
 from lrprune_caffe.engines import latency as L
 from lrprune_caffe.errors import EngineError, UserError
 from lrprune_caffe.lowrank import latency_budget as lb
@@ -77,10 +79,15 @@ def target_of(engine: str, threads, batch) -> L.Target:
 
 
 def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criterion: str, target: L.Target,
-         time_budget_s=None, progress: bool = False) -> dict:
+         time_budget_s=None, progress: bool = False, refine=None) -> dict:
     """The latency allocation: {"choice": {name: ranks or None}, "reasons": {name: why left alone},
     "section": the report's budget section, "notes": [...]}. Raises :class:`NoLatency` (tables not
-    complete within ``time_budget_s``) or :class:`lrprune_caffe.lowrank.latency_budget.Unreachable`."""
+    complete within ``time_budget_s``) or :class:`lrprune_caffe.lowrank.latency_budget.Unreachable`.
+
+    ``refine(choice)``: {layer: ms of its chain inside the factorized net} (one profiled run of the
+    net factorized as first chosen), or None; each chosen layer's chains are then corrected by
+    observed / predicted (:func:`lrprune_caffe.lowrank.latency_budget.correct_chains`) and the
+    allocation is made again: one step of NetAdapt's measure-and-adjust loop."""
     try:
         tables = L.layer_tables(infos, scheme, target, net=net, progress=progress, time_budget_s=time_budget_s)
     except EngineError as e:
@@ -89,17 +96,20 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
         raise NoLatency(f"its tables were not measured within {time_budget_s:.0f} s ({len(tables.tables)} of "
                         f"{len(infos)} layers; what was measured is cached, so a rerun goes further; "
                         f"--cost latency without --table-time waits for all)")
-    options, dropped, reasons = [], {}, {}
-    for name in infos:
-        table = tables.tables.get(name)
-        if table is None:
-            reasons[name] = "no rank cuts its MACs, so no factorized configuration was timed"
-            continue
-        ranks, err = lb.rank_candidates(spectra[name], table, criterion)
-        opts, slower, _ = lb.latency_options(table, ranks, err)
-        options.append(opts)
-        dropped[name] = slower
+    options, dropped, reasons = _allocate(tables, infos, spectra, criterion)
     alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
+    corrections = {}
+    if refine is not None and any(r is not None for r in alloc.choice.values()):
+        observed = refine(alloc.choice) or {}
+        for name, ms in observed.items():
+            t = tables.tables[name]
+            predicted = float(t.predict([alloc.choice[name]])[0])
+            if predicted > 0 and ms > 0:
+                tables.tables[name] = lb.correct_chains(t, ms / predicted)
+                corrections[name] = float(ms / predicted)
+        if corrections:
+            options, dropped, reasons = _allocate(tables, infos, spectra, criterion)
+            alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
     for o in options:
         if alloc.choice[o.name] is None:
             reasons[o.name] = ("no factorized configuration measured faster than the layer left alone"
@@ -114,8 +124,50 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
                "predicted_speedup": alloc.predicted_speedup, "criterion": criterion,
                "tables": {"seconds": tables.seconds, "graphs_timed": tables.measured, "cache": tables.cache_path,
                           "wall_ms": tables.wall_ms},
+               "refined": {"layers": len(corrections),
+                           "median_correction": float(np.median(list(corrections.values()))) if corrections
+                           else None},
                "layers": layers}
+    for n, c in corrections.items():
+        layers[n]["chain_correction"] = c
     return {"choice": alloc.choice, "reasons": reasons, "section": section, "notes": list(tables.notes)}
+
+
+def _allocate(tables, infos, spectra, criterion) -> tuple:
+    options, dropped, reasons = [], {}, {}
+    for name in infos:
+        table = tables.tables.get(name)
+        if table is None:
+            reasons[name] = "no rank cuts its MACs, so no factorized configuration was timed"
+            continue
+        ranks, err = lb.rank_candidates(spectra[name], table, criterion)
+        opts, slower, _ = lb.latency_options(table, ranks, err)
+        options.append(opts)
+        dropped[name] = slower
+    return options, dropped, reasons
+
+
+def profile_chains(net, infos, choice: dict, target: L.Target, o, caches: dict) -> dict:
+    """{layer: ms of its chain inside ``net`` factorized at ``choice``} from one profiled run (cached like
+    the tables; the SVDs in ``caches`` are reused and kept for the real factorization)."""
+    from lrprune_caffe.ir.net import Net, clone_msg
+    from lrprune_caffe.transforms import run_pass
+    from lrprune_caffe.transforms.factorize import factorize
+    plan_ = {n: LayerPlan(infos[n].scheme_for(o.scheme), tuple(int(r) for r in ranks), infos[n])
+             for n, ranks in choice.items() if ranks is not None}
+    new = Net(net.name, list(net.layers), clone_msg(net.header), net.source, net.weights_source, [])
+    res = run_pass(factorize, new, plan=plan_, method=o.svd, seed=o.seed, hooi_iters=0, caches=caches)
+    if not res.changed:
+        return {}
+    cache, counter = L.Cache(target), [0]
+    try:
+        prof = L.net_profile(new, target, cache, counter)
+    except EngineError:
+        return {}
+    if counter[0]:
+        cache.save()
+    layers = L.in_net_ms(prof)
+    return {d["name"]: sum(layers.get(n, 0.0) for n in d["new_layers"]) for d in res.details}
 
 
 def budget_latency(net, rp, infos: dict, names: list, spectra: dict, o) -> bool:
@@ -126,7 +178,8 @@ def budget_latency(net, rp, infos: dict, names: list, spectra: dict, o) -> bool:
         target = target_of(o.engine, o.threads, o.batch)
         budget = float(o.table_time) if o.table_time is not None else (None if explicit else TABLE_TIME_S)
         res = plan(net, {n: infos[n] for n in names}, spectra, speedup=float(o.speedup), scheme=o.scheme,
-                   criterion=o.criterion, target=target, time_budget_s=budget, progress=o.progress)
+                   criterion=o.criterion, target=target, time_budget_s=budget, progress=o.progress,
+                   refine=lambda choice: profile_chains(net, infos, choice, target, o, rp.caches))
     except NoLatency as e:
         if explicit:
             raise UserError(f"--cost latency: {e}") from None

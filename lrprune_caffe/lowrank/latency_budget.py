@@ -141,6 +141,16 @@ def calibrate(table: LayerTable, in_net_ms: float, limits=(0.25, 4.0)) -> LayerT
                       table.scale * f)
 
 
+def correct_chains(table: LayerTable, factor: float, limits=(0.5, 2.0)) -> LayerTable:
+    """The table with its factorized entries times ``factor`` (clipped to ``limits``), left alone unchanged:
+    the chain chosen once, profiled inside the factorized net, ran ``factor`` times as long as the
+    calibrated table predicted (a chain's two ops and its intermediate tensor cost more in the net than
+    the layer's ratio says)."""
+    f = float(np.clip(float(factor), *limits)) if np.isfinite(factor) and factor > 0 else 1.0
+    return LayerTable(table.name, table.left_alone_ms, table.scheme, table.axes,
+                      np.asarray(table.ms, np.float64) * f, table.scale)
+
+
 # ---------------------------------------------------------------------------
 # options and allocation
 
@@ -249,5 +259,5 @@ def allocate(options: list, total_ms: float, speedup: float, fixed_ms: float = N
                       dict(dropped_slower or {}))
 
 
-__all__ = ["LayerTable", "calibrate", "interp_1d", "interp_2d", "latency_options", "rank_candidates", "Allocation",
-           "Unreachable", "fixed_part", "allocate"]
+__all__ = ["LayerTable", "calibrate", "correct_chains", "interp_1d", "interp_2d", "latency_options",
+           "rank_candidates", "Allocation", "Unreachable", "fixed_part", "allocate"]
