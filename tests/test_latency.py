@@ -266,3 +266,12 @@ def test_a_row_stops_after_two_chains_no_faster_than_left_alone(tmp_path, monkey
     ranks, err = lb.rank_candidates([type("S", (), {"energies": np.linspace(1, 0.1, 36)})()], tb.tables["conv1"])
     opts, slower, outside = lb.latency_options(tb.tables["conv1"], ranks, err)
     assert np.all(opts.macs < 10.0) and outside > 0  # the ranks not measured are never offered
+
+
+def test_correct_chains_scales_the_factorized_entries_only():
+    t = lb.LayerTable("a", 4.0, "channel", (np.array([1, 8]),), np.array([1.0, 3.0]), scale=1.5)
+    c = lb.correct_chains(t, 1.2)
+    assert c.left_alone_ms == 4.0 and c.scale == 1.5
+    np.testing.assert_allclose(c.ms, [1.2, 3.6])
+    np.testing.assert_allclose(lb.correct_chains(t, 9.0).ms, [2.0, 6.0])  # clipped to 2x
+    np.testing.assert_allclose(lb.correct_chains(t, float("nan")).ms, t.ms)
