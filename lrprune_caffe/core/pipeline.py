@@ -212,7 +212,8 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
 def _factorize(net, opts):
     """The factorization round: ``compress`` on the net itself, MAC budget, no check."""
     result = compress(net, CompressOptions(scheme=opts.scheme, speedup=float(opts.speedup), verify=False,
-                                           criterion=opts.criterion, seed=opts.seed))
+                                           criterion=opts.criterion, seed=opts.seed, cost="macs",
+                                           measure_rounds=0))
     return result.report, result.net
 
 
