@@ -231,16 +231,17 @@ def _events(runs):
     return ev
 
 
-def test_parse_profile_drops_warmup_and_takes_each_parts_lower_quartile():
+def test_parse_profile_drops_warmup_and_splits_a_run_by_median_shares():
     from lrprune_caffe.engines.latency_net import parse_profile, profile_total
     run = [("conv1/conv1_relu_nchwc", 1000), ("ReorderOutput", 100), ("fused fc6", 2000)]
     burst = [("conv1/conv1_relu_nchwc", 9000), ("ReorderOutput", 100), ("fused fc6", 2000)]
     ev = _events([[("conv1/conv1_relu_nchwc", 50000), ("fused fc6", 50000)], run, burst, run, run])
     p = parse_profile(ev, ["conv1", "conv1_relu", "fc6", "data"], warmup=1)
-    assert p["runs"] == 4 and p["layers"] == {"conv1": 1.0, "fc6": 2.0} and p["other_ms"] == pytest.approx(0.1)
-    assert profile_total(p) == pytest.approx(3.1)  # the parts, not a run carrying a burst
-    half = parse_profile(ev, ["conv1", "fc6"], warmup=1, scale=[0.5] * 4)  # e.g. CPU / wall time per run
-    assert half["layers"] == {"conv1": 0.5, "fc6": 1.0}
+    assert p["runs"] == 4 and p["layers"] == pytest.approx({"conv1": 1.0, "fc6": 2.0})
+    assert p["other_ms"] == pytest.approx(0.1)
+    assert profile_total(p) == pytest.approx(3.1)  # median shares of the lower-quartile run
+    half = parse_profile(ev, ["conv1", "fc6"], warmup=1, totals=[1.55, 9.0, 1.55, 1.55])  # e.g. CPU time per run
+    assert half["layers"] == pytest.approx({"conv1": 0.5, "fc6": 1.0})
 
 
 def test_calibrate_scales_a_layers_row_to_its_in_net_time():

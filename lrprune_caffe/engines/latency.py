@@ -63,7 +63,7 @@ from .latency_net import (in_net_ms, measured_speedup, net_runner, net_signature
                           profile_total)
 
 RUNTIMES = ("onnxruntime",)
-GRID_VERSION = 4  # bump when the grid or the timing method changes: old cache entries are ignored
+GRID_VERSION = 5  # bump when the grid or the timing method changes: old cache entries are ignored
 #: how layers are timed: "profile" (hot, then scaled to their in-net time from the profiled net; the
 #: default), "cold" (caches flushed before each run, no calibration), "hot" (neither)
 TIMINGS = ("profile", "cold", "hot")

@@ -13,10 +13,10 @@ run. Node names come from our exporter (:mod:`lrprune_caffe.export.onnx`: the Ca
 ``layer/suffix`` for helper nodes) and onnxruntime keeps the first node's name when it fuses
 (``conv1/conv1_relu_nchwc``, ``fused fc6``): a kernel belongs to the longest Caffe layer name it starts with (followed
 by ``/``, ``_`` or nothing). Kernels of no layer (layout reorders onnxruntime inserts) count towards
-the fixed part. Per run, each layer's kernels are summed; the lower quartile over the runs after
-warm-up (the statistic of the tables) is its in-net time, and the net's time is the sum of those parts
-(:func:`profile_total`). With one thread, each run's kernels are first scaled by the run's CPU time /
-wall time (the tables are timed in CPU time, :func:`lrprune_caffe.engines.latency_graphs.cpu_clock`).
+the fixed part. Per run, each layer's kernels are summed; its in-net time is its median share of a
+run times the run's time (the lower quartile over the runs after warm-up, the statistic of the
+tables; with one thread in CPU time, as the tables are timed:
+:func:`lrprune_caffe.engines.latency_graphs.cpu_clock`), see :func:`parse_profile`.
 
 :func:`lrprune_caffe.lowrank.latency_budget.calibrate` then scales each layer's table by
 in-net ms / alone ms of the layer left alone.
@@ -114,20 +114,24 @@ def owner(node_name: str, layer_names) -> str:
     return ""
 
 
-def parse_profile(events: list, layer_names, warmup: int = 1, scale=None) -> dict:
-    """{"runs": n, "run_ms": model_run ms, "layers": {name: ms in a run}, "other_ms": ms of kernels of no
-    layer} from onnxruntime profiler events (runs after ``warmup`` ones); each the lower quartile over
-    the runs (:func:`lrprune_caffe.engines.latency_graphs.low`). ``scale``: one factor per run after
-    warm-up applied to its kernels (e.g. CPU / wall time of the run)."""
+def parse_profile(events: list, layer_names, warmup: int = 1, totals=None) -> dict:
+    """{"runs": n, "run_ms": model_run ms, "total_ms": the run's ms, "layers": {name: ms in a run},
+    "other_ms": ms of kernels of no layer} from onnxruntime profiler events (runs after ``warmup`` ones).
+
+    Each layer gets its median share of the kernel time of a run (shares renormalized to 1) times the
+    run's ms: the lower quartile (:func:`lrprune_caffe.engines.latency_graphs.low`) of ``totals`` (one
+    per run after warm-up: e.g. CPU times) or else of the ``model_run`` durations. Shares, because a
+    run preempted by another job is preempted in some layer: that layer's share in that run is an
+    outlier the median drops, while its ms, or its ms scaled by the run's CPU / wall time, would not
+    be (a layer run clean in a run preempted elsewhere would look faster than it is)."""
     names = sorted(set(layer_names), key=len, reverse=True)
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e.get("name") == "model_run")
     runs = runs[int(warmup):] if len(runs) > warmup else runs
     if not runs:
-        return {"runs": 0, "run_ms": None, "layers": {}, "other_ms": 0.0}
+        return {"runs": 0, "run_ms": None, "total_ms": None, "layers": {}, "other_ms": 0.0}
     starts = np.asarray([r[0] for r in runs])
     per_run = [dict() for _ in runs]
-    other = [0.0] * len(runs)
     cache = {}
     for e in events:
         if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
@@ -139,15 +143,17 @@ def parse_profile(events: list, layer_names, warmup: int = 1, scale=None) -> dic
         who = cache.get(node)
         if who is None:
             who = cache[node] = owner(node, names)
-        ms = float(e["dur"]) / 1e3 * (float(scale[i]) if scale is not None and i < len(scale) else 1.0)
-        if who:
-            per_run[i][who] = per_run[i].get(who, 0.0) + ms
-        else:
-            other[i] += ms
-    seen = sorted({n for r in per_run for n in r})
-    layers = {n: low([r.get(n, 0.0) for r in per_run]) for n in seen}
-    return {"runs": len(runs), "run_ms": low([(b - a) / 1e3 for a, b in runs]), "layers": layers,
-            "other_ms": low(other)}
+        per_run[i][who] = per_run[i].get(who, 0.0) + float(e["dur"]) / 1e3
+    keys = sorted({n for r in per_run for n in r})
+    shares = {}
+    for n in keys:
+        shares[n] = float(np.median([r.get(n, 0.0) / max(sum(r.values()), 1e-12) for r in per_run]))
+    norm = sum(shares.values()) or 1.0
+    run_ms = low([(b - a) / 1e3 for a, b in runs])
+    total = low(list(totals)[:len(runs)]) if totals is not None and len(totals) else run_ms
+    layers = {n: shares[n] / norm * total for n in keys if n}
+    return {"runs": len(runs), "run_ms": run_ms, "total_ms": float(total), "layers": layers,
+            "other_ms": shares.get("", 0.0) / norm * total}
 
 
 def profile_net(net, target, budget_s: float = 1.0, min_runs: int = 5, max_runs: int = 30, warmup: int = 2) -> dict:
@@ -179,9 +185,9 @@ def profile_net(net, target, budget_s: float = 1.0, min_runs: int = 5, max_runs:
         path = sess.end_profiling()
         with open(path) as fh:
             events = json.load(fh)
-    # one thread: each kernel's share of its run, in the run's CPU time (as the tables are timed)
-    scale = [c / w if w > 0 else 1.0 for c, w in zip(cpu, wall)] if int(target.threads) == 1 else None
-    return {**parse_profile(events, [layer.name for layer in net.layers], warmup=warmup, scale=scale),
+    # one thread: the layers' shares of the run's CPU time (as the tables are timed); else of its wall time
+    totals = cpu if int(target.threads) == 1 else wall
+    return {**parse_profile(events, [layer.name for layer in net.layers], warmup=warmup, totals=totals),
             "wall_ms": low(wall), "cpu_ms": low(cpu)}
 
 
@@ -191,12 +197,7 @@ def in_net_ms(profile: dict) -> dict:
 
 
 def profile_total(profile: dict) -> float:
-    """The net's ms as the sum of its parts: every layer's in-net ms plus the kernels of no layer.
-
-    On a loaded machine a run is preempted somewhere in most runs: the lower quartile of whole runs
-    (``run_ms``, ``wall_ms``) then carries that, while each part's lower quartile does not (ResNet-50
-    at 112x112 with 7 jobs on 2 cores: parts 22 ms, runs 41 ms). The tables' entries are such clean
-    times too, so predicted speed-ups compare like with like."""
+    """The net's ms as the profile splits it: its layers' in-net ms plus the kernels of no layer."""
     return float(sum(profile["layers"].values()) + profile.get("other_ms", 0.0))
 
 
