@@ -92,7 +92,9 @@ def latency_allocation(tables, spectra, speedup, criterion="log-energy"):
 
 def compressed(proto, model, scheme, **kw):
     from lrprune_caffe.api import compress_files
-    report, new = compress_files(proto, model, None, scheme=scheme, verify=False, measure_rounds=0, **kw)
+    if "speedup" in kw:
+        kw["measure_rounds"] = 0  # measured here, interleaved with the other variants' nets
+    report, new = compress_files(proto, model, None, scheme=scheme, verify=False, **kw)
     ranks = {r["name"]: tuple(int(x) for x in (r["rank"] if isinstance(r["rank"], list) else [r["rank"]]))
              for r in report["layers"] if r["action"] == "factorized"}
     out = {"macs_cut": report["totals"]["macs_reduction"], "factorized": len(ranks), "ranks": ranks}
