@@ -84,10 +84,13 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
     "section": the report's budget section, "notes": [...]}. Raises :class:`NoLatency` (tables not
     complete within ``time_budget_s``) or :class:`lrprune_caffe.lowrank.latency_budget.Unreachable`.
 
-    ``refine(choice)``: {layer: ms of its chain inside the factorized net} (one profiled run of the
-    net factorized as first chosen), or None; each chosen layer's chains are then corrected by
-    observed / predicted (:func:`lrprune_caffe.lowrank.latency_budget.correct_chains`) and the
-    allocation is made again: one step of NetAdapt's measure-and-adjust loop."""
+    ``refine(choice)``: the ms of the whole net factorized as first chosen, profiled once like the
+    original (or None). The chains' predicted ms are then corrected by one factor, (that ms - the part
+    no chain is in) / the chains' predicted ms, on every table
+    (:func:`lrprune_caffe.lowrank.latency_budget.correct_chains`), and the allocation is made again:
+    one step of NetAdapt's measure-and-adjust loop. One factor from whole-net totals, not one per
+    layer, because onnxruntime fuses differently around a chain (ResNet's residual Add joins the
+    original conv but may stay apart from a chain), so per-layer attributions do not compare."""
     try:
         tables = L.layer_tables(infos, scheme, target, net=net, progress=progress, time_budget_s=time_budget_s)
     except EngineError as e:
@@ -98,16 +101,14 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
                         f"--cost latency without --table-time waits for all)")
     options, dropped, reasons = _allocate(tables, infos, spectra, criterion)
     alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
-    corrections = {}
+    correction = None
     if refine is not None and any(r is not None for r in alloc.choice.values()):
-        observed = refine(alloc.choice) or {}
-        for name, ms in observed.items():
-            t = tables.tables[name]
-            predicted = float(t.predict([alloc.choice[name]])[0])
-            if predicted > 0 and ms > 0:
-                tables.tables[name] = lb.correct_chains(t, ms / predicted)
-                corrections[name] = float(ms / predicted)
-        if corrections:
+        observed = refine(alloc.choice)
+        chains = sum(float(tables.tables[n].predict([r])[0]) for n, r in alloc.choice.items() if r is not None)
+        if observed and chains > 0:
+            correction = float(np.clip((observed - (alloc.predicted_ms - chains)) / chains, 0.5, 2.0))
+            first = {"predicted_ms": alloc.predicted_ms, "observed_ms": float(observed)}
+            tables.tables = {n: lb.correct_chains(t, correction) for n, t in tables.tables.items()}
             options, dropped, reasons = _allocate(tables, infos, spectra, criterion)
             alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
     for o in options:
@@ -124,12 +125,8 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
                "predicted_speedup": alloc.predicted_speedup, "criterion": criterion,
                "tables": {"seconds": tables.seconds, "graphs_timed": tables.measured, "cache": tables.cache_path,
                           "wall_ms": tables.wall_ms},
-               "refined": {"layers": len(corrections),
-                           "median_correction": float(np.median(list(corrections.values()))) if corrections
-                           else None},
+               "refined": None if correction is None else {"chain_correction": correction, "first": first},
                "layers": layers}
-    for n, c in corrections.items():
-        layers[n]["chain_correction"] = c
     return {"choice": alloc.choice, "reasons": reasons, "section": section, "notes": list(tables.notes)}
 
 
@@ -147,9 +144,9 @@ def _allocate(tables, infos, spectra, criterion) -> tuple:
     return options, dropped, reasons
 
 
-def profile_chains(net, infos, choice: dict, target: L.Target, o, caches: dict) -> dict:
-    """{layer: ms of its chain inside ``net`` factorized at ``choice``} from one profiled run (cached like
-    the tables; the SVDs in ``caches`` are reused and kept for the real factorization)."""
+def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: dict):
+    """ms of ``net`` factorized at ``choice``, profiled like the original (cached like the tables; the
+    SVDs in ``caches`` are reused and kept for the real factorization), or None."""
     from lrprune_caffe.ir.net import Net, clone_msg
     from lrprune_caffe.transforms import run_pass
     from lrprune_caffe.transforms.factorize import factorize
@@ -158,16 +155,15 @@ def profile_chains(net, infos, choice: dict, target: L.Target, o, caches: dict) 
     new = Net(net.name, list(net.layers), clone_msg(net.header), net.source, net.weights_source, [])
     res = run_pass(factorize, new, plan=plan_, method=o.svd, seed=o.seed, hooi_iters=0, caches=caches)
     if not res.changed:
-        return {}
+        return None
     cache, counter = L.Cache(target), [0]
     try:
         prof = L.net_profile(new, target, cache, counter)
     except EngineError:
-        return {}
+        return None
     if counter[0]:
         cache.save()
-    layers = L.in_net_ms(prof)
-    return {d["name"]: sum(layers.get(n, 0.0) for n in d["new_layers"]) for d in res.details}
+    return L.profile_total(prof)
 
 
 def budget_latency(net, rp, infos: dict, names: list, spectra: dict, o) -> bool:
@@ -179,7 +175,7 @@ def budget_latency(net, rp, infos: dict, names: list, spectra: dict, o) -> bool:
         budget = float(o.table_time) if o.table_time is not None else (None if explicit else TABLE_TIME_S)
         res = plan(net, {n: infos[n] for n in names}, spectra, speedup=float(o.speedup), scheme=o.scheme,
                    criterion=o.criterion, target=target, time_budget_s=budget, progress=o.progress,
-                   refine=lambda choice: profile_chains(net, infos, choice, target, o, rp.caches))
+                   refine=lambda choice: profile_factorized(net, infos, choice, target, o, rp.caches))
     except NoLatency as e:
         if explicit:
             raise UserError(f"--cost latency: {e}") from None

@@ -143,9 +143,9 @@ def calibrate(table: LayerTable, in_net_ms: float, limits=(0.25, 4.0)) -> LayerT
 
 def correct_chains(table: LayerTable, factor: float, limits=(0.5, 2.0)) -> LayerTable:
     """The table with its factorized entries times ``factor`` (clipped to ``limits``), left alone unchanged:
-    the chain chosen once, profiled inside the factorized net, ran ``factor`` times as long as the
-    calibrated table predicted (a chain's two ops and its intermediate tensor cost more in the net than
-    the layer's ratio says)."""
+    the chains first chosen, profiled inside the factorized net, ran ``factor`` times as long as the
+    calibrated tables predicted (a chain's two ops and its intermediate tensor need not cost in the net
+    what the layer's in-net / alone ratio says)."""
     f = float(np.clip(float(factor), *limits)) if np.isfinite(factor) and factor > 0 else 1.0
     return LayerTable(table.name, table.left_alone_ms, table.scheme, table.axes,
                       np.asarray(table.ms, np.float64) * f, table.scale)
