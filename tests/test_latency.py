@@ -31,11 +31,19 @@ def fake_timer(monkeypatch):
     """Replace the only two places that time anything; count the graphs 'measured'."""
     calls = []
 
-    def fake_measure(model_bytes, feeds, target, external=True):
+    def fake_measure(model_bytes, feeds, target, external=True, cold=False):
         calls.append(len(model_bytes))
-        return {"ms": 1.0 + len(calls) * 0.01, "runs": 1, "min": 1.0, "max": 1.0}
+        if not external:  # the per-run overhead (an Identity)
+            return {"ms": 0.01}
+        return {"ms": 1.0 - len(calls) * 0.001, "runs": 1, "min": 1.0, "max": 1.0}  # every chain faster
+
+    def fake_profile(net, target):
+        calls.append("profile")
+        return {"runs": 1, "run_ms": 10.0, "layers": {"conv1": 2.0, "ip1": 1.0, "relu1": 0.5}, "other_ms": 0.0,
+                "wall_ms": 5.0}
 
     monkeypatch.setattr(L, "measure_model", fake_measure)
+    monkeypatch.setattr(L, "profile_net", fake_profile)
     monkeypatch.setattr(L, "net_runner", lambda net, target: (lambda: None))
     monkeypatch.setattr(L, "time_runs", lambda run, **kw: (calls.append("net"), {"ms": 5.0})[1])
     return calls
@@ -48,7 +56,11 @@ def test_second_call_measures_nothing(tmp_path, fake_timer):
     target = L.Target("onnxruntime", 1, 1)
     first = L.layer_tables(infos, "channel", target, net=net, directory=tmp_path)
     n_first = len(fake_timer)
-    assert n_first == first.measured > 0 and first.total_ms == 5.0
+    assert n_first == first.measured > 0 and first.total_ms == 3.5  # the profiled parts: 2 + 1 + 0.5
+    # calibrated: left alone = the layer's in-net time, its chains scaled alike
+    conv = first.tables["conv1"]
+    assert conv.left_alone_ms == pytest.approx(2.0) and first.tables["ip1"].left_alone_ms == pytest.approx(1.0)
+    assert conv.scale == pytest.approx(2.0 / (first.tables["conv1"].left_alone_ms / conv.scale))
     second = L.layer_tables(infos, "channel", target, net=net, directory=tmp_path)
     assert len(fake_timer) == n_first and second.measured == 0
     for name in infos:
@@ -188,3 +200,79 @@ def test_layer_without_options_counts_as_left_alone():
     ob, _, _ = lb.latency_options(b, [[1], [2]], [0.5, 0.2])
     alloc = lb.allocate([empty, ob], total_ms=13.0, speedup=1.2)
     assert alloc.choice == {"c": None, "b": (2,)} and alloc.fixed_ms == 0.0
+
+
+# ---------------------------------------------------------------------------
+# calibration against the profiled net
+
+def test_profiled_kernels_belong_to_the_longest_caffe_layer_name():
+    from lrprune_caffe.engines.latency_net import owner
+    names = sorted(["conv1", "conv1_relu", "res2a", "res2a_branch2c", "fc6", "conv2/3x3", "conv2/3x3_reduce"],
+                   key=len, reverse=True)
+    assert owner("conv1/conv1_relu_nchwc", names) == "conv1"  # onnxruntime's fused Conv + Relu
+    assert owner("conv1_relu", names) == "conv1_relu"
+    assert owner("res2a_branch2c/scale_res2a_branch2c_nchwc", names) == "res2a_branch2c"
+    assert owner("fused fc6", names) == "fc6"  # Gemm + Relu
+    assert owner("conv2/3x3_reduce/conv2/3x3_reduce_relu_nchwc", names) == "conv2/3x3_reduce"
+    assert owner("conv2/3x3/conv2/3x3_relu_nchwc", names) == "conv2/3x3"
+    assert owner("ReorderOutput", names) == ""
+
+
+def _events(runs):
+    """Profiler events: each run a list of (node, dur us), one after another."""
+    ev, ts = [], 0
+    for kernels in runs:
+        start = ts
+        for node, dur in kernels:
+            ev.append({"cat": "Node", "name": f"{node}_kernel_time", "ts": ts, "dur": dur})
+            ts += dur
+        ev.append({"cat": "Session", "name": "model_run", "ts": start, "dur": ts - start})
+        ts += 10
+    return ev
+
+
+def test_parse_profile_drops_warmup_and_splits_a_run_by_median_shares():
+    from lrprune_caffe.engines.latency_net import parse_profile, profile_total
+    run = [("conv1/conv1_relu_nchwc", 1000), ("ReorderOutput", 100), ("fused fc6", 2000)]
+    burst = [("conv1/conv1_relu_nchwc", 9000), ("ReorderOutput", 100), ("fused fc6", 2000)]
+    ev = _events([[("conv1/conv1_relu_nchwc", 50000), ("fused fc6", 50000)], run, burst, run, run])
+    p = parse_profile(ev, ["conv1", "conv1_relu", "fc6", "data"], warmup=1)
+    assert p["runs"] == 4 and p["layers"] == pytest.approx({"conv1": 1.0, "fc6": 2.0})
+    assert p["other_ms"] == pytest.approx(0.1)
+    assert profile_total(p) == pytest.approx(3.1)  # median shares of the lower-quartile run
+    half = parse_profile(ev, ["conv1", "fc6"], warmup=1, totals=[1.55, 9.0, 1.55, 1.55])  # e.g. CPU time per run
+    assert half["layers"] == pytest.approx({"conv1": 0.5, "fc6": 1.0})
+
+
+def test_calibrate_scales_a_layers_row_to_its_in_net_time():
+    t = lb.LayerTable("a", 4.0, "channel", (np.array([1, 8]),), np.array([1.0, 3.0]))
+    c = lb.calibrate(t, 6.0)
+    assert c.left_alone_ms == 6.0 and c.scale == 1.5
+    np.testing.assert_allclose(c.ms, [1.5, 4.5])
+    assert lb.calibrate(t, 400.0).scale == 4.0  # clipped: the profile and the table disagree about what was timed
+    assert lb.calibrate(t, float("nan")) is t
+
+
+def test_a_row_stops_after_two_chains_no_faster_than_left_alone(tmp_path, monkeypatch):
+    times = iter([10.0] + [5.0, 8.0, 11.0, 12.0] + [10.0] * 20)  # left alone, then chains by rising rank
+
+    def fake(model_bytes, feeds, target, external=True, cold=False):
+        return {"ms": 0.0 if not external else next(times)}
+
+    monkeypatch.setattr(L, "measure_model", fake)
+    infos, _ = L.net_infos(small_net())
+    tb = L.layer_tables({"conv1": infos["conv1"]}, "channel", L.Target(), directory=tmp_path, timing="hot")
+    ms = tb.tables["conv1"].ms
+    assert ms[:4].tolist() == [5.0, 8.0, 11.0, 12.0] and np.all(np.isnan(ms[4:]))
+    ranks, err = lb.rank_candidates([type("S", (), {"energies": np.linspace(1, 0.1, 36)})()], tb.tables["conv1"])
+    opts, slower, outside = lb.latency_options(tb.tables["conv1"], ranks, err)
+    assert np.all(opts.macs < 10.0) and outside > 0  # the ranks not measured are never offered
+
+
+def test_correct_chains_scales_the_factorized_entries_only():
+    t = lb.LayerTable("a", 4.0, "channel", (np.array([1, 8]),), np.array([1.0, 3.0]), scale=1.5)
+    c = lb.correct_chains(t, 1.2)
+    assert c.left_alone_ms == 4.0 and c.scale == 1.5
+    np.testing.assert_allclose(c.ms, [1.2, 3.6])
+    np.testing.assert_allclose(lb.correct_chains(t, 9.0).ms, [2.0, 6.0])  # clipped to 2x
+    np.testing.assert_allclose(lb.correct_chains(t, float("nan")).ms, t.ms)

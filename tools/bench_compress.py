@@ -7,7 +7,8 @@ What it does
    weights, 138M params, ~553 MB caffemodel) and writes it once (not measured);
 2. in a fresh subprocess per run, after imports, times
    ``lrprune_caffe.api.compress_files(prototxt, caffemodel, outdir, speedup=S,
-   scheme=..., verify=False)``: read + validate, singular values of every
+   scheme=..., verify=False, cost="macs", measure_rounds=0)`` (the MAC budget; the latency cost's
+   tables and measurement are ``tools/bench_latency.py``'s): read + validate, singular values of every
    eligible layer, rank budget, factorization, write of model.prototxt /
    model.caffemodel / report.json / report.md (the CLI's ``compress ...
    --no-verify``); with ``--verify`` the onnxruntime check is included;
@@ -91,7 +92,8 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify, calib="") -> di
     base = _status_kb("VmRSS") or 0
     t0 = time.perf_counter()
     report, _ = api.compress_files(prototxt, caffemodel, outdir, speedup=float(speedup), scheme=scheme,
-                                   verify=verify == "1", calib=calib or None)
+                                   verify=verify == "1", calib=calib or None, cost="macs",
+                                   measure_rounds=0)  # MAC budget, as before
     seconds = time.perf_counter() - t0
     peak = _peak_kb()
     fact = [r for r in report["layers"] if r["action"] == "factorized"]

@@ -5,11 +5,15 @@ For each net (``tools/latency_nets.py``: VGG-16, ResNet-50, GoogLeNet, MobileNet
 seeded weights of power-law spectra), each ``--speedup`` S (default 1.5, 2, 3) and each onnxruntime
 intra-op thread count (default 1 and 2):
 
-- ``macs``: ``lrprune_caffe.core.compress.compress(..., speedup=S)``, the MAC budget;
-- ``latency``: per-layer latency tables (``lrprune_caffe.engines.latency``, measured on the same
-  runtime, threads and batch, cached), the millisecond budget
+- ``macs``: ``lrprune_caffe.api.compress_files(..., speedup=S, cost="macs")``, the MAC budget;
+- ``latency``: ``compress_files(..., speedup=S, cost="latency", threads=T)``, what the CLI does: per-layer
+  latency tables timed hot and calibrated against the profiled net, the millisecond budget, one
+  refinement from the profiled factorized net;
+- ``lat-cold`` / ``lat-hot`` (with ``--timing``): tables timed cold / hot, uncalibrated
+  (``lrprune_caffe.engines.latency``, measured on the same runtime, threads and batch, cached), the
+  millisecond budget
   (``lrprune_caffe.lowrank.latency_budget.allocate``: fixed + sum of layer ms <= total / S, errors from
-  the weights' log-energy), applied by the same ``compress`` with explicit per-layer ranks
+  the weights' log-energy), applied by the same ``compress_files`` with explicit per-layer ranks
   (``rank="conv1_1=16,..."``);
 
 then the original and the compressed net run interleaved (ABBA rounds, batch 1) on onnxruntime and we
@@ -23,8 +27,8 @@ Numbers from a machine shared with other work are noisy: run it on a quiet machi
 Usage::
 
     python tools/bench_latency.py [--nets vgg16,resnet50,googlenet,mobilenet] [--speedups 1.5,2,3]
-        [--threads 1,2] [--input 224] [--rounds 20] [--scheme channel] [--workdir DIR] [--cache DIR]
-        [--json OUT.json] [--plot OUT.png]
+        [--threads 1,2] [--input 224] [--rounds 20] [--scheme channel] [--timing profile,cold]
+        [--workdir DIR] [--cache DIR] [--json OUT.json] [--plot OUT.png]
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -85,10 +91,27 @@ def latency_allocation(tables, spectra, speedup, criterion="log-energy"):
 
 
 def compressed(proto, model, scheme, **kw):
-    from lrprune_caffe.core.compress import compress
-    report, new = compress(proto, model, None, scheme=scheme, verify=False, **kw)
-    n_fact = sum(1 for r in report["layers"] if r["action"] == "factorized")
-    return new, {"macs_cut": report["totals"]["macs_reduction"], "factorized": n_fact}
+    from lrprune_caffe.api import compress_files
+    if "speedup" in kw:
+        kw["measure_rounds"] = 0  # measured here, interleaved with the other variants' nets
+    report, new = compress_files(proto, model, None, scheme=scheme, verify=False, **kw)
+    ranks = {r["name"]: tuple(int(x) for x in (r["rank"] if isinstance(r["rank"], list) else [r["rank"]]))
+             for r in report["layers"] if r["action"] == "factorized"}
+    out = {"macs_cut": report["totals"]["macs_reduction"], "factorized": len(ranks), "ranks": ranks}
+    b = report.get("budget") or {}
+    if b.get("cost") == "latency":
+        out.update(predicted=b["predicted_speedup"], refined=b.get("refined"))
+    return new, out
+
+
+def predicted_speedup(tables, ranks) -> float:
+    """What ``tables`` predict for the net factorized at ``ranks`` ({layer: ranks}; NaN outside the grid)."""
+    from lrprune_caffe.lowrank.latency_budget import fixed_part
+    ms = fixed_part(tables.total_ms, [t.left_alone_ms for t in tables.tables.values()])
+    for name, t in tables.tables.items():
+        v = float(t.predict([ranks[name]])[0]) if name in ranks else t.left_alone_ms
+        ms += v if np.isfinite(v) else t.left_alone_ms  # a rank past the row's early stop: no faster than alone
+    return tables.total_ms / ms
 
 
 def run(args) -> dict:
@@ -98,6 +121,8 @@ def run(args) -> dict:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_latency_")
     os.makedirs(workdir, exist_ok=True)
     cache = args.cache or tempfile.mkdtemp(prefix="bench_latency_cache_")
+    os.environ["LRPRUNE_CACHE"] = cache  # compress's latency cost reads the same tables
+    cache = os.path.join(cache, "latency")
     rows, tables_time = [], []
     for name in args.nets:
         t0 = time.perf_counter()
@@ -108,47 +133,66 @@ def run(args) -> dict:
         runners, tables = {}, {}
         for threads in args.threads:
             target = L.Target("onnxruntime", threads, 1)
-            tables[threads] = L.layer_tables(infos, args.scheme, target, net=net, directory=cache, progress=True)
-            tb = tables[threads]
-            tables_time.append({"net": name, "threads": threads, "seconds": tb.seconds,
-                                "cpu_seconds": tb.cpu_seconds, "graphs": tb.measured,
-                                "layers": len(tb.tables), "total_ms": tb.total_ms,
-                                "tabled_left_alone_ms": sum(t.left_alone_ms for t in tb.tables.values())})
-            print(f"[{name}] tables, {threads} thread(s): {tb.seconds:.1f} s, {tb.measured} graphs timed, "
-                  f"net {tb.total_ms:.1f} ms, tabled layers {tables_time[-1]['tabled_left_alone_ms']:.1f} ms",
-                  file=sys.stderr)
+            for timing in args.timing:
+                tables[threads, timing] = tb = L.layer_tables(infos, args.scheme, target, net=net, directory=cache,
+                                                              progress=True, timing=timing)
+                alone = sum(t.left_alone_ms / t.scale for t in tb.tables.values())
+                tables_time.append({"net": name, "threads": threads, "timing": timing, "seconds": tb.seconds,
+                                    "cpu_seconds": tb.cpu_seconds, "graphs": tb.measured,
+                                    "layers": len(tb.tables), "total_ms": tb.total_ms, "tabled_alone_ms": alone,
+                                    "tabled_left_alone_ms": sum(t.left_alone_ms for t in tb.tables.values())})
+                print(f"[{name}] tables ({timing}), {threads} thread(s): {tb.seconds:.1f} s, {tb.measured} graphs "
+                      f"timed, net {tb.total_ms:.1f} ms, tabled layers alone {alone:.1f} ms, as used "
+                      f"{tables_time[-1]['tabled_left_alone_ms']:.1f} ms", file=sys.stderr)
             runners[threads] = L.net_runner(net, target)
         for s in args.speedups:
             variants = []
             try:
-                variants.append(("macs", None, *compressed(proto, model, args.scheme, speedup=s)))
+                variants.append(("macs", None, *compressed(proto, model, args.scheme, speedup=s, cost="macs")))
             except Exception as e:  # a target the MAC budget cannot reach: say so in the table
                 rows.append({"net": name, "requested": s, "cost": "macs", "error": str(e)})
             for threads in args.threads:
-                try:
-                    alloc, spec = latency_allocation(tables[threads], spectra, s)
-                except Unreachable as e:
-                    rows.append({"net": name, "requested": s, "cost": "latency", "threads": threads,
-                                 "error": f"unreachable: at best {e.best_speedup:.2f}x predicted"})
-                    continue
-                if not spec:
-                    rows.append({"net": name, "requested": s, "cost": "latency", "threads": threads,
-                                 "error": "nothing to factorize"})
-                    continue
-                new, info = compressed(proto, model, args.scheme, rank=spec)
-                info["predicted"] = alloc.predicted_speedup
-                variants.append(("latency", threads, new, info))
+                for timing in args.timing:
+                    if timing == "profile":  # what compress --cost latency does (tables, allocation, refinement)
+                        try:
+                            new, info = compressed(proto, model, args.scheme, speedup=s, cost="latency",
+                                                   threads=threads)
+                        except Exception as e:
+                            rows.append({"net": name, "requested": s, "cost": "latency", "threads": threads,
+                                         "error": str(e)})
+                            continue
+                        variants.append(("latency", threads, new, info))
+                        continue
+                    cost = f"lat-{timing}"
+                    try:
+                        alloc, spec = latency_allocation(tables[threads, timing], spectra, s)
+                    except Unreachable as e:
+                        rows.append({"net": name, "requested": s, "cost": cost, "threads": threads,
+                                     "error": f"unreachable: at best {e.best_speedup:.2f}x predicted"})
+                        continue
+                    if not spec:
+                        rows.append({"net": name, "requested": s, "cost": cost, "threads": threads,
+                                     "error": "nothing to factorize"})
+                        continue
+                    new, info = compressed(proto, model, args.scheme, rank=spec)
+                    info["predicted"] = alloc.predicted_speedup
+                    variants.append((cost, threads, new, info))
             for cost, alloc_threads, new, info in variants:
                 for threads in ([alloc_threads] if alloc_threads else args.threads):
                     target = L.Target("onnxruntime", threads, 1)
                     m = L.measured_speedup(runners[threads], new, target, rounds=args.rounds)
+                    info = {**info, "predicted_by": {t: predicted_speedup(tables[threads, t], info["ranks"])
+                                                     for t in args.timing}}
                     row = {"net": name, "requested": s, "cost": cost, "threads": threads, **info,
                            "measured": m["speedup"], "p10": m["paired_p10"], "p90": m["paired_p90"],
+                           "cpu_measured": m.get("cpu_paired_median"),
                            "orig_ms": m["a_ms"], "new_ms": m["b_ms"]}
                     rows.append(row)
                     print(f"[{name}] S={s} {cost:7s} t={threads}: MAC cut {info['macs_cut']:.2f}x, measured "
                           f"{m['speedup']:.2f}x ({m['paired_p10']:.2f}-{m['paired_p90']:.2f})"
-                          + (f", predicted {info['predicted']:.2f}x" if "predicted" in info else ""),
+                          + (f", CPU time {m['cpu_paired_median']:.2f}x" if m.get("cpu_paired_median") else "")
+                          + (f", predicted {info['predicted']:.2f}x" if "predicted" in info else "")
+                          + "; tables predict " + ", ".join(f"{t} {v:.2f}x" for t, v in info["predicted_by"].items()),
                           file=sys.stderr)
         del runners
     import onnxruntime
@@ -164,19 +208,21 @@ def print_table(result):
           f"{result['input']}x{result['input']}, scheme {result['scheme']}, {result['rounds']} ABBA rounds")
     print("\nlatency tables (first time, fresh cache unless --cache):")
     for t in result["tables"]:
-        print(f"  {t['net']:10s} {t['threads']} thread(s): {t['seconds']:6.1f} s wall, {t['cpu_seconds']:.1f} s CPU "
-              f"({t['graphs']} graphs, {t['layers']} layers; net {t['total_ms']:.1f} ms, "
-              f"tabled layers alone {t['tabled_left_alone_ms']:.1f} ms)")
-    print(f"\n{'net':10s} {'S':>4s} {'cost':8s} {'thr':>3s} {'MAC cut':>8s} {'predicted':>9s} {'measured':>9s} "
-          f"{'p10-p90':>11s}  met?")
+        print(f"  {t['net']:10s} {t.get('timing', ''):7s} {t['threads']} thread(s): {t['seconds']:6.1f} s wall, "
+              f"{t['cpu_seconds']:.1f} s CPU ({t['graphs']} graphs, {t['layers']} layers; net {t['total_ms']:.1f} ms, "
+              f"tabled layers alone {t.get('tabled_alone_ms', 0):.1f} ms, as used {t['tabled_left_alone_ms']:.1f} ms)")
+    print(f"\n{'net':10s} {'S':>4s} {'cost':11s} {'thr':>3s} {'MAC cut':>8s} {'predicted':>9s} {'measured':>9s} "
+          f"{'p10-p90':>11s} {'CPU':>6s}  met?  tables predict")
     for r in result["rows"]:
         if "error" in r:
-            print(f"{r['net']:10s} {r['requested']:4.1f} {r['cost']:8s} {r.get('threads', ''):>3} {r['error']}")
+            print(f"{r['net']:10s} {r['requested']:4.1f} {r['cost']:11s} {r.get('threads', ''):>3} {r['error']}")
             continue
         pred = f"{r['predicted']:.2f}x" if "predicted" in r else "-"
         met = "yes" if r["measured"] >= r["requested"] else f"no ({r['measured'] / r['requested']:.0%} of it)"
-        print(f"{r['net']:10s} {r['requested']:4.1f} {r['cost']:8s} {r['threads']:3d} {r['macs_cut']:7.2f}x "
-              f"{pred:>9s} {r['measured']:8.2f}x {r['p10']:5.2f}-{r['p90']:<5.2f}  {met}")
+        by = ", ".join(f"{t} {v:.2f}x" for t, v in r.get("predicted_by", {}).items())
+        print(f"{r['net']:10s} {r['requested']:4.1f} {r['cost']:11s} {r['threads']:3d} {r['macs_cut']:7.2f}x "
+              f"{pred:>9s} {r['measured']:8.2f}x {r['p10']:5.2f}-{r['p90']:<5.2f} "
+              f"{(format(r['cpu_measured'], '5.2f') + 'x') if r.get('cpu_measured') else '-':>6s}  {met}  {by}")
 
 
 def plot(result, path):
@@ -221,6 +267,10 @@ def main(argv=None) -> int:
     ap.add_argument("--input", type=int, default=224, help="input height and width (224: the real nets)")
     ap.add_argument("--rounds", type=int, default=20, help="ABBA rounds per measured pair")
     ap.add_argument("--scheme", default="channel", choices=["channel", "spatial", "tucker2"])
+    ap.add_argument("--timing", type=lambda t: _csv(t, str), default=["profile"],
+                    help="how the latency tables are timed, one or more of profile (hot, calibrated against the "
+                         "profiled net; the default), cold (caches flushed before each run), hot: several compare "
+                         "their predictions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="folder for the nets' files (kept; reused when present)")
     ap.add_argument("--cache", help="latency cache folder (default: a fresh one, so the table time is a first time)")
@@ -228,6 +278,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", help="write the measured-vs-MAC-cut plot here (PNG)")
     args = ap.parse_args(argv)
     import latency_nets
+    from lrprune_caffe.engines.latency import TIMINGS
+    if any(t not in TIMINGS for t in args.timing):
+        ap.error(f"--timing: choose from {', '.join(TIMINGS)}")
     bad = [n for n in args.nets if n not in latency_nets.NETS]
     if bad:
         ap.error(f"unknown net(s) {', '.join(bad)} (choose from {', '.join(latency_nets.NETS)})")

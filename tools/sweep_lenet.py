@@ -54,7 +54,7 @@ def _lowrank(scheme, criterion="log-energy"):
     def run(prototxt, weights, target):
         from lrprune_caffe.api import compress_files as compress
         report, net = compress(prototxt, weights, None, scheme=scheme, speedup=target, verify=False,
-                               criterion=criterion)
+                               criterion=criterion, cost="macs", measure_rounds=0)  # the MAC budget, timed below
         ranks = {r["name"]: r["rank"] for r in report["layers"] if r["action"] == "factorized"}
         return net, {"macs": report["totals"]["macs_after"], "params": report["totals"]["params_after"],
                      "ranks": ranks}
@@ -80,7 +80,7 @@ def prune_rows(prototxt, weights, sparsities, after, x, labels, engine):
         bases.append((f"{scheme} {float(sp):g}x + prune", (scheme, float(sp))))
     for label, fact in bases:
         for f in sparsities:
-            kw = dict(scheme=fact[0], speedup=fact[1]) if fact else {}
+            kw = dict(scheme=fact[0], speedup=fact[1], cost="macs", measure_rounds=0) if fact else {}
             report, net = compress(prototxt, weights, None, prune=f, verify=False, **kw)
             t = report["totals"]
             rows.append({"method": label, "sparsity_target": f, "macs": t["macs_after"], "params": t["params_after"],

@@ -69,6 +69,8 @@ def cmd_compress(args) -> int:
                          prune_method=args.prune_method, quality=args.quality,
                          prune_structured=args.prune_structured, prune_exclude=args.prune_exclude,
                          sparse=args.sparse, labels=args.labels, opset=args.opset, plot=args.plot,
+                         cost=args.cost, batch=args.batch, table_time=args.table_time,
+                         measure_rounds=args.measure_rounds,
                          **_precision_options(args), **_calib_options(args))
     failed = report.get("gate", {}).get("passed") is False
     if args.json:
@@ -159,14 +161,29 @@ def register(sub):
     how.add_argument("--energy", type=float, metavar="E",
                      help="smallest rank keeping this share (0..1] of the squared singular values")
     how.add_argument("--speedup", type=float, metavar="S",
-                     help="whole-net budget: MACs of the selected layers fall by this factor; components "
-                          "are cut where they cost least per MAC saved (see --criterion)")
+                     help="whole-net budget: the net runs S times faster on --engine (--cost latency) or its "
+                          "selected layers' MACs fall by S (--cost macs); components are cut where they cost "
+                          "least per ms or MAC saved (see --criterion); the report gives the measured speed-up")
     p.add_argument("--rank-method", choices=RANK_METHODS, default="svd",
                    help="svd: ranks from --rank/--energy/--speedup; vbmf: Kim et al.'s rank choice by "
                         "empirical VBMF (Nakajima et al. 2013) on each unfolding (default: svd)")
     p.add_argument("--criterion", choices=["log-energy", "energy"], default="log-energy",
                    help="--speedup cost of a cut: log-energy = -log(share of the layer's energy kept), "
                         "Zhang et al. 2015 (default); energy = discarded share of sigma^2")
+    p.add_argument("--cost", choices=["latency", "macs"], default=None,
+                   help="what --speedup counts: latency = milliseconds from per-layer latency tables measured on "
+                        "--engine with --threads/--batch (cached on disk; a layer is never made slower than left "
+                        "alone); macs = multiply-adds. Default: latency when its tables take at most "
+                        "--table-time, else macs with a note saying why")
+    p.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+                   help="--speedup: the batch the net will run at on --engine (default 1)")
+    p.add_argument("--table-time", type=float, default=None, metavar="SECONDS",
+                   help="--speedup: the most the latency tables may take to measure before macs is used "
+                        "instead (default 60; with --cost latency: no limit, and running out is an error; what "
+                        "was measured is cached)")
+    p.add_argument("--measure-rounds", type=int, default=None, metavar="N",
+                   help="--speedup: interleaved rounds of the original and the written net on --engine for the "
+                        "report's measured speed-up (default 20; 0 skips)")
     p.add_argument("--layers", metavar="NAMES|REGEX",
                    help="comma-separated layer names or regular expressions (full match); default: every "
                         "Convolution and InnerProduct layer")
@@ -230,15 +247,18 @@ def register(sub):
                    help="least top-1 agreement (0..1) of every class-score output with the original")
     g.add_argument("--max-rel-l2", type=float, metavar="X", help="largest relative L2 error of any output")
     p.add_argument("--engine", choices=ENGINES, default="onnxruntime",
-                   help="engine for the check (default onnxruntime; falls back to opencv with a note "
-                        "when the net cannot be exported)")
+                   help="the runtime the net is meant for: the check runs there (default onnxruntime; falls back "
+                        "to opencv with a note when the net cannot be exported), and with --speedup the latency "
+                        "tables (onnxruntime only) and the measured speed-up")
     p.add_argument("--no-verify", action="store_true", help="skip running the nets")
     p.add_argument("--svd", choices=SVD_METHODS, default="auto",
                    help="SVD back end: auto/gram (eigh of the smaller Gram matrix), exact (LAPACK gesdd), "
                         "randomized (Halko et al. 2011, seeded; fixed --rank only)")
     p.add_argument("--hooi", type=int, default=0, metavar="N", help="tucker2: N HOOI refinement sweeps (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs and randomized SVD (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="engine threads for the check")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="--engine threads: for the check (default: the engine's), and with --speedup for the "
+                        "latency tables and the measured speed-up (default 1)")
     p.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST", help=__import__("argparse").SUPPRESS)
     p.add_argument("--plot", action="store_true",
                    help="also draw OUTDIR/report.png (per layer: MACs and params before/after, energy kept "

@@ -12,7 +12,8 @@ One sequence, each step a function with its inputs and outputs::
   layers of the new net (copied first: the original is verification's reference);
 * :func:`lrprune_caffe.core.verify.check_compressed`: both nets on one engine;
 * :func:`export_onnx`: model.onnx (sparse initializers with ``sparse``);
-* :func:`lrprune_caffe.core.report.build_report`: report.json's dict.
+* :func:`lrprune_caffe.core.report.build_report`: report.json's dict; with ``--speedup``,
+  :func:`lrprune_caffe.core.latency_cost.report_speed` adds the written net's measured speed-up.
 
 Nothing here reads or writes a file: the result holds the new net and the
 other files' contents; :func:`lrprune_caffe.api.compress_files` is the file-level wrapper.
@@ -34,6 +35,7 @@ from lrprune_caffe.transforms.factorize import factorize, rewrite_train_net
 from lrprune_caffe.transforms.prune import PruneSpec, prune_net
 
 from . import calib as cb
+from .latency_cost import report_speed
 from .options import CompressOptions, check_options
 from .ranks import RankPlan, data_aware_names, plan_ranks, progress_bar
 from .report import STANDARD_FILES, PruneRecord, rank_value, build_report
@@ -259,6 +261,7 @@ def compress(net: Net, options: CompressOptions = None, data: CompressData = Non
         report["precision"] = precision
         notes_of = precision.get("notes") or []
         report["notes"] += [f"model.onnx: {n}" for n in notes_of]
+    report_speed(net, new, o, report)  # --speedup: measured against the original on the target
     report["warnings"] = warnings_of(verification) if o.verify else []
     passed = True
     if any(getattr(o, k) is not None for k in ("max_drop", "min_agree", "max_rel_l2")):

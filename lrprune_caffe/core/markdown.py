@@ -243,7 +243,12 @@ def report_markdown(report: dict) -> str:
                       f"{_int(s['macs_after'] or None)} "
                       f"({_ratio(s['macs_before'], s['macs_after'])})."]
     b = report.get("budget")
-    if b:
+    if b and b.get("cost") == "latency":
+        lines += [f"Budget: measured latency on {b['target']}: {b['total_ms']:.2f} ms / {b['speedup']} = "
+                  f"{b['target_ms']:.2f} ms ({b['fixed_ms']:.2f} ms fixed); predicted {b['predicted_ms']:.2f} ms "
+                  f"({b['predicted_speedup']:.2f}x); tables {b['tables']['seconds']:.1f} s "
+                  f"({b['tables']['graphs_timed']} graphs timed)."]
+    elif b:
         lines += [f"Budget: MACs of the selected layers / {b['speedup']} = {b['target_macs']:,}; "
                   f"criterion: {b.get('criterion_text', b['criterion'])}."]
     lines += ["", "## Layers", "", _md_table(*layer_table(report))]

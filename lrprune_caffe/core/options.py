@@ -57,8 +57,13 @@ class CompressOptions:
     min_agree: float = None  # least top-1 agreement with the original, 0..1
     max_rel_l2: float = None  # largest relative L2 error of any output
     verify: bool = True
-    engine: str = "onnxruntime"
+    engine: str = "onnxruntime"  # the check's engine, and with --speedup the target runtime
     threads: int = None
+    # --speedup's target (core/latency_cost.py)
+    cost: str = None  # "latency" | "macs" | None: latency when its tables can be had in table_time
+    batch: int = None  # the target's batch (None: 1)
+    table_time: float = None  # seconds the latency tables may take (None: 60, or no limit with cost latency)
+    measure_rounds: int = None  # interleaved rounds of the measured speed-up (None: 20; 0: not measured)
     progress: bool = False
 
     @classmethod
@@ -87,6 +92,8 @@ class CompressOptions:
         gate = {k: getattr(self, k) for k in GATE_OPTIONS if getattr(self, k) is not None}
         if gate:
             out["gate"] = gate
+        if self.speedup is not None:
+            out.update(cost=self.cost, engine=self.engine, threads=self.threads, batch=self.batch)
         return out
 
 
@@ -238,6 +245,8 @@ def check_options(o: CompressOptions):
         raise UserError(f"--max-drop {o.max_drop} must be >= 0 (top-1 percentage points)")
     if not o.verify and any(getattr(o, k) is not None for k in GATE_OPTIONS):
         raise UserError("--max-drop / --min-agree / --max-rel-l2 judge the check: drop --no-verify")
+    from .latency_cost import check_options as check_cost
+    check_cost(o)
     parse_rank_spec(o.rank)
     return spec
 

@@ -218,7 +218,8 @@ def _factorize(net, opts):
     """The factorization round: ``compress`` on the net itself, MAC budget, no check (fit to
     the calibration data when there is some)."""
     result = compress(net, CompressOptions(scheme=opts.scheme, speedup=float(opts.speedup), verify=False,
-                                           criterion=opts.criterion, seed=opts.seed),
+                                           criterion=opts.criterion, seed=opts.seed, cost="macs",
+                                           measure_rounds=0),
                       CompressData(calib=opts.calib, calib_desc="the pipeline's calibration data"))
     return result.report, result.net
 

@@ -6,8 +6,9 @@ Deconvolution layer with weights, the ``LayerPlan`` of each layer to
 factorize, the SVDs computed on the way (reused by the factorization) and
 the budget record with ``--speedup``. The rank rules: fixed (``--rank``),
 energy (``--energy``), VBMF (``--rank-method vbmf``,
-:mod:`lrprune_caffe.lowrank.rank`), or a whole-net MAC budget (``--speedup``,
-:mod:`lrprune_caffe.lowrank.budget`).
+:mod:`lrprune_caffe.lowrank.rank`), or a whole-net budget (``--speedup``) in MACs
+(:mod:`lrprune_caffe.lowrank.budget`) or in measured milliseconds (``--cost latency``,
+:mod:`lrprune_caffe.core.latency_cost`).
 """
 
 from __future__ import annotations
@@ -222,6 +223,9 @@ def data_aware_names(infos, names, scheme) -> list:
 
 def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
     spectra = _spectra(net, infos, names, o, rp.caches)
+    from . import latency_cost
+    if latency_cost.cost_of(o) != "macs" and latency_cost.budget_latency(net, rp, infos, names, spectra, o):
+        return  # --cost latency (or its default): milliseconds measured on the target runtime
     macs_before = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows)
     small = {n: negligible(infos[n], macs_before) for n in names}
     for n, why in small.items():
@@ -247,8 +251,8 @@ def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
                           "the --speedup budget was met at less error in other layers")
             continue
         rp.plan[name] = LayerPlan(info.scheme_for(o.scheme), ranks, info)
-    rp.budget = {"speedup": float(o.speedup), "macs_before": int(macs_before), "target_macs": int(alloc.target_macs),
-                 "criterion": o.criterion, "criterion_text": bg.CRITERION_TEXT[o.criterion]}
+    rp.budget = {"cost": "macs", "speedup": float(o.speedup), "macs_before": int(macs_before),
+                 "target_macs": int(alloc.target_macs), "criterion": o.criterion, "criterion_text": bg.CRITERION_TEXT[o.criterion]}
     used = sorted(n for n in names if n in data)
     if used:
         rp.budget["data_aware"] = {

@@ -8,31 +8,37 @@ we time, on the target runtime:
 - its **factorized chains** (the layers :mod:`lrprune_caffe.transforms.factorize`
   builds: channel = kxk conv to g*r channels then 1x1; spatial = kx1 then
   1xk; tucker2 = 1x1, kxk, 1x1; fc = two Gemms) on a coarse rank grid
-  (:func:`rank_grid`: ~8 ranks over 1..the rank where the chain's MACs reach
-  the layer's; Tucker-2: a 5 x 5 grid of (r_in, r_out)).
+  (:func:`rank_grid`: 5-8 ranks over 1..the rank where the chain's MACs reach
+  the layer's, fewer for slow layers; Tucker-2: 4 x 4 or 5 x 5 (r_in, r_out)), in ascending rank,
+  stopping a row after two chains no faster than the layer left alone.
 
-Each candidate is a tiny ONNX graph (onnx.helper; seeded weights of the right
-shapes: the time does not depend on their values) run by onnxruntime with the
-target's session options (:func:`ort_options`: ``intra_op_num_threads`` =
+Each candidate is a tiny ONNX graph (:mod:`lrprune_caffe.engines.latency_graphs`;
+seeded weights of the right shapes: the time does not depend on their values)
+run by onnxruntime with the target's session options (``intra_op_num_threads`` =
 threads, ``inter_op_num_threads`` 1, sequential, ``ORT_ENABLE_ALL``, as the
-exported net runs). Time = the median of repeated runs after warm-up; the
-repeat count adapts (:func:`time_runs`: up to 12 runs for small layers, 3 for big
-ones), and every timed run starts with cold caches (:class:`Flush`: in a net a
-layer's weights are not in cache when it runs; timed hot, ResNet-50's layers
-add up to half the net's time). :class:`lrprune_caffe.lowrank.latency_budget.LayerTable` interpolates
-between the measured ranks.
+exported net runs). Time = the median of repeated runs after warm-up (up to 12
+runs for small layers, 3 for big ones; their lower quartile, in CPU time with
+one thread: :func:`lrprune_caffe.engines.latency_graphs.cpu_clock`), minus the
+per-run cost of any graph.
 
-The whole original net is measured once too (:func:`net_ms`, exported by
-:func:`lrprune_caffe.export.onnx.export_model`): the budget's fixed part is
-that total minus the tabled layers left alone.
+A layer timed alone is not the layer inside the net (hot caches, no fusion,
+layout reorders around it). So by default (``timing="profile"``) the tables
+are timed hot and then calibrated: the whole original net is profiled once
+(:mod:`lrprune_caffe.engines.latency_net`, onnxruntime's profiler), and each
+layer's row is scaled by its in-net time / its time alone
+(:func:`lrprune_caffe.lowrank.latency_budget.calibrate`). The budget's fixed
+part is then the net's total (the sum of its profiled parts,
+:func:`lrprune_caffe.engines.latency_net.profile_total`) minus the tabled
+layers' in-net times. ``timing="cold"`` (every run after a cache flush, no
+calibration) and ``"hot"`` (neither) remain for comparison.
 
 Everything measured is cached on disk (JSON; ``$LRPRUNE_CACHE/latency`` or
 ``~/.cache/lrprune-caffe/latency``), one file per target key (runtime and its
 version, threads, batch, machine = platform.machine + CPU model + core
-count, and :data:`GRID_VERSION`), one entry per layer geometry: a second run
+count, cold or not, and :data:`GRID_VERSION`), one entry per layer geometry: a second run
 measures nothing.
 
-This is measurement, not a test; unit tests replace :func:`time_runs`.
+This is measurement, not a test; unit tests replace :func:`measure_model` and :func:`time_runs`.
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,12 +55,18 @@ from pathlib import Path
 import numpy as np
 
 from lrprune_caffe.errors import UserError
-from lrprune_caffe.lowrank.latency_budget import LayerTable
+from lrprune_caffe.lowrank.latency_budget import LayerTable, calibrate
 from .latency_graphs import (Flush, layer_model, measure_model, ort_options, overhead_model, session,  # noqa: F401
                              time_runs)
+from .latency_graphs import break_even, cpu_clock, geometry, grid_points, rank_grid, signature  # noqa: F401
+from .latency_net import (in_net_ms, measured_speedup, net_runner, net_signature, profile_net,  # noqa: F401
+                          profile_total)
 
 RUNTIMES = ("onnxruntime",)
-GRID_VERSION = 2  # bump when the grid or the timing method changes: old cache entries are ignored
+GRID_VERSION = 5  # bump when the grid or the timing method changes: old cache entries are ignored
+#: how layers are timed: "profile" (hot, then scaled to their in-net time from the profiled net; the
+#: default), "cold" (caches flushed before each run, no calibration), "hot" (neither)
+TIMINGS = ("profile", "cold", "hot")
 
 
 # ---------------------------------------------------------------------------
@@ -99,7 +110,7 @@ class Target:
     def key(self) -> dict:
         return {"runtime": self.runtime, "version": runtime_version(self.runtime), "threads": int(self.threads),
                 "batch": int(self.batch), "machine": platform.machine(), "cpu": cpu_model(),
-                "cores": os.cpu_count(), "grid": GRID_VERSION}
+                "cores": os.cpu_count(), "grid": GRID_VERSION, "clock": "cpu" if int(self.threads) == 1 else "wall"}
 
     def describe(self) -> str:
         k = self.key()
@@ -119,11 +130,11 @@ def cache_dir(path=None) -> Path:
 class Cache:
     """One JSON file per target key: {"target": key, "layers": {signature: entry}, "nets": {sig: ms}}."""
 
-    def __init__(self, target: Target, directory=None):
-        self.key = target.key()
+    def __init__(self, target: Target, directory=None, cold: bool = False):
+        self.key = {**target.key(), "cold": bool(cold)}
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = cache_dir(directory) / f"{self.key['runtime']}-t{self.key['threads']}-b{self.key['batch']}-" \
-                                           f"{digest}.json"
+                                           f"{'cold-' if cold else ''}{digest}.json"
         self.data = self._read()
         self.hits = 0
         self.misses = 0
@@ -174,75 +185,6 @@ class Cache:
 
 
 # ---------------------------------------------------------------------------
-# geometry and rank grids
-
-def geometry(info, batch: int) -> dict:
-    """What a layer's latency depends on, at the target batch (from a factorize.LayerInfo)."""
-    if info.kind == "ip":
-        rows = info.outer
-        if info.axis >= 1 and info.in_shape:
-            rows = info.outer // max(1, int(info.in_shape[0])) * int(batch)
-        return {"kind": "fc", "rows": int(rows), "k": int(info.c_in), "n": int(info.n_out), "bias": bool(info.bias),
-                "transpose": bool(info.transpose)}
-    _, c, h, w = (int(x) for x in info.in_shape)
-    return {"kind": "conv", "batch": int(batch), "c": c, "h": h, "w": w, "n": int(info.n_out),
-            "group": int(info.group), "kernel": list(info.kernel), "stride": list(info.stride),
-            "pad": list(info.pad), "dilation": list(info.dilation), "bias": bool(info.bias)}
-
-
-def signature(geo: dict) -> str:
-    if geo["kind"] == "fc":
-        return f"fc:m{geo['rows']}:k{geo['k']}:n{geo['n']}:b{int(geo['bias'])}:t{int(geo['transpose'])}"
-    xy = lambda v: "x".join(str(int(a)) for a in v)  # noqa: E731
-    return (f"conv:b{geo['batch']}:c{geo['c']}:h{geo['h']}:w{geo['w']}:n{geo['n']}:g{geo['group']}:"
-            f"k{xy(geo['kernel'])}:s{xy(geo['stride'])}:p{xy(geo['pad'])}:d{xy(geo['dilation'])}:"
-            f"b{int(geo['bias'])}")
-
-
-def _spread(cap: int, points: int) -> list:
-    """~``points`` ranks over 1..cap, multiples of 8 above 16 (SIMD widths), always 1 and cap."""
-    if cap <= points:
-        return list(range(1, cap + 1))
-    raw = np.linspace(1, cap, points)
-    out = {1, int(cap)}
-    for r in raw[1:-1]:
-        r = int(round(r))
-        if r > 16:
-            r = max(16, int(round(r / 8.0)) * 8)
-        out.add(min(max(1, r), cap))
-    return sorted(out)
-
-
-def break_even(info, scheme: str) -> tuple:
-    """Per rank dimension, the largest rank whose chain's MACs stay at or below the layer's (0: none)."""
-    maxr = info.max_ranks(scheme)
-    if scheme == "tucker2":
-        caps = []
-        for d in range(2):
-            r = np.arange(1, maxr[d] + 1)
-            other = np.ones_like(r)
-            macs, _ = info.cost(scheme, (r, other) if d == 0 else (other, r))
-            ok = np.nonzero(np.asarray(macs) <= info.macs)[0]
-            caps.append(int(r[ok[-1]]) if ok.size else 0)
-        return tuple(caps)
-    r = np.arange(1, maxr[0] + 1)
-    macs, _ = info.cost(scheme, (r,))
-    ok = np.nonzero(np.asarray(macs) <= info.macs)[0]
-    return (int(r[ok[-1]]) if ok.size else 0,)
-
-
-def rank_grid(info, scheme: str, points: int = 8, points_2d: int = 5) -> tuple:
-    """The measured ranks: one ascending list per rank dimension (empty when no rank cuts MACs)."""
-    scheme = info.scheme_for(scheme)
-    caps = break_even(info, scheme)
-    if any(c < 1 for c in caps):
-        return ()
-    if scheme == "tucker2":
-        return tuple(_spread(c, points_2d) for c in caps)
-    return (_spread(caps[0], points),)
-
-
-# ---------------------------------------------------------------------------
 # tables
 
 @dataclass
@@ -252,12 +194,15 @@ class Tables:
     target: Target
     scheme: str
     tables: dict = field(default_factory=dict)  # name -> LayerTable
-    total_ms: float = None  # the whole original net
+    total_ms: float = None  # the whole original net (timing "profile": the sum of its profiled parts)
+    wall_ms: float = None  # timing "profile": the lower quartile of the profiled runs' wall times
     seconds: float = 0.0  # wall time spent here (measuring, or reading the cache)
     cpu_seconds: float = 0.0  # CPU time of this process meanwhile (~ the wall time on an idle machine)
     measured: int = 0  # graphs timed now (0 on a full cache hit)
     overhead_ms: float = 0.0  # per-run cost of any graph, subtracted from the table entries
     complete: bool = True  # False: the time budget ran out first (what was measured is cached)
+    timing: str = "profile"  # one of TIMINGS
+    in_net: dict = field(default_factory=dict)  # name -> the layer's ms inside the profiled net
     cache_path: str = ""
     notes: list = field(default_factory=list)
 
@@ -274,37 +219,59 @@ def run_overhead(cache: Cache, counter: list) -> float:
     return float(ms)
 
 
-def _measure_layer(geo, scheme, axes, cache: Cache, counter: list, overhead: float = 0.0) -> LayerTable:
-    """The layer's table. Left alone is timed before and after its chains and the faster median kept:
-    noise only adds time, and a left-alone time inflated by a neighbour's burst would make every
-    chain look like a saving."""
+def _grid_points(axes) -> list:
+    """Grid points in measuring order: ascending ranks (row by row for Tucker-2)."""
+    if len(axes) == 1:
+        return [(r,) for r in axes[0]]
+    return [(a, b) for a in axes[0] for b in axes[1]]
+
+
+def _measure_layer(geo, scheme, info, cache: Cache, counter: list, overhead: float = 0.0) -> LayerTable:
+    """The layer's table (what is measured is stored before ``overhead`` is subtracted); its grid is
+    :func:`rank_grid` at :func:`grid_points` of the layer left alone.
+
+    Left alone is timed before and after its chains and the faster median kept:
+    noise only adds time, and a left-alone time inflated by a neighbour's burst
+    would make every chain look like a saving. Ranks rise along each grid row;
+    after two chains in a row no faster than the layer left alone, the larger
+    ranks of that row (and, for Tucker-2, the rows after a row whose smallest
+    chain was no faster) are not measured: NaN, never offered.
+    """
     sig = signature(geo)
     target = cache_target(cache)
+    cold = bool(cache.key.get("cold"))
     orig = cache.get("layers", sig, "orig")
+
+    def timed(model_feeds):
+        counter[0] += 1
+        return measure_model(*model_feeds, target, cold=cold)["ms"]
+
+    if orig is None:
+        orig = timed(layer_model(geo))
+    axes = rank_grid(info, scheme, *grid_points(orig))
     part = f"{scheme}:" + ";".join(",".join(str(r) for r in a) for a in axes)
     stored = cache.get("layers", sig, part)
-    if orig is None:
-        model, feeds = layer_model(geo)
-        orig = measure_model(model, feeds, target)["ms"]
-        counter[0] += 1
     if stored is None:
-        if len(axes) == 1:
-            points = [(r,) for r in axes[0]]
-        else:
-            points = [(a, b) for a in axes[0] for b in axes[1]]
         stored = []
-        for ranks in points:
-            model, feeds = layer_model(geo, scheme, ranks)
-            stored.append(measure_model(model, feeds, target)["ms"])
-            counter[0] += 1
-        model, feeds = layer_model(geo)
-        orig = min(orig, measure_model(model, feeds, target)["ms"])
-        counter[0] += 1
+        slow_run, dead_row, row = 0, False, None
+        for ranks in _grid_points(axes):
+            if len(axes) == 2 and ranks[0] != row:  # a new Tucker-2 row
+                dead_row = dead_row or (row is not None and stored[-len(axes[1])] is not None
+                                        and stored[-len(axes[1])] >= orig)
+                row, slow_run = ranks[0], 0
+            if dead_row or slow_run >= 2:
+                stored.append(None)
+                continue
+            ms = timed(layer_model(geo, scheme, ranks))
+            stored.append(ms)
+            slow_run = slow_run + 1 if ms >= orig else 0
+        orig = min(orig, timed(layer_model(geo)))
         cache.put("layers", sig, stored, part)
     cache.put("layers", sig, orig, "orig")
-    ms = np.asarray(stored, dtype=np.float64).reshape(tuple(len(a) for a in axes))
+    ms = np.asarray([np.nan if v is None else v for v in stored], dtype=np.float64)
+    ms = ms.reshape(tuple(len(a) for a in axes))
     floor = 1e-4  # ms: a layer never costs nothing
-    ms = np.maximum(ms - overhead, floor)
+    ms = np.maximum(ms - overhead, floor)  # NaN stays NaN
     orig = max(float(orig) - overhead, floor)
     return LayerTable("", float(orig), scheme, tuple(np.asarray(a, np.int64) for a in axes), ms)
 
@@ -314,16 +281,34 @@ def cache_target(cache: Cache) -> Target:
     return Target(k["runtime"], k["threads"], k["batch"])
 
 
+def _calibrate(out: Tables, prof: dict):
+    """Scale each table to its layer's in-net time (:mod:`lrprune_caffe.engines.latency_net`)."""
+    out.in_net = in_net_ms(prof)
+    missing = []
+    for name, table in list(out.tables.items()):
+        ms = out.in_net.get(name)
+        if ms is None:
+            missing.append(name)
+            continue
+        out.tables[name] = calibrate(table, ms)
+    if missing:
+        out.notes.append(f"latency tables: {len(missing)} layer(s) not found in the net's profile, left "
+                         f"uncalibrated: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
 def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=None, progress: bool = False,
-                 time_budget_s: float = None) -> Tables:
+                 time_budget_s: float = None, timing: str = "profile") -> Tables:
     """Tables for ``infos`` ({name: factorize.LayerInfo}) under ``scheme``; with ``net``, also its total ms.
 
-    Stops after the layer that exceeds ``time_budget_s`` (``complete`` False);
-    what was measured stays cached.
+    ``timing``: one of :data:`TIMINGS`; "profile" needs ``net`` (without it the
+    tables stay hot and uncalibrated, with a note). Stops after the layer that
+    exceeds ``time_budget_s`` (``complete`` False); what was measured stays cached.
     """
+    if timing not in TIMINGS:
+        raise UserError(f"latency timing '{timing}' unknown (choose from {', '.join(TIMINGS)})")
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    cache = Cache(target, directory)
-    out = Tables(target, scheme, cache_path=str(cache.path))
+    cache = Cache(target, directory, cold=timing == "cold")
+    out = Tables(target, scheme, cache_path=str(cache.path), timing=timing)
     counter = [0]
     saved = 0
     try:
@@ -334,8 +319,12 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
         bar = None
     try:
         out.overhead_ms = run_overhead(cache, counter)
-        if net is not None:
+        if net is not None and timing == "profile":  # one session gives the total and the layers' shares
+            prof = net_profile(net, target, cache, counter)
+            out.total_ms, out.wall_ms = profile_total(prof), float(prof["wall_ms"])
+        elif net is not None:
             out.total_ms = net_ms(net, target, cache=cache, counter=counter)
+        if net is not None:
             if bar is not None:
                 bar.update(1)
         for name, info in infos.items():
@@ -345,11 +334,10 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
                                  f"{len(out.tables)} of {len(infos)} layers (what was measured is cached)")
                 break
             s = info.scheme_for(scheme)
-            axes = rank_grid(info, s)
-            if not axes:
+            if not rank_grid(info, s):
                 out.notes.append(f"layer {name}: no {s} rank cuts its MACs; not tabled")
             else:
-                table = _measure_layer(geometry(info, target.batch), s, axes, cache, counter, out.overhead_ms)
+                table = _measure_layer(geometry(info, target.batch), s, info, cache, counter, out.overhead_ms)
                 table.name = name
                 out.tables[name] = table
             if bar is not None:
@@ -357,6 +345,11 @@ def layer_tables(infos: dict, scheme: str, target: Target, net=None, directory=N
             if counter[0] != saved:
                 cache.save()
                 saved = counter[0]
+        if timing == "profile" and out.complete:
+            if net is None:
+                out.notes.append("latency tables: no net to profile, so the tables are not calibrated")
+            else:
+                _calibrate(out, prof)
     finally:
         if bar is not None:
             bar.close()
@@ -390,37 +383,15 @@ def net_infos(net, names=None) -> tuple:
 # ---------------------------------------------------------------------------
 # whole nets
 
-def net_signature(net, batch: int) -> str:
-    h = hashlib.sha256()
-    h.update(repr(sorted((k, tuple(v) if v else None) for k, v in net.input_shapes().items())).encode())
-    h.update(f"batch{batch}".encode())
-    for layer in net.layers:
-        h.update(repr((layer.name, layer.type, layer.bottoms, layer.tops,
-                       [tuple(b.shape) for b in layer.blobs])).encode())
-        h.update(layer.msg.SerializeToString(deterministic=True))
-    return h.hexdigest()[:24]
-
-
-def net_runner(net, target: Target):
-    """A callable running ``net`` once at the target batch (exported by our ONNX exporter)."""
-    from lrprune_caffe.export.onnx import export_model
-    from .runtime import default_inputs
-    feeds = default_inputs(net, seed=0, batch=target.batch)
-    dynamic = any(s and s[0] != target.batch for s in net.input_shapes().values())
-    data = export_model(net, dynamic_batch=dynamic).SerializeToString()
-    sess = session(data, target)
-    del data
-    outs = [o.name for o in sess.get_outputs()]
-    return lambda: sess.run(outs, feeds)
-
-
 def net_ms(net, target: Target, cache: Cache = None, directory=None, counter: list = None) -> float:
-    """Median ms of the whole net on the target (cached by the net's structure and shapes)."""
+    """ms of the whole net on the target, the lower quartile of ~0.5 s of runs (cached by the net's
+    structure and shapes)."""
     cache = cache or Cache(target, directory)
     sig = net_signature(net, target.batch)
     ms = cache.get("nets", sig)
     if ms is None:
-        ms = time_runs(net_runner(net, target), budget_s=0.5)["ms"]
+        ms = time_runs(net_runner(net, target), budget_s=0.5, clock=cpu_clock(target.threads))
+        ms = ms.get("low", ms["ms"])  # the statistic of the tables and the profile
         cache.put("nets", sig, ms)
         if counter is not None:
             counter[0] += 1
@@ -429,31 +400,17 @@ def net_ms(net, target: Target, cache: Cache = None, directory=None, counter: li
     return float(ms)
 
 
-def measured_speedup(net_a, net_b, target: Target, rounds: int = 20, warmup: int = 2) -> dict:
-    """End-to-end speed-up of ``net_b`` over ``net_a``: interleaved (ABBA) rounds on the target.
-
-    Either net may be a :func:`net_runner` already built (a VGG-16 export takes seconds).
-    Returns medians of each net, the ratio of the medians (``speedup``), and
-    the median and the 10th-90th percentiles of the per-round ratios.
-    """
-    runs = [n if callable(n) else net_runner(n, target) for n in (net_a, net_b)]
-    for r in runs:
-        for _ in range(int(warmup)):
-            r()
-    clock = time.perf_counter
-    times = [[], []]
-    for rnd in range(int(rounds)):
-        for i in ((0, 1) if rnd % 2 == 0 else (1, 0)):
-            t0 = clock()
-            runs[i]()
-            times[i].append((clock() - t0) * 1e3)
-    ratios = np.asarray(times[0]) / np.asarray(times[1])
-    a, b = statistics.median(times[0]), statistics.median(times[1])
-    return {"a_ms": a, "b_ms": b, "speedup": a / b, "paired_median": float(np.median(ratios)),
-            "paired_p10": float(np.percentile(ratios, 10)), "paired_p90": float(np.percentile(ratios, 90)),
-            "rounds": int(rounds), "target": target.key()}
+def net_profile(net, target: Target, cache: Cache, counter: list) -> dict:
+    """:func:`lrprune_caffe.engines.latency_net.profile_net` of the net, cached like :func:`net_ms`."""
+    sig = net_signature(net, target.batch) + ":profile"
+    prof = cache.get("nets", sig)
+    if prof is None:
+        prof = profile_net(net, target)
+        cache.put("nets", sig, prof)
+        counter[0] += 1
+    return prof
 
 
 __all__ = ["Target", "Cache", "Tables", "RUNTIMES", "geometry", "signature", "rank_grid", "break_even",
            "layer_model", "time_runs", "measure_model", "layer_tables", "net_ms", "net_runner",
-           "measured_speedup", "cache_dir", "ort_options", "net_infos"]
+           "measured_speedup", "cache_dir", "ort_options", "net_infos", "net_profile", "TIMINGS", "grid_points"]

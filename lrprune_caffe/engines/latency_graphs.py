@@ -1,5 +1,6 @@
-"""The timed side of :mod:`lrprune_caffe.engines.latency`: tiny ONNX graphs of one layer (left alone or
-factorized), onnxruntime sessions on the target's options, and cold-cache timing.
+"""The timed side of :mod:`lrprune_caffe.engines.latency`: each layer's geometry and rank grid, tiny ONNX
+graphs of one layer (left alone or factorized), onnxruntime sessions on the target's options, and their
+timing (hot, or cold: caches flushed before each run).
 
 Large weights of the tiny graphs all point into one file of seeded values (ONNX external data), so a
 400 MB FC weight is neither generated nor serialized per graph; the time does not depend on values.
@@ -15,6 +16,85 @@ from pathlib import Path
 import numpy as np
 
 OPSET = 13
+
+
+# ---------------------------------------------------------------------------
+# geometry and rank grids
+
+def geometry(info, batch: int) -> dict:
+    """What a layer's latency depends on, at the target batch (from a factorize.LayerInfo)."""
+    if info.kind == "ip":
+        rows = info.outer
+        if info.axis >= 1 and info.in_shape:
+            rows = info.outer // max(1, int(info.in_shape[0])) * int(batch)
+        return {"kind": "fc", "rows": int(rows), "k": int(info.c_in), "n": int(info.n_out), "bias": bool(info.bias),
+                "transpose": bool(info.transpose)}
+    _, c, h, w = (int(x) for x in info.in_shape)
+    return {"kind": "conv", "batch": int(batch), "c": c, "h": h, "w": w, "n": int(info.n_out),
+            "group": int(info.group), "kernel": list(info.kernel), "stride": list(info.stride),
+            "pad": list(info.pad), "dilation": list(info.dilation), "bias": bool(info.bias)}
+
+
+def signature(geo: dict) -> str:
+    if geo["kind"] == "fc":
+        return f"fc:m{geo['rows']}:k{geo['k']}:n{geo['n']}:b{int(geo['bias'])}:t{int(geo['transpose'])}"
+    xy = lambda v: "x".join(str(int(a)) for a in v)  # noqa: E731
+    return (f"conv:b{geo['batch']}:c{geo['c']}:h{geo['h']}:w{geo['w']}:n{geo['n']}:g{geo['group']}:"
+            f"k{xy(geo['kernel'])}:s{xy(geo['stride'])}:p{xy(geo['pad'])}:d{xy(geo['dilation'])}:"
+            f"b{int(geo['bias'])}")
+
+
+def _spread(cap: int, points: int) -> list:
+    """~``points`` ranks over 1..cap, multiples of 8 above 16 (SIMD widths), always 1 and cap."""
+    if cap <= points:
+        return list(range(1, cap + 1))
+    raw = np.linspace(1, cap, points)
+    out = {1, int(cap)}
+    for r in raw[1:-1]:
+        r = int(round(r))
+        if r > 16:
+            r = max(16, int(round(r / 8.0)) * 8)
+        out.add(min(max(1, r), cap))
+    return sorted(out)
+
+
+def break_even(info, scheme: str) -> tuple:
+    """Per rank dimension, the largest rank whose chain's MACs stay at or below the layer's (0: none)."""
+    maxr = info.max_ranks(scheme)
+    if scheme == "tucker2":
+        caps = []
+        for d in range(2):
+            r = np.arange(1, maxr[d] + 1)
+            other = np.ones_like(r)
+            macs, _ = info.cost(scheme, (r, other) if d == 0 else (other, r))
+            ok = np.nonzero(np.asarray(macs) <= info.macs)[0]
+            caps.append(int(r[ok[-1]]) if ok.size else 0)
+        return tuple(caps)
+    r = np.arange(1, maxr[0] + 1)
+    macs, _ = info.cost(scheme, (r,))
+    ok = np.nonzero(np.asarray(macs) <= info.macs)[0]
+    return (int(r[ok[-1]]) if ok.size else 0,)
+
+
+def grid_points(left_alone_ms: float) -> tuple:
+    """(points, points_2d) of the rank grid for a layer that takes ``left_alone_ms`` alone: fewer for
+    slow layers, whose curves are long straight lines and whose every chain costs a lot to time."""
+    if left_alone_ms >= 30:
+        return 5, 4
+    if left_alone_ms >= 8:
+        return 6, 4
+    return 8, 5
+
+
+def rank_grid(info, scheme: str, points: int = 8, points_2d: int = 5) -> tuple:
+    """The measured ranks: one ascending list per rank dimension (empty when no rank cuts MACs)."""
+    scheme = info.scheme_for(scheme)
+    caps = break_even(info, scheme)
+    if any(c < 1 for c in caps):
+        return ()
+    if scheme == "tucker2":
+        return tuple(_spread(c, points_2d) for c in caps)
+    return (_spread(caps[0], points),)
 
 
 # ---------------------------------------------------------------------------
@@ -197,11 +277,20 @@ def _flush():
     return _FLUSH[0]
 
 
-def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40, flush=None) -> dict:
+def cpu_clock(threads: int):
+    """The clock a target's runs are timed by: with one intra-op thread onnxruntime runs every kernel on
+    the calling thread, so the process's CPU time is the run's time without the time other jobs took
+    the core (on the shared 2-core machine at load 6: 9 ms CPU in 40 ms wall); with more threads, whose
+    pool spins while waiting, wall time."""
+    return time.process_time if int(threads) == 1 else time.perf_counter
+
+
+def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40, flush=None,
+              clock=time.perf_counter) -> dict:
     """Median ms of ``run()`` after warm-up; about ``budget_s`` of timed runs (``min_runs``..``max_runs``).
 
-    ``flush``: called (untimed) before each timed run, e.g. :class:`Flush`."""
-    clock = time.perf_counter
+    ``flush``: called (untimed) before each timed run, e.g. :class:`Flush`; ``clock``: e.g.
+    :func:`cpu_clock`."""
     t0 = clock()
     run()  # the first run allocates and may pack weights
     first = clock() - t0
@@ -221,7 +310,14 @@ def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40
         run()
         times.append(clock() - t0)
     ms = sorted(t * 1e3 for t in times)
-    return {"ms": statistics.median(ms), "runs": n, "min": ms[0], "max": ms[-1]}
+    return {"ms": statistics.median(ms), "low": low(ms), "runs": n, "min": ms[0], "max": ms[-1]}
+
+
+def low(values) -> float:
+    """The lower quartile (the minimum of 3 or fewer): on a shared machine noise only adds time, and a
+    few runs' median still carries a neighbour's burst."""
+    v = sorted(values)
+    return float(v[(len(v) - 1) // 4])
 
 
 def overhead_model():
@@ -235,13 +331,18 @@ def overhead_model():
     return model.SerializeToString(), {"x": np.zeros(1, np.float32)}
 
 
-def measure_model(model_bytes: bytes, feeds: dict, target, external: bool = True) -> dict:
-    """Time one ONNX model (by default a :func:`layer_model`, which may point into the weight file),
-    each run with cold caches (:class:`Flush`)."""
+def measure_model(model_bytes: bytes, feeds: dict, target, external: bool = True, cold: bool = False) -> dict:
+    """Time one ONNX model (by default a :func:`layer_model`, which may point into the weight file).
+
+    ``ms`` is the lower quartile of the runs (:func:`low`) by :func:`cpu_clock`. Hot by default (the
+    tables are calibrated against the profiled net, :mod:`lrprune_caffe.engines.latency_net`);
+    ``cold``: each run after a :class:`Flush`."""
     sess = session(model_bytes, target, external)
     outs = [o.name for o in sess.get_outputs()]
-    return time_runs(lambda: sess.run(outs, feeds), max_runs=12, flush=_flush())
+    res = time_runs(lambda: sess.run(outs, feeds), max_runs=12, flush=_flush() if cold else None,
+                    clock=cpu_clock(target.threads))
+    return {**res, "ms": res["low"]}
 
 
-__all__ = ["layer_model", "overhead_model", "ort_options", "session", "time_runs", "measure_model", "Flush",
-           "llc_bytes", "OPSET"]
+__all__ = ["geometry", "signature", "break_even", "rank_grid", "grid_points", "layer_model", "overhead_model",
+           "ort_options", "session", "time_runs", "measure_model", "low", "cpu_clock", "Flush", "llc_bytes", "OPSET"]

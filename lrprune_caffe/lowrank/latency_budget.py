@@ -55,6 +55,7 @@ class LayerTable:
     scheme: str = ""
     axes: tuple = ()
     ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    scale: float = 1.0  # the factor :func:`calibrate` applied (in-net / alone)
 
     def predict(self, ranks) -> np.ndarray:
         """Interpolated ms at ``ranks`` ((n, d) ints, d = len(axes)); NaN outside the grid."""
@@ -121,6 +122,33 @@ def interp_2d(g1, g2, values, x1, x2) -> np.ndarray:
     ok = inside & ~bad
     out[ok] = val[ok]
     return out
+
+
+def calibrate(table: LayerTable, in_net_ms: float, limits=(0.25, 4.0)) -> LayerTable:
+    """The table scaled to the layer's time inside the net: every entry times ``in_net_ms / left_alone_ms``.
+
+    A layer timed alone in a loop keeps its weights cached and pays no layout changes or fusions; the
+    whole net, profiled once, says what the layer left alone really costs there
+    (:mod:`lrprune_caffe.engines.latency_profile`). Its chains are assumed to run in the net at the same
+    ratio (the same input and output tensors, the same cache pressure from the neighbours). The factor
+    is clipped to ``limits``: beyond them the profile and the table disagree about what was timed.
+    """
+    alone = float(table.left_alone_ms)
+    if not (alone > 0 and np.isfinite(in_net_ms) and in_net_ms > 0):
+        return table
+    f = float(np.clip(float(in_net_ms) / alone, *limits))
+    return LayerTable(table.name, alone * f, table.scheme, table.axes, np.asarray(table.ms, np.float64) * f,
+                      table.scale * f)
+
+
+def correct_chains(table: LayerTable, factor: float, limits=(0.5, 2.0)) -> LayerTable:
+    """The table with its factorized entries times ``factor`` (clipped to ``limits``), left alone unchanged:
+    the chains first chosen, profiled inside the factorized net, ran ``factor`` times as long as the
+    calibrated tables predicted (a chain's two ops and its intermediate tensor need not cost in the net
+    what the layer's in-net / alone ratio says)."""
+    f = float(np.clip(float(factor), *limits)) if np.isfinite(factor) and factor > 0 else 1.0
+    return LayerTable(table.name, table.left_alone_ms, table.scheme, table.axes,
+                      np.asarray(table.ms, np.float64) * f, table.scale)
 
 
 # ---------------------------------------------------------------------------
@@ -231,5 +259,5 @@ def allocate(options: list, total_ms: float, speedup: float, fixed_ms: float = N
                       dict(dropped_slower or {}))
 
 
-__all__ = ["LayerTable", "interp_1d", "interp_2d", "latency_options", "rank_candidates", "Allocation", "Unreachable",
-           "fixed_part", "allocate"]
+__all__ = ["LayerTable", "calibrate", "correct_chains", "interp_1d", "interp_2d", "latency_options",
+           "rank_candidates", "Allocation", "Unreachable", "fixed_part", "allocate"]

@@ -1,0 +1,176 @@
+"""compress --cost latency|macs, --batch, --table-time, --measure-rounds: which cost is used and why, what the
+report says. The timer is replaced (a graph's 'ms' follows its weight count): no timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from lrprune_caffe.core import latency_cost as lc
+from lrprune_caffe.api import compress_files as compress
+from lrprune_caffe.engines import latency as L
+from lrprune_caffe.errors import UserError
+from lrprune_caffe.transforms.factorize import FACTORIZABLE
+from test_latency import small_net
+
+
+def _weights(model_bytes) -> int:
+    import onnx
+    m = onnx.ModelProto.FromString(model_bytes)
+    return int(sum(np.prod(t.dims) for t in m.graph.initializer))
+
+
+@pytest.fixture
+def files(tmp_path):
+    from lrprune_caffe.io.caffe import save_net
+    proto, model = tmp_path / "small.prototxt", tmp_path / "small.caffemodel"
+    save_net(small_net(), str(proto), str(model))
+    return str(proto), str(model)
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """A fake target: a graph costs 0.01 ms + 0.1 us per weight (chains named lr*, slower by ``chain_factor``),
+    a layer in the profiled net 1.5x that, the rest 0.1 ms; the measured speed-up is ``speedup``."""
+    state = {"graphs": 0, "profiles": 0, "measures": 0, "chain_factor": 1.0, "speedup": 2.0, "measure_args": None}
+
+    def measure_model(model_bytes, feeds, target, external=True, cold=False):
+        if not external:
+            return {"ms": 0.001}
+        state["graphs"] += 1
+        ms = 0.01 + 1e-4 * _weights(model_bytes)
+        return {"ms": ms * (state["chain_factor"] if b"lr1" in model_bytes else 1.0)}
+
+    def profile_net(net, target):
+        state["profiles"] += 1
+        layers = {layer.name: 1.5 * (0.01 + 1e-4 * sum(int(np.prod(b.shape)) for b in layer.blobs))
+                  for layer in net.layers if layer.type in FACTORIZABLE}
+        return {"runs": 5, "run_ms": sum(layers.values()) + 0.1, "layers": layers, "other_ms": 0.1,
+                "wall_ms": sum(layers.values()) + 0.1}
+
+    def measure(net_a, net_b, engine, threads, batch, rounds):
+        state["measures"] += 1
+        state["measure_args"] = (engine, threads, batch, rounds)
+        s = state["speedup"]
+        return {"engine": f"{engine}, {threads or 1} thread(s), batch {batch or 1}", "speedup": s, "p10": s - 0.1,
+                "p90": s + 0.1, "orig_ms": 2.0 * s, "new_ms": 2.0, "rounds": rounds}
+
+    monkeypatch.setattr(L, "measure_model", measure_model)
+    monkeypatch.setattr(L, "profile_net", profile_net)
+    monkeypatch.setattr(L, "time_runs", lambda *a, **k: pytest.fail("nothing else is timed"))
+    monkeypatch.setattr(lc, "measure", measure)
+    monkeypatch.setattr(lc, "DEFAULT_COST", None)  # the suite pins macs; these tests check the real default
+    monkeypatch.setenv("LRPRUNE_CACHE", str(tmp_path / "cache"))  # this test's own tables
+    return state
+
+
+def test_latency_is_the_default_and_a_second_run_measures_nothing(files, fake):
+    report, _ = compress(*files, None, speedup=1.5, verify=False)
+    b = report["budget"]
+    assert b["cost"] == "latency" and "onnxruntime" in b["target"] and "1 thread" in b["target"]
+    assert b["predicted_ms"] <= b["target_ms"] and b["predicted_speedup"] >= 1.5
+    assert b["fixed_ms"] == pytest.approx(0.1)  # the profiled net minus its tabled layers
+    for name, row in b["layers"].items():
+        assert row["calibration"] == pytest.approx(1.5, rel=0.05)
+        if row["ms"] is not None:
+            assert row["ms"] < row["left_alone_ms"]  # never slower than left alone
+    assert any(r["action"] == "factorized" for r in report["layers"])
+    graphs, profiles = fake["graphs"], fake["profiles"]
+    assert graphs > 0 and profiles == 2  # the net, then the net factorized as first chosen (the refinement)
+    refined = b["refined"]
+    assert 0.5 <= refined["chain_correction"] <= 2.0 and refined["first"]["observed_ms"] > 0
+    again, _ = compress(*files, None, speedup=1.5, verify=False)
+    assert (fake["graphs"], fake["profiles"]) == (graphs, profiles)  # the cache
+    assert again["budget"]["predicted_ms"] == pytest.approx(b["predicted_ms"])
+
+
+def test_cost_macs_measures_no_table(files, fake):
+    report, _ = compress(*files, None, speedup=1.5, verify=False, cost="macs")
+    assert report["budget"]["cost"] == "macs" and fake["graphs"] == 0 and fake["profiles"] == 0
+    assert report["speed"]["cost"] == "macs"
+
+
+def test_a_layer_whose_chains_are_all_slower_is_left_alone(files, fake):
+    fake["chain_factor"] = 100.0  # every factorized configuration measures slower than the layer
+    with pytest.raises(UserError, match="cannot be reached on onnxruntime"):
+        compress(*files, None, speedup=1.5, verify=False, cost="latency")
+    report, _ = compress(*files, None, speedup=1.5, verify=False)  # the default falls back to macs, saying why
+    assert report["budget"]["cost"] == "macs"
+    assert any("latency tables predict at most 1.00x" in n for n in report["notes"])
+
+
+def test_engine_without_tables_falls_back_with_a_note(files, fake):
+    report, _ = compress(*files, None, speedup=1.5, verify=False, engine="opencv")
+    assert report["budget"]["cost"] == "macs"
+    assert any("no latency tables for engine 'opencv'" in n for n in report["notes"])
+    assert fake["measure_args"][0] == "opencv"  # the speed-up is measured where the net is meant to run
+    with pytest.raises(UserError, match="--cost latency: no latency tables for engine 'opencv'"):
+        compress(*files, None, speedup=1.5, verify=False, engine="opencv", cost="latency")
+
+
+def test_table_time_ran_out_falls_back_with_a_note(files, fake):
+    report, _ = compress(*files, None, speedup=1.5, verify=False, table_time=1e-9)
+    assert report["budget"]["cost"] == "macs"
+    assert any("not measured within" in n and "rerun" in n for n in report["notes"])
+
+
+def test_unreachable_latency_target_falls_back_but_not_when_asked_for(files, fake):
+    # best latency: 0.1 fixed + rank-1 chains ~ 7.6x; MACs can fall ~10x
+    report, _ = compress(*files, None, speedup=9, verify=False)
+    assert report["budget"]["cost"] == "macs"
+    assert any("cannot be reached" in n and "macs" in n for n in report["notes"])
+    with pytest.raises(UserError, match="--speedup 9 cannot be reached"):
+        compress(*files, None, speedup=9, verify=False, cost="latency")
+
+
+@pytest.mark.parametrize("measured,word", [(1.2, "MISSED"), (1.6, "met")])
+def test_report_gives_the_measured_speedup_and_says_when_it_was_missed(files, fake, tmp_path, measured, word):
+    fake["speedup"] = measured
+    out = tmp_path / "out"
+    report, _ = compress(*files, out, speedup=1.5, verify=False, threads=2, batch=3, measure_rounds=7)
+    s = report["speed"]
+    assert s["requested"] == 1.5 and s["speedup"] == measured and s["met"] is (measured >= 1.5)
+    assert s["p10"] < s["speedup"] < s["p90"] and s["cost"] == "latency" and s["predicted"] >= 1.5
+    assert fake["measure_args"] == ("onnxruntime", 2, 3, 7)
+    assert "batch 3" in report["budget"]["target"] and "2 thread" in report["budget"]["target"]
+    assert report["outcome"]["summary"].startswith(f"speed-up {word}: {measured:.2f}x measured")
+    assert "1.50x requested" in report["outcome"]["summary"]
+    md = (out / "report.md").read_text()
+    assert f"speed-up {word}" in md and "Budget: measured latency on onnxruntime" in md
+    assert json.loads((out / "report.json").read_text())["speed"]["met"] is (measured >= 1.5)
+
+
+def test_measure_rounds_zero_skips_the_measurement(files, fake):
+    report, _ = compress(*files, None, speedup=1.5, verify=False, measure_rounds=0)
+    assert "speed" not in report and fake["measures"] == 0
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"cost": "latency"}, "--cost sets the --speedup budget's target"),
+    ({"batch": 2}, "--batch sets the --speedup budget's target"),
+    ({"measure_rounds": 5}, "--measure-rounds sets"),
+    ({"speedup": 2, "cost": "flops"}, "unknown cost 'flops'"),
+    ({"speedup": 2, "cost": "macs", "table_time": 5}, "no effect with --cost macs"),
+    ({"speedup": 2, "batch": 0}, "--batch 0 must be at least 1"),
+    ({"speedup": 2, "measure_rounds": -1}, "must be >= 0"),
+])
+def test_options_without_effect_or_wrong_are_refused(files, fake, kw, msg):
+    kw = {"rank": 4, **kw} if "speedup" not in kw else kw
+    with pytest.raises(UserError, match=msg):
+        compress(*files, None, verify=False, **kw)
+    assert fake["graphs"] == 0
+
+
+def test_cli_flags(files, fake, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, stdout, err = run_cli(capsys, "compress", *files, "-o", out, "--speedup", "1.5", "--cost", "latency",
+                              "--threads", "2", "--batch", "2", "--measure-rounds", "4", "--no-verify")
+    assert rc == 0, err
+    assert "outcome: speed-up met" in stdout and fake["measure_args"] == ("onnxruntime", 2, 2, 4)
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["cost"] == "latency" and report["options"]["batch"] == 2
+    rc, _, err = run_cli(capsys, "compress", *files, "-o", tmp_path / "o2", "--rank", "4", "--cost", "macs")
+    assert rc == 2 and "--cost" in err and "without --speedup" in err and len(err.strip().splitlines()) == 1
