@@ -252,7 +252,8 @@ def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
             continue
         rp.plan[name] = LayerPlan(info.scheme_for(o.scheme), ranks, info)
     rp.budget = {"cost": "macs", "speedup": float(o.speedup), "macs_before": int(macs_before),
-                 "target_macs": int(alloc.target_macs), "criterion": o.criterion, "criterion_text": bg.CRITERION_TEXT[o.criterion]}
+                 "target_macs": int(alloc.target_macs), "criterion": o.criterion,
+                 "criterion_text": bg.CRITERION_TEXT[o.criterion]}
     used = sorted(n for n in names if n in data)
     if used:
         rp.budget["data_aware"] = {
