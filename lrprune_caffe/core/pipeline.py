@@ -19,6 +19,14 @@ Two schedules (``schedule=``):
     and fine-tunes; then the same pruning rounds as ``han``, on the factorized
     net's layers.
 
+Options beyond the paper's protocol: ``calib`` (calibration inputs, no
+labels) makes every step data-aware: the factorization is fit to the original
+net's outputs (:func:`lrprune_caffe.transforms.calibrate.calibrate_factorized`)
+and each pruning step re-solves the kept weights to match the outputs of the
+net just before it (:func:`~lrprune_caffe.transforms.calibrate.calibrate_pruned`);
+``distill`` fine-tunes from the original net's soft targets (Hinton et al.
+2015, :mod:`lrprune_caffe.train.finetune`) mixed with the labels.
+
 Fine-tuning in a round stops as soon as validation top-1 is back within
 ``tolerance`` of the original net's (measured on the same validation data
 with onnxruntime before anything changes), or after ``max_epochs``. A round
@@ -46,6 +54,8 @@ from lrprune_caffe.io.output import write_net
 from lrprune_caffe.engines.compare import json_safe
 from lrprune_caffe.errors import UserError
 from lrprune_caffe.fileutil import check_outdir
+from lrprune_caffe.transforms import run_pass
+from lrprune_caffe.transforms.calibrate import calibrate_factorized, calibrate_pruned
 from lrprune_caffe.transforms.prune import PruneSpec, prune_net
 
 from .compress import CompressOptions, compress
@@ -99,6 +109,10 @@ class PipelineOptions:
     engine: str = "onnxruntime"
     progress: object = None
     solver: object = None  # train.SolverSettings
+    calib: dict = None  # {input blob: array}: data-aware factorization and pruning steps
+    distill: bool = False  # fine-tune with the original net as the teacher
+    temperature: float = 4.0
+    distill_weight: float = 0.9
 
 
 def net_numbers(net) -> dict:
@@ -148,26 +162,37 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
     factorize_report = None
 
     for i, (kind, s) in enumerate(steps, 1):
+        calib_note = ""
         if kind == "factorize":
-            factorize_report, cur = _factorize(cur, opts)
+            factorize_report, cur, calib_note = _factorize(cur, opts)
             what = f"factorize ({opts.scheme}, {opts.speedup:g}x MACs)"
         else:
             pruned = cur.copy()
             new_masks, _ = prune_net(pruned, PruneSpec(fraction=float(s), scope=opts.prune_scope))
             masks = grow_masks(masks, new_masks)
             apply_masks(pruned, masks)
+            if opts.calib is not None:  # match the outputs of the net before this step
+                calib_note = run_pass(calibrate_pruned, pruned, original=cur, masks=masks,
+                                      calib_inputs=opts.calib, dense=cur, seed=opts.seed).reason
             cur = pruned
             what = f"prune to {s:.0%} " + ("per layer" if opts.prune_scope == "layer" else "over the net")
+        if opts.calib is not None:
+            what += " + calibrate"
         validate(cur)
         before = acc(cur)
         rec = {"round": i, "step": what, **net_numbers(cur), "top1_after_step": before, "epochs": 0,
                "iterations": 0}
+        if calib_note:
+            rec["calibrate_skipped"] = calib_note
+            say(f"round {i}: not calibrated: {calib_note}")
         say(f"round {i}: {what}: val top-1 {before:.4f}")
         if before < goal:
             trained, hist = finetune(cur, train, val, masks=masks, solver=solver, epochs=int(opts.max_epochs),
                                      batch_size=opts.batch_size, seed=opts.seed + i, threads=opts.threads,
                                      progress=opts.progress, log=None, check=(i == 1),
-                                     stop=lambda r: r.get("val_top1", 0.0) >= goal)
+                                     stop=lambda r: r.get("val_top1", 0.0) >= goal,
+                                     teacher=net if opts.distill else None, temperature=opts.temperature,
+                                     distill_weight=opts.distill_weight)
             cur = trained
             rec["epochs"] = len(hist["epochs"])
             rec["iterations"] = int(hist["iterations"])
@@ -188,7 +213,10 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
                     "speedup": opts.speedup if opts.schedule != "han" else None,
                     "scheme": opts.scheme if opts.schedule != "han" else None,
                     "tolerance": opts.tolerance, "max_epochs": opts.max_epochs, "batch_size": opts.batch_size,
-                    "seed": opts.seed, "solver": solver.as_dict(), "engine": opts.engine, "threads": opts.threads},
+                    "seed": opts.seed, "solver": solver.as_dict(), "engine": opts.engine, "threads": opts.threads,
+                    "calib": _calib_desc(opts.calib),
+                    "distill": ({"temperature": opts.temperature, "distill_weight": opts.distill_weight}
+                                if opts.distill else None)},
         "original": {"top1": base_acc, **net_numbers(net)},
         "goal_top1": goal,
         "rounds": rounds,
@@ -210,10 +238,23 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
 
 
 def _factorize(net, opts):
-    """The factorization round: ``compress`` on the net itself, MAC budget, no check."""
+    """The factorization round: ``compress`` on the net itself, MAC budget, no check; with
+    ``opts.calib`` the factors are then fit to ``net``'s outputs on the calibration inputs."""
     result = compress(net, CompressOptions(scheme=opts.scheme, speedup=float(opts.speedup), verify=False,
                                            criterion=opts.criterion, seed=opts.seed))
-    return result.report, result.net
+    new, note = result.net, ""
+    if opts.calib is not None:
+        plan = {r["name"]: r["scheme"] for r in result.report["layers"] if r.get("action") == "factorized"}
+        new = new.copy()
+        note = run_pass(calibrate_factorized, new, original=net, plan=plan, calib_inputs=opts.calib,
+                        seed=opts.seed).reason
+    return result.report, new, note
+
+
+def _calib_desc(calib):
+    if calib is None:
+        return None
+    return {k: list(getattr(v, "shape", ())) for k, v in calib.items()}
 
 
 def pipeline_markdown(report: dict) -> str:

@@ -1,0 +1,124 @@
+"""Fine-tuning from a teacher (Hinton et al. 2015): the loss against numpy, unlabeled data, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import GOLDEN, golden_case
+
+torch = pytest.importorskip("torch")
+
+from lrprune_caffe.cli.main import main  # noqa: E402
+from lrprune_caffe.data.datasets import Dataset, load_mnist_split  # noqa: E402
+from lrprune_caffe.errors import UserError  # noqa: E402
+from lrprune_caffe.io.caffe import load_net  # noqa: E402
+from lrprune_caffe.train import SolverSettings, finetune  # noqa: E402
+from lrprune_caffe.train.finetune import UNLABELED, distill_loss  # noqa: E402
+from lrprune_caffe.transforms.forward import forward  # noqa: E402
+
+SPLIT = GOLDEN.parent / "data" / "mnist5k_split.npz"
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    d = golden_case("lenet_mnist")
+    return d / "model.prototxt", d / "model.caffemodel"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    if not SPLIT.exists():
+        pytest.skip(f"no {SPLIT}")
+    train, test = load_mnist_split(SPLIT)
+    return train.subset(slice(0, 512)), test.subset(slice(0, 300))
+
+
+def _log_softmax(z):
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def test_distill_loss_is_hintons_mix():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(6, 10)) * 3, rng.normal(size=(6, 10)) * 3
+    y = np.array([1, 4, UNLABELED, 9, UNLABELED, 0])
+    T, w = 3.0, 0.7
+    lt, ls = _log_softmax(t / T), _log_softmax(s / T)
+    soft = T * T * np.mean(np.sum(np.exp(lt) * (lt - ls), 1))
+    has = y >= 0
+    hard = -np.mean(_log_softmax(s)[has][np.arange(has.sum()), y[has]])
+    got = distill_loss(torch.tensor(s), torch.tensor(y), torch.tensor(t), T, w)
+    assert float(got) == pytest.approx(w * soft + (1 - w) * hard, rel=1e-10)
+    alone = distill_loss(torch.tensor(s), torch.full((6,), UNLABELED), torch.tensor(t), T, w)
+    assert float(alone) == pytest.approx(soft, rel=1e-10)  # no label in the batch: the soft term alone
+    assert float(distill_loss(torch.tensor(t), torch.tensor(y), torch.tensor(t), T, 1.0)) == pytest.approx(0, abs=1e-12)
+
+
+def _damaged(net, seed=0):
+    """LeNet with noise on ip1 and half of ip2's weights masked to zero."""
+    rng = np.random.default_rng(seed)
+    student = net.copy()
+    w = student.layer("ip1").blobs[0]
+    w += rng.normal(size=w.shape).astype(np.float32) * 2 * float(w.std())
+    masks = {"ip2/0": rng.random(student.layer("ip2").blobs[0].shape) > 0.5}
+    student.layer("ip2").blobs[0][~masks["ip2/0"]] = 0
+    return student, masks
+
+
+def test_unlabeled_data_fine_tunes_from_the_teacher(lenet, digits):
+    teacher = load_net(*lenet)
+    student, masks = _damaged(teacher)
+    train, test = digits
+    unlabeled = Dataset(train.x, np.full(len(train), UNLABELED, np.int64), "unlabeled")
+
+    def top1(n):
+        return float(np.mean(forward(n, {"data": test.x})["prob"].argmax(1) == test.y))
+
+    before = top1(student)
+    trained, hist = finetune(student, unlabeled, test, masks=masks, solver=SolverSettings(base_lr=0.005),
+                             epochs=2, batch_size=32, teacher=teacher, temperature=4.0, distill_weight=0.9)
+    assert top1(trained) > before + 0.1, (before, top1(trained))
+    assert hist["teacher"]["temperature"] == 4.0 and hist["epochs"][-1]["train_top1"] is None
+    assert hist["epochs"][-1]["train_teacher_agree"] > 0.9
+    assert hist["teacher"]["preflight"]["max_rel_err"] < 1e-4
+    assert np.all(trained.layer("ip2").blobs[0][~masks["ip2/0"]] == 0)  # masks held
+    with pytest.raises(UserError, match="needs a teacher"):
+        finetune(student, train, use_labels=False, epochs=1)
+    with pytest.raises(Exception, match="out of range"):  # -1 labels without a teacher
+        finetune(student, unlabeled, epochs=1)
+    with pytest.raises(UserError, match="temperature"):
+        finetune(student, unlabeled, teacher=teacher, temperature=0)
+
+
+def test_cli_finetune_teacher_with_an_x_only_npz(lenet, digits, tmp_path, capsys):
+    train, test = digits
+    teacher = load_net(*lenet)
+    student, masks = _damaged(teacher, seed=1)
+    from lrprune_caffe.api import write_net
+    write_net(student, tmp_path / "student")
+    s = tmp_path / "student"
+    x_only = tmp_path / "x.npz"
+    np.savez(x_only, x=train.x[:256])
+    val = tmp_path / "val.npz"
+    np.savez(val, x=test.x, y=test.y)
+    out = tmp_path / "ft"
+    rc = main(["finetune", str(s / "model.prototxt"), str(s / "model.caffemodel"), "--data", str(x_only),
+               "--val", str(val), "--teacher", str(lenet[0]), str(lenet[1]), "--temperature", "2",
+               "--epochs", "2", "--batch-size", "32", "--lr", "0.005", "-o", str(out), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["teacher"]["temperature"] == 2.0 and hist["teacher"]["distill_weight"] == 0.9
+    before = float(np.mean(forward(student, {"data": test.x})["prob"].argmax(1) == test.y))
+    assert res["history"]["final_eval"]["top1"] > before + 0.05, before  # it learned from the teacher
+    rc = main(["finetune", str(s / "model.prototxt"), str(s / "model.caffemodel"), "--data", str(x_only),
+               "-o", str(tmp_path / "no")])  # no teacher: an x-only npz is not training data
+    assert rc == 2 and not (tmp_path / "no").exists()
+    assert "'y'" in capsys.readouterr().err
+    np.savez(tmp_path / "xy.npz", x=train.x[:8], y=train.y[:8])
+    rc = main(["finetune", *map(str, lenet), "--data", str(tmp_path / "xy.npz"), "--unlabeled",
+               "-o", str(tmp_path / "no")])
+    assert rc == 2 and "needs --teacher" in capsys.readouterr().err
