@@ -341,7 +341,9 @@ def cmd_pipeline(args):
                                scheme=args.scheme, prune_scope=args.prune_scope, tolerance=args.tolerance,
                                max_epochs=args.max_epochs,
                                batch_size=batch_size, seed=args.seed or 0, threads=args.threads,
-                               progress=False if (args.quiet or args.json) else None, solver=solver)
+                               progress=False if (args.quiet or args.json) else None, solver=solver,
+                               distill=args.distill, temperature=args.temperature,
+                               distill_weight=args.distill_weight)
     if args.json:
         from lrprune_caffe.engines.compare import json_safe
         print(json.dumps(json_safe(report), indent=2))
@@ -371,18 +373,26 @@ def _add_solver_args(p, default_lr, solver_help, max_iter_help):
                    help="update rule (default SGD)")
 
 
-def _add_teacher_args(p):
-    """Distillation flags of finetune (Hinton et al. 2015)."""
+def _add_teacher_args(p, pipeline=False):
+    """Distillation flags of finetune and pipeline (Hinton et al. 2015)."""
     from lrprune_caffe.train.finetune import DEFAULT_DISTILL_WEIGHT, DEFAULT_TEMPERATURE
-    g = p.add_argument_group("distillation (labels become optional)")
-    g.add_argument("--teacher", nargs=2, metavar=("NET", "WEIGHTS"),
-                   help="distill from this net's class scores (the original, uncompressed net): soft targets "
-                        "at --temperature, mixed with the labels' cross-entropy by --distill-weight")
+    if pipeline:
+        g = p.add_argument_group("distillation")
+        g.add_argument("--distill", action="store_true",
+                       help="fine-tune each round from the original net's soft targets (--temperature), "
+                            "mixed with the labels' cross-entropy by --distill-weight")
+    else:
+        g = p.add_argument_group("distillation (labels become optional)")
+        g.add_argument("--teacher", nargs=2, metavar=("NET", "WEIGHTS"),
+                       help="distill from this net's class scores (the original, uncompressed net): soft "
+                            "targets at --temperature, mixed with the labels' cross-entropy by --distill-weight")
     g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
                    help=f"softmax temperature of the soft targets (default {DEFAULT_TEMPERATURE:g})")
     g.add_argument("--distill-weight", type=float, default=DEFAULT_DISTILL_WEIGHT, metavar="W",
                    help=f"loss = W x T^2 x KL(teacher || net) + (1 - W) x cross-entropy on the labels "
                         f"(default {DEFAULT_DISTILL_WEIGHT:g}; 1: the teacher alone)")
+    if pipeline:
+        return
     g.add_argument("--unlabeled", action="store_true",
                    help="with --teacher: ignore the training data's labels (train on the teacher's outputs "
                         "alone). An .npz with only x needs no flag")
@@ -439,7 +449,7 @@ def register(sub):
                    help="samples per iteration and process (default 64; a train_val's TRAIN data layer "
                         "gives its own)")
     _add_run_args(p)
-    _add_solver_args(p, default_lr=0.001,
+    _add_solver_args(p, default_lr=0.01,
                      solver_help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, "
                                  "max_iter...); flags below override it; max_iter overrides --epochs",
                      max_iter_help="iterations (batches); overrides --epochs")
@@ -490,6 +500,7 @@ def register(sub):
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch / engine threads")
     p.add_argument("--onnx", action="store_true", help="also write OUTDIR/model.onnx")
+    _add_teacher_args(p, pipeline=True)
     p.add_argument("--json", action="store_true", help="print report.json")
     p.set_defaults(func=cmd_pipeline)
 

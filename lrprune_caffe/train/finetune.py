@@ -186,7 +186,7 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     * ``train_data`` / ``val_data``: a :class:`~lrprune_caffe.data.stream.StreamDataset`
       (streamed), a Dataset, (x, y) or {'x', 'y'}; x N x C x H x W float32.
     * ``masks``: {"<layer>/<blob idx>": bool (keep=True)} or None.
-    * ``solver``: SolverSettings (default: SGD lr 0.001, momentum 0.9, weight decay 5e-4, fixed);
+    * ``solver``: SolverSettings (default: SGD lr 0.01, momentum 0.9, weight decay 5e-4, fixed);
       its ``max_iter`` overrides ``epochs``; its ``random_seed`` is used when ``seed`` is None.
     * ``output``: the class-score blob (default: the net's single output).
     * ``log``: callable(str) for one line per epoch (default: none).
