@@ -272,12 +272,13 @@ def _rows_table(rows, base_ms) -> list:
 def _ratio_table(r, p, rows) -> list:
     by = {x["method"].split(" (")[0]: x for x in rows}
     han, ours = by["Han pruning"], by["low-rank + pruning"]
-    rounds = _ratio(r["rounds"])
-    if r["rounds"] is None:
-        rounds = f"- (Han {han['finetune_rounds']} rounds, low-rank + pruning {ours['finetune_rounds']})"
+    rounds = f"{_ratio(r['rounds'])} (epochs: {_ratio(r['epochs'])})"
+    if not (han["finetune_rounds"] and ours["finetune_rounds"]):  # a ratio with a zero says nothing
+        rounds = (f"- (Han pruning {han['finetune_rounds']} rounds, {han['epochs']} epochs; low-rank + pruning "
+                  f"{ours['finetune_rounds']} rounds, {ours['epochs']} epochs)")
     return ["| low-rank + pruning vs Han pruning | measured | paper |", "| --- | --- | --- |",
             f"| inference speed-up (latency ratio) | {_ratio(r['speedup'])} | {p['speedup']}x |",
-            f"| fewer fine-tuning rounds | {rounds} (epochs: {_ratio(r['epochs'])}) | {p['rounds']}x |",
+            f"| fewer fine-tuning rounds | {rounds} | {p['rounds']}x |",
             f"| less weight memory (CSR bytes) | {_ratio(r['memory'])} | {p['memory']}x |"]
 
 
@@ -291,13 +292,18 @@ def _rounds(rows) -> list:
     return lines
 
 
-def _verdict(r, p) -> list:
+def _verdict(r, p, rows) -> list:
+    by = {x["method"].split(" (")[0]: x for x in rows}
+    han, ours = by["Han pruning"]["finetune_rounds"], by["low-rank + pruning"]["finetune_rounds"]
     verdict = []
     for key, what in (("speedup", "inference speed-up"), ("rounds", "fewer fine-tuning rounds"),
                       ("memory", "less weight memory")):
         m = r[key]
-        if m is None:
-            verdict.append(f"{what}: not measurable (low-rank + pruning needed no fine-tuning round)")
+        if key == "rounds" and not (han and ours):
+            verdict.append(f"{what}: no ratio: Han pruning needed {han} fine-tuning round(s), low-rank + "
+                           f"pruning {ours}" + (" (worse than Han pruning)" if ours > han else ""))
+        elif m is None:
+            verdict.append(f"{what}: not measurable")
         else:
             verdict.append(f"{what}: {m:.2f}x measured vs the paper's {p[key]}x: "
                            + ("at or past the paper" if m >= p[key] else "short of the paper"
@@ -341,9 +347,9 @@ def markdown(res) -> str:
         lines += _rows_table(res["rows"][:1] + res["calib_rows"], base_ms) + [""]
         lines += _ratio_table(res["calib_ratios"], p, res["calib_rows"]) + ["", "### Rounds (data-aware)", ""]
         lines += _rounds(res["calib_rows"])
-    verdict = _verdict(r, p)
+    verdict = _verdict(r, p, res["rows"])
     if res.get("calib_rows"):
-        verdict += [f"data-aware start: {v_}" for v_ in _verdict(res["calib_ratios"], p)]
+        verdict += [f"data-aware start: {v_}" for v_ in _verdict(res["calib_ratios"], p, res["calib_rows"])]
     if res.get("variants"):
         lines += ["", "## Other factorizations, same pruning steps", "",
                   "Low-rank + pruning with other schemes and MAC budgets; ratios against the Han row above "
