@@ -142,7 +142,7 @@ def test_default_solver_and_what_overrides_it(tmp_path):
 def test_defaults_recover_lenet_compressed_without_data(lenet, tmp_path, capsys):
     """Issue 10: compress --speedup 3 --prune 0.9 (no data; 18.4%), then 3 epochs of finetune with the
     default flags on the 4,000 training digits: 75.5% at the old rate 0.001; measured 92.8% now, and
-    95.8-96.2% (seeds 0-2) with the original net as the teacher (tools/finetune_lenet.py)."""
+    95.7-95.9% (seeds 0-2) with the original net as the teacher (tools/finetune_lenet.py)."""
     if not SPLIT.exists():
         pytest.skip(f"no {SPLIT}")
     c = tmp_path / "c"
