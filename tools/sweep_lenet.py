@@ -20,11 +20,20 @@ a 2x MAC reduction, then pruning of the factorized net). Their accuracy (no
 fine-tuning), nonzero params and CSR bytes; latency is not re-measured there,
 since zeros in dense tensors cost a dense runtime the same time.
 
+Data-aware rows (issue 10; ``--calib N``, default 512, ``0`` for none): the
+same settings, then fit to the original net's outputs on N of the split's
+training digits (``../shared/data/mnist5k_split.npz``, pixels / 256, labels
+unused) by :mod:`lrprune_caffe.transforms.calibrate`: each factorization by
+``calibrate_factorized``, each pruned net by ``calibrate_pruned`` (the same
+magnitude masks, kept weights re-solved; after factorizing, the masks are
+chosen on the calibrated factors, as ``tools/calib_lenet.py`` does). Their
+method names end in ``(calib)``; the plot draws them dashed.
+
 Usage::
 
     python tools/sweep_lenet.py [--targets 1.5,2,3,4] [--methods channel,spatial,tucker2]
                                 [--sparsities 0.5,0.7,0.8,0.9,0.95] [--prune-after channel@2,spatial@2]
-                                [--rounds 15] [--iters 200] [--engine auto|onnxruntime|opencv]
+                                [--calib 512] [--rounds 15] [--iters 200] [--engine auto|onnxruntime|opencv]
                                 [--plot sweep.png] [--json]
 
 A method is ``fn(prototxt, weights, target) -> (net, info)``; ``info`` holds at
@@ -48,6 +57,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GOLDEN = ROOT.parent / "shared" / "golden" / "lenet_mnist"
+SPLIT = ROOT.parent / "shared" / "data" / "mnist5k_split.npz"
+CALIB = " (calib)"  # the suffix of data-aware method names
 
 
 def _lowrank(scheme, criterion="log-energy"):
@@ -59,6 +70,56 @@ def _lowrank(scheme, criterion="log-energy"):
         return net, {"macs": report["totals"]["macs_after"], "params": report["totals"]["params_after"],
                      "ranks": ranks}
     return run
+
+
+def _plan(report):
+    return {r["name"]: r["scheme"] for r in report["layers"] if r.get("action") == "factorized"}
+
+
+def _calibrated(scheme, calib):
+    """The low-rank method of ``scheme``, then ``calibrate_factorized`` on ``calib`` ({input: x})."""
+    def run(prototxt, weights, target):
+        from lrprune_caffe.api import compress_files as compress
+        from lrprune_caffe.io.caffe import load_net
+        from lrprune_caffe.transforms.calibrate import calibrate_factorized
+        report, net = compress(prototxt, weights, None, scheme=scheme, speedup=target, verify=False)
+        net = net.copy()
+        calibrate_factorized(net, original=load_net(prototxt, weights), plan=_plan(report), calib_inputs=calib)
+        ranks = {r["name"]: r["rank"] for r in report["layers"] if r["action"] == "factorized"}
+        return net, {"macs": report["totals"]["macs_after"], "params": report["totals"]["params_after"],
+                     "ranks": ranks}
+    return run
+
+
+def calib_prune_rows(prototxt, weights, sparsities, after, x, labels, engine, calib):
+    """Data-aware :func:`prune_rows`: factorize (+ calibrate_factorized), the same per-layer magnitude
+    masks on the result, then calibrate_pruned toward the original outputs."""
+    from lrprune_caffe.export.sparse import storage_report
+    from lrprune_caffe.ir.analysis import layer_stats, totals
+    from lrprune_caffe.ir.masks import apply_masks
+    from lrprune_caffe.io.caffe import load_net
+    from lrprune_caffe.transforms.calibrate import calibrate_pruned
+    from lrprune_caffe.transforms.prune import PruneSpec, compute_masks
+    orig = load_net(prototxt, weights)
+    rows = []
+    bases = [("prune", None)]
+    for item in [a.strip() for a in (after or "").split(",") if a.strip()]:
+        scheme, _, sp = item.partition("@")
+        bases.append((f"{scheme} {float(sp):g}x + prune", (scheme, float(sp))))
+    for label, fact in bases:
+        dense = _calibrated(fact[0], calib)(prototxt, weights, fact[1])[0] if fact else orig
+        for f in sparsities:
+            net = dense.copy()
+            masks = compute_masks(net, PruneSpec(fraction=f))
+            apply_masks(net, masks)
+            calibrate_pruned(net, original=orig, masks=masks, calib_inputs=calib, dense=dense)
+            st = storage_report(net)["totals"]
+            t = totals(layer_stats(net))
+            rows.append({"method": label + CALIB, "sparsity_target": f, "macs": int(t["macs"]),
+                         "params": st["params"], "nonzero_params": st["nonzero_params"],
+                         "csr_bytes": st["csr_bytes"], "dense_bytes": st["dense_bytes"],
+                         "top1": accuracy(net, x, labels, engine)})
+    return rows
 
 
 #: method name -> fn(prototxt, weights, target MAC reduction) -> (net, info)
@@ -187,22 +248,27 @@ def plot(result, path):
 
     def color(label):  # the same scheme gets the same color in both panels
         return colors.get(label.split("/")[0].split(" ")[0], None)
+
+    def style(label):  # data-aware rows dashed, with open markers
+        return dict(ls="--", mfc="none") if label.endswith(CALIB) else dict(ls="-")
     for method, pts in by.items():
-        ax.plot(*zip(*[(1.0, base)] + pts), "o-", label=method, color=color(method))
+        ax.plot(*zip(*[(1.0, base)] + pts), marker="o", label=method, color=color(method), **style(method))
     ax.set_xlabel("whole-net MAC reduction (x)")
     ax.set_ylabel("top-1, no fine-tuning (%)")
-    ax.set_title("low-rank schemes")
-    ax.legend(fontsize=8)
+    ax.set_title("low-rank schemes (dashed: calibrated on unlabeled digits)")
+    ax.legend(fontsize=7)
     pr = {}
     for r in result.get("prune_rows", []):
         pr.setdefault(r["method"], []).append((100 * r["sparsity_target"], 100 * r["top1"]))
     for method, pts in pr.items():
-        bx.plot(*zip(*pts), "o-", label=method, color=color(method))
+        bx.plot(*zip(*pts), marker="o", label=method, color=color(method), **style(method))
     bx.axhline(base, ls="--", color="gray", lw=1)
     bx.set_xlabel("weights pruned per layer (%)")
     bx.set_title("magnitude pruning, alone and after factorizing")
-    bx.legend(fontsize=8)
-    fig.suptitle(f"real-Caffe LeNet, 1,000 test digits ({result['engine']})", fontsize=10)
+    bx.legend(fontsize=7)
+    fig.suptitle(f"real-Caffe LeNet, 1,000 test digits ({result['engine']}), no fine-tuning"
+                 + (f"; calibration: {result['calib']} training digits, no labels" if result.get("calib") else ""),
+                 fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -219,6 +285,9 @@ def main(argv=None) -> int:
                     help="pruning rows: fractions of each layer's weights zeroed ('' for none)")
     ap.add_argument("--prune-after", default="channel@2,spatial@2",
                     help="pruning rows also after factorizing with SCHEME@SPEEDUP, comma list ('' for none)")
+    ap.add_argument("--calib", type=int, default=512, metavar="N",
+                    help="data-aware rows next to the data-free ones: calibrate on N of the split's training "
+                         "digits, no labels (default 512; 0: none)")
     ap.add_argument("--rounds", type=int, default=15, help="timing rounds (median reported)")
     ap.add_argument("--iters", type=int, default=200, help="inferences per round")
     ap.add_argument("--engine", choices=["auto", "onnxruntime", "opencv"], default="auto")
@@ -244,8 +313,18 @@ def main(argv=None) -> int:
     x1 = np.ascontiguousarray(x[:1])
     rows = [{"method": "original", "target": 1.0, "macs": t["macs"], "params": t["params"],
              "macs_reduction": 1.0, "top1": base_acc, "latency_ms": None, "orig_latency_ms": None}]
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        fn = METHODS[method]
+    methods = {m: METHODS[m] for m in [m.strip() for m in args.methods.split(",") if m.strip()]}
+    calib = None
+    if args.calib:
+        if not SPLIT.exists():
+            print(f"no {SPLIT}: no data-aware rows", file=sys.stderr)
+        else:
+            with np.load(SPLIT) as z:
+                calib = {"data": z["x_train"][:args.calib, None].astype(np.float32) / 256}
+            for m in list(methods):
+                if "/" not in m:
+                    methods[m + CALIB] = _calibrated(m, calib)
+    for method, fn in methods.items():
         for target in [float(s) for s in args.targets.split(",")]:
             try:
                 net, info = fn(prototxt, weights, target)
@@ -261,9 +340,12 @@ def main(argv=None) -> int:
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     prows = prune_rows(prototxt, weights, sparsities, args.prune_after or None, x, labels, engine) \
         if sparsities else []
+    if sparsities and calib is not None:
+        prows += calib_prune_rows(prototxt, weights, sparsities, args.prune_after or None, x, labels, engine,
+                                  calib)
     result = {"versions": versions(engine), "engine": engine, "threads": 1, "batch_latency": 1,
               "rounds": args.rounds, "iters": args.iters, "caffe_top1": 0.973, "rows": rows,
-              "prune_rows": prows}
+              "prune_rows": prows, "calib": len(calib["data"]) if calib is not None else 0}
     if args.plot:
         plot(result, args.plot)
     if args.json:
@@ -272,28 +354,30 @@ def main(argv=None) -> int:
     v = result["versions"]
     print("  ".join(f"{k} {v[k]}" for k in v if k != "platform") + f"  ({v['platform']})")
     print(f"LeNet (real Caffe top-1 97.3% on the 1,000 held-out digits); no fine-tuning; latency: {engine}, "
-          f"1 thread, batch 1, median of {args.rounds} rounds x {args.iters} runs, original timed alongside")
-    hdr = f"{'method':<10} {'target':>6} {'MACs':>10} {'MACs red.':>9} {'params':>8} {'top-1':>7} " \
+          f"1 thread, batch 1, median of {args.rounds} rounds x {args.iters} runs, original timed alongside"
+          + (f"; '{CALIB.strip()}' rows: calibrated on {result['calib']} training digits, no labels"
+             if result["calib"] else ""))
+    hdr = f"{'method':<18} {'target':>6} {'MACs':>10} {'MACs red.':>9} {'params':>8} {'top-1':>7} " \
           f"{'orig ms':>8} {'new ms':>8} {'speedup':>7}  ranks"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if "error" in r:
-            print(f"{r['method']:<10} {r['target']:>6.1f}  error: {r['error']}")
+            print(f"{r['method']:<18} {r['target']:>6.1f}  error: {r['error']}")
             continue
         lat = "" if r["latency_ms"] is None else \
             f"{r['orig_latency_ms']:8.4f} {r['latency_ms']:8.4f} {r['measured_speedup']:6.2f}x"
         ranks = ",".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}"
                          for k, v in (r.get("ranks") or {}).items())
-        print(f"{r['method']:<10} {r['target']:>6.1f} {r['macs']:>10,} {r['macs_reduction']:>8.2f}x "
+        print(f"{r['method']:<18} {r['target']:>6.1f} {r['macs']:>10,} {r['macs_reduction']:>8.2f}x "
               f"{r['params']:>8,} {100 * r['top1']:>6.1f}% {lat:>25}  {ranks}")
     if prows:
         print(f"\nPruning (magnitude, per layer; no fine-tuning; accuracy with {engine}):")
-        hdr = f"{'method':<22} {'sparsity':>8} {'MACs':>10} {'params':>8} {'nonzero':>8} {'CSR bytes':>10} {'top-1':>7}"
+        hdr = f"{'method':<30} {'sparsity':>8} {'MACs':>10} {'params':>8} {'nonzero':>8} {'CSR bytes':>10} {'top-1':>7}"
         print(hdr)
         print("-" * len(hdr))
         for r in prows:
-            print(f"{r['method']:<22} {100 * r['sparsity_target']:>7.0f}% {r['macs']:>10,} {r['params']:>8,} "
+            print(f"{r['method']:<30} {100 * r['sparsity_target']:>7.0f}% {r['macs']:>10,} {r['params']:>8,} "
                   f"{r['nonzero_params']:>8,} {r['csr_bytes']:>10,} {100 * r['top1']:>6.1f}%")
     return 0
 

@@ -151,9 +151,24 @@ def _load_train_data(args, net):
         if args.val:
             val = open_data(args.val, input_shape=shape, pre=_preprocess(args))
         return train, val
-    train = open_data(args.data, input_shape=shape, pre=_preprocess(args))
+    train = _unlabeled_npz(args) or open_data(args.data, input_shape=shape, pre=_preprocess(args))
     val = open_data(args.val, input_shape=shape, pre=_preprocess(args)) if args.val else None
     return train, val
+
+
+def _unlabeled_npz(args):
+    """With --teacher, an .npz holding x and no y: samples without labels (-1)."""
+    if not getattr(args, "teacher", None) or not str(args.data).lower().endswith(".npz"):
+        return None
+    import numpy as np
+    from lrprune_caffe.data.datasets import make_dataset
+    from lrprune_caffe.fileutil import read_npz
+    from lrprune_caffe.train.finetune import UNLABELED
+    z = read_npz(args.data, "an .npz with arrays 'x' (and 'y')")
+    if "y" in z or "x" not in z:
+        return None
+    x = z["x"]
+    return make_dataset(x, np.full(len(x), UNLABELED, np.int64), str(args.data))
 
 
 def _train_val_given(args) -> bool:
@@ -231,7 +246,7 @@ def solver_from_args(args):
 def cmd_finetune(args):
     from lrprune_caffe.train import require_torch
     require_torch()  # say how to install it before reading anything
-    from lrprune_caffe.api import write_net
+    from lrprune_caffe.api import load_net, write_net
     from lrprune_caffe.engines.evaluate import evaluate
     from lrprune_caffe.ir.masks import load_masks, masks_npz
     from lrprune_caffe.train.finetune import finetune
@@ -253,11 +268,18 @@ def cmd_finetune(args):
         masks = load_masks(args.masks, net)
     seed = args.seed if args.seed is not None else (solver.random_seed if solver.random_seed is not None else 0)
     ckpt = _checkpoint_path(args)
+    teacher = None
+    if args.teacher:
+        teacher = load_net(args.teacher[0], args.teacher[1], phase=args.phase)
+    elif args.unlabeled:
+        raise UserError("--unlabeled needs --teacher NET WEIGHTS: without labels the teacher gives the targets")
     trained, history = finetune(net, train, val, masks=masks, solver=solver, epochs=args.epochs,
                                 batch_size=batch_size, seed=seed, output=args.output_blob,
                                 threads=args.threads, progress=None if not args.quiet else False,
                                 log=None if (args.quiet or args.json) else _log,
-                                workers=args.workers, device=args.device, checkpoint=ckpt, resume=args.resume)
+                                workers=args.workers, device=args.device, checkpoint=ckpt, resume=args.resume,
+                                teacher=teacher, temperature=args.temperature, distill_weight=args.distill_weight,
+                                use_labels=not args.unlabeled)
     if not main:
         return 0  # only rank 0 writes
     if val is not None and not args.no_final_eval:
@@ -320,7 +342,9 @@ def cmd_pipeline(args):
                                max_epochs=args.max_epochs,
                                batch_size=batch_size, seed=args.seed or 0, threads=args.threads,
                                progress=False if (args.quiet or args.json) else None, solver=solver,
-                               calib=args.calib, calib_n=args.calib_n, preprocess=_preprocess(args))
+                               calib=args.calib, calib_n=args.calib_n, preprocess=_preprocess(args),
+                               distill=args.distill, temperature=args.temperature,
+                               distill_weight=args.distill_weight)
     if args.json:
         from lrprune_caffe.engines.compare import json_safe
         print(json.dumps(json_safe(report), indent=2))
@@ -348,6 +372,31 @@ def _add_solver_args(p, default_lr, solver_help, max_iter_help):
     p.add_argument("--max-iter", type=int, default=None, help=max_iter_help or argparse.SUPPRESS)
     p.add_argument("--solver-type", choices=["SGD", "Nesterov", "Adam"], default=None,
                    help="update rule (default SGD)")
+
+
+def _add_teacher_args(p, pipeline=False):
+    """Distillation flags of finetune and pipeline (Hinton et al. 2015)."""
+    from lrprune_caffe.train.finetune import DEFAULT_DISTILL_WEIGHT, DEFAULT_TEMPERATURE
+    if pipeline:
+        g = p.add_argument_group("distillation")
+        g.add_argument("--distill", action="store_true",
+                       help="fine-tune each round from the original net's soft targets (--temperature), "
+                            "mixed with the labels' cross-entropy by --distill-weight")
+    else:
+        g = p.add_argument_group("distillation (labels become optional)")
+        g.add_argument("--teacher", nargs=2, metavar=("NET", "WEIGHTS"),
+                       help="distill from this net's class scores (the original, uncompressed net): soft "
+                            "targets at --temperature, mixed with the labels' cross-entropy by --distill-weight")
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
+                   help=f"softmax temperature of the soft targets (default {DEFAULT_TEMPERATURE:g})")
+    g.add_argument("--distill-weight", type=float, default=DEFAULT_DISTILL_WEIGHT, metavar="W",
+                   help=f"loss = W x T^2 x KL(teacher || net) + (1 - W) x cross-entropy on the labels "
+                        f"(default {DEFAULT_DISTILL_WEIGHT:g}; 1: the teacher alone)")
+    if pipeline:
+        return
+    g.add_argument("--unlabeled", action="store_true",
+                   help="with --teacher: ignore the training data's labels (train on the teacher's outputs "
+                        "alone). An .npz with only x needs no flag")
 
 
 def _add_run_args(p):
@@ -401,7 +450,7 @@ def register(sub):
                    help="samples per iteration and process (default 64; a train_val's TRAIN data layer "
                         "gives its own)")
     _add_run_args(p)
-    _add_solver_args(p, default_lr=0.001,
+    _add_solver_args(p, default_lr=0.01,
                      solver_help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, "
                                  "max_iter...); flags below override it; max_iter overrides --epochs",
                      max_iter_help="iterations (batches); overrides --epochs")
@@ -410,6 +459,7 @@ def register(sub):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-final-eval", action="store_true",
                    help="skip evaluating the trained net on --val with onnxruntime/OpenCV")
+    _add_teacher_args(p)
     p.add_argument("--json", action="store_true", help="print what was written and the history as JSON")
     p.set_defaults(func=cmd_finetune)
 
@@ -456,6 +506,7 @@ def register(sub):
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch / engine threads")
     p.add_argument("--onnx", action="store_true", help="also write OUTDIR/model.onnx")
+    _add_teacher_args(p, pipeline=True)
     p.add_argument("--json", action="store_true", help="print report.json")
     p.set_defaults(func=cmd_pipeline)
 

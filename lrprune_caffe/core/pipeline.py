@@ -19,6 +19,14 @@ Two schedules (``schedule=``):
     and fine-tunes; then the same pruning rounds as ``han``, on the factorized
     net's layers.
 
+Options beyond the paper's protocol: ``calib`` (calibration inputs, no
+labels) makes every step data-aware: the factorization is fit to the original
+net's outputs (:func:`lrprune_caffe.transforms.calibrate.calibrate_factorized`)
+and each pruning step re-solves the kept weights to match the outputs of the
+net just before it (:func:`~lrprune_caffe.transforms.calibrate.calibrate_pruned`);
+``distill`` fine-tunes from the original net's soft targets (Hinton et al.
+2015, :mod:`lrprune_caffe.train.finetune`) mixed with the labels.
+
 Fine-tuning in a round stops as soon as validation top-1 is back within
 ``tolerance`` of the original net's (measured on the same validation data
 with onnxruntime before anything changes), or after ``max_epochs``. A round
@@ -101,6 +109,9 @@ class PipelineOptions:
     solver: object = None  # train.SolverSettings
     calib: dict = None  # unlabeled calibration inputs {input: array}: every round's compression step is fit to
     #                     the original net's outputs before fine-tuning (lrprune_caffe.core.calib)
+    distill: bool = False  # fine-tune with the original net as the teacher
+    temperature: float = 4.0
+    distill_weight: float = 0.9
 
 
 def net_numbers(net) -> dict:
@@ -162,6 +173,8 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
                 _calibrate_pruned(net, pruned, cur, masks, opts)
             cur = pruned
             what = f"prune to {s:.0%} " + ("per layer" if opts.prune_scope == "layer" else "over the net")
+        if opts.calib is not None:
+            what += " + calibrate"
         validate(cur)
         before = acc(cur)
         rec = {"round": i, "step": what, **net_numbers(cur), "top1_after_step": before, "epochs": 0,
@@ -171,7 +184,9 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
             trained, hist = finetune(cur, train, val, masks=masks, solver=solver, epochs=int(opts.max_epochs),
                                      batch_size=opts.batch_size, seed=opts.seed + i, threads=opts.threads,
                                      progress=opts.progress, log=None, check=(i == 1),
-                                     stop=lambda r: r.get("val_top1", 0.0) >= goal)
+                                     stop=lambda r: r.get("val_top1", 0.0) >= goal,
+                                     teacher=net if opts.distill else None, temperature=opts.temperature,
+                                     distill_weight=opts.distill_weight)
             cur = trained
             rec["epochs"] = len(hist["epochs"])
             rec["iterations"] = int(hist["iterations"])
@@ -193,7 +208,9 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
                     "scheme": opts.scheme if opts.schedule != "han" else None,
                     "tolerance": opts.tolerance, "max_epochs": opts.max_epochs, "batch_size": opts.batch_size,
                     "seed": opts.seed, "solver": solver.as_dict(), "engine": opts.engine, "threads": opts.threads,
-                    "calib_samples": None if opts.calib is None else len(next(iter(opts.calib.values())))},
+                    "calib_samples": None if opts.calib is None else len(next(iter(opts.calib.values()))),
+                    "distill": ({"temperature": opts.temperature, "distill_weight": opts.distill_weight}
+                                if opts.distill else None)},
         "original": {"top1": base_acc, **net_numbers(net)},
         "goal_top1": goal,
         "rounds": rounds,

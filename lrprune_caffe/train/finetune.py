@@ -9,6 +9,19 @@ Softmax output, the loss is taken on the Softmax's bottom (the logits) with
 log_softmax, as Caffe's SoftmaxWithLoss does; otherwise on the blob itself.
 The mean over the batch (Caffe's VALID normalization without ignore_label).
 
+Distillation (``teacher=``, Hinton, Vinyals & Dean 2015, "Distilling the
+Knowledge in a Neural Network", sec. 2): the teacher (the original net) runs
+in eval mode beside the student, and the loss becomes
+
+    w * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - w) * CE(s, y)
+
+with ``t``, ``s`` the teacher's and the student's logits, ``T`` the
+``temperature`` and ``w`` the ``distill_weight`` (T^2 keeps the soft term's
+gradients on the scale of the hard one's as T changes, sec. 2.1). Labels are
+then optional: a label of -1 (:data:`UNLABELED`) marks a sample without one;
+the hard term averages over the labelled samples of the batch and a batch
+without any is trained on the soft term alone.
+
 Masks (``{"<layer>/<blob idx>": bool array, True = keep}``,
 :mod:`lrprune_caffe.ir.masks`, as written by pruning in masks.npz) hold pruned weights at exactly zero: they are zeroed
 first, their gradients are zeroed after each backward, and the mask is
@@ -38,6 +51,10 @@ from lrprune_caffe.data.datasets import as_dataset, check_against_net
 from lrprune_caffe.errors import BadFileError, UserError
 from lrprune_caffe.ir.masks import apply_masks, check_masks, split_key
 from .solver import CaffeOptimizer, SolverSettings
+
+UNLABELED = -1  # the label of a sample without one (training with a teacher only)
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_DISTILL_WEIGHT = 0.9
 
 
 # ---- pre-flight: torch vs an independent engine --------------------------------
@@ -99,34 +116,77 @@ def _accuracy(model, logits_blob, ds, axis, batch_size=256, dist=None, device="c
     return c1 / n, c5 / n
 
 
-def _as_training_stream(data, what, sb):
-    """A StreamDataset checked against the net (in-memory data is checked whole first)."""
+def _as_training_stream(data, what, sb, unlabeled_ok=False):
+    """A StreamDataset checked against the net (in-memory data is checked whole first);
+    ``unlabeled_ok``: labels may be -1 (a teacher gives the targets)."""
     from lrprune_caffe.data.datasets import Dataset
     from lrprune_caffe.data.sources import ArraySource
     from lrprune_caffe.data.stream import StreamDataset, as_stream
     from lrprune_caffe.engines.evaluate import _check_stream
     if isinstance(data, StreamDataset) and isinstance(data.records, ArraySource):
-        check_against_net(Dataset(data.records.x, data.records.y, data.source), sb.input_shape, sb.classes,
-                          sb.input)
+        check_against_net(Dataset(data.records.x, data.records.y, data.source), sb.input_shape,
+                          None if unlabeled_ok else sb.classes, sb.input)
         return data
     if isinstance(data, StreamDataset):
         _check_stream(data, sb.input_shape, sb.input)
         return data
     ds = as_dataset(data, what)
-    check_against_net(ds, sb.input_shape, sb.classes, sb.input)
+    check_against_net(ds, sb.input_shape, None if unlabeled_ok else sb.classes, sb.input)
     return as_stream(ds)
+
+
+def _check_batch_labels(yb, classes, teacher, source):
+    if not len(yb):
+        return
+    lo, hi = int(yb.min()), int(yb.max())
+    if hi >= classes or lo < (UNLABELED if teacher else 0):
+        raise BadFileError(f"a label out of range ({lo}..{hi}): the net has {classes} classes"
+                           + (" (-1: no label)" if teacher else ""), path=source)
+
+
+def _teacher_model(teacher, output, sb, device):
+    """(torch model, score blob) of the teacher net, eval mode, no gradients."""
+    from lrprune_caffe.engines.evaluate import resolve_scores
+    from .torch_model import build_torch_model
+    validate(teacher)
+    tsb = resolve_scores(teacher, output)
+    if tsb.classes != sb.classes or tuple(tsb.input_shape or ())[1:] != tuple(sb.input_shape or ())[1:]:
+        raise UserError(f"the teacher {teacher.source or teacher.name} has {tsb.classes} classes and input "
+                        f"{tsb.input_shape}; the net has {sb.classes} and {sb.input_shape}")
+    model = build_torch_model(teacher)
+    model.eval()
+    for p in model.params:
+        p.requires_grad_(False)
+    return model.to(device), tsb
+
+
+def distill_loss(logits, yb, teacher_logits, temperature, weight):
+    """Hinton et al. 2015: ``weight * T^2 * KL(p_t^T || p_s^T) + (1 - weight) * CE`` over the
+    labelled samples (labels -1 have none); the soft term alone when no sample has a label."""
+    torch = require_torch()
+    F = torch.nn.functional
+    T = float(temperature)
+    soft = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(teacher_logits / T, 1), log_target=True,
+                    reduction="batchmean") * (T * T)
+    has = yb >= 0
+    if weight >= 1.0 or not bool(has.any()):
+        return soft
+    hard = F.cross_entropy(logits[has], yb[has])
+    return weight * soft + (1.0 - weight) * hard
 
 
 def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings = None, epochs: int = 1,
              batch_size: int = 64, seed: int = 0, output: str = None, threads: int = None,
              progress=None, log=None, check: bool = True, stop=None, workers: int = 0, device: str = "cpu",
-             checkpoint=None, resume: bool = False, val_batch_size: int = 256):
+             checkpoint=None, resume: bool = False, val_batch_size: int = 256, teacher=None,
+             temperature: float = DEFAULT_TEMPERATURE, distill_weight: float = DEFAULT_DISTILL_WEIGHT,
+             use_labels: bool = True):
     """Train ``net`` (a copy; the argument is untouched) and return ``(trained_net, history)``.
 
     * ``train_data`` / ``val_data``: a :class:`~lrprune_caffe.data.stream.StreamDataset`
       (streamed), a Dataset, (x, y) or {'x', 'y'}; x N x C x H x W float32.
     * ``masks``: {"<layer>/<blob idx>": bool (keep=True)} or None.
-    * ``solver``: SolverSettings (default: SGD lr 0.001, momentum 0.9, weight decay 5e-4, fixed);
+    * ``solver``: SolverSettings (default: SGD lr 0.01, momentum 0.9, weight decay 5e-4, fixed);
       its ``max_iter`` overrides ``epochs``; its ``random_seed`` is used when ``seed`` is None.
     * ``output``: the class-score blob (default: the net's single output).
     * ``log``: callable(str) for one line per epoch (default: none).
@@ -137,6 +197,9 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     * ``device``: cpu or cuda. Under torchrun (WORLD_SIZE > 1) the processes train one model with
       DistributedDataParallel, ``batch_size`` per process (see :mod:`lrprune_caffe.train.loop`).
     * ``checkpoint``: a file written after every epoch (by rank 0); ``resume``: continue from it.
+    * ``teacher``: a net (the original, uncompressed one) to distill from, with ``temperature`` T
+      and ``distill_weight`` w (see the module doc); labels may then be -1 (none), and
+      ``use_labels=False`` ignores them all (the teacher alone).
 
     history: {"epochs": [{"epoch", "iterations", "lr", "loss", "train_top1", "val_top1"?, ...}],
     "initial": {...}, "iterations", "solver", "batch_size", "seed", "torch", "threads", ...}.
@@ -156,7 +219,14 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     if resume and not checkpoint:
         raise UserError("resume needs a checkpoint file")
     sb = resolve_scores(net, output)
-    train = _as_training_stream(train_data, "training data", sb)
+    if teacher is not None:
+        if not (float(temperature) > 0 and math.isfinite(float(temperature))):
+            raise UserError(f"the temperature must be a positive number, got {temperature}")
+        if not 0.0 <= float(distill_weight) <= 1.0:
+            raise UserError(f"the distillation weight must be in [0, 1], got {distill_weight}")
+    elif not use_labels:
+        raise UserError("training without labels needs a teacher (--teacher NET WEIGHTS)")
+    train = _as_training_stream(train_data, "training data", sb, unlabeled_ok=teacher is not None)
     val = _as_training_stream(val_data, "validation data", sb) if val_data is not None else None
     masks = check_masks(net, masks or {}, "masks")
 
@@ -174,7 +244,10 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
         torch.manual_seed(seed)
         model = build_torch_model(net)
         history = {"net": net.name, "score_blob": sb.blob, "loss_blob": sb.logits,
-                   "loss": f"softmax cross-entropy on '{sb.logits}'", "classes": sb.classes,
+                   "loss": f"softmax cross-entropy on '{sb.logits}'" if teacher is None else
+                           f"{float(distill_weight):g} x T^2 KL(teacher || net) at T {float(temperature):g} + "
+                           f"{1 - float(distill_weight):g} x cross-entropy on '{sb.logits}'",
+                   "classes": sb.classes,
                    "train": train.source, "n_train": len(train),
                    "val": val.source if val is not None else None, "n_val": len(val) if val is not None else 0,
                    "batch_size": int(batch_size), "seed": int(seed), "solver": solver.as_dict(),
@@ -187,6 +260,15 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
             history["preflight"] = preflight(net, model, x8, sb.logits)
             if log and history["preflight"].get("engine") is None:
                 log(f"pre-flight check skipped: {history['preflight']['skipped']}")
+        tmodel = None
+        if teacher is not None:
+            tmodel, tsb = _teacher_model(teacher, output, sb, "cpu")
+            history["teacher"] = {"net": teacher.name, "source": teacher.source, "score_blob": tsb.logits,
+                                  "temperature": float(temperature), "distill_weight": float(distill_weight),
+                                  "labels": bool(use_labels)}
+            if check and dist.main:
+                history["teacher"]["preflight"] = preflight(teacher, tmodel, x8, tsb.logits)
+            tmodel.to(dist.device)
         model.to(dist.device)
         trainer = loop.wrap_ddp(model, dist)
 
@@ -201,8 +283,10 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
         per_epoch = len(sampler)
         total = solver.max_iter or per_epoch * int(epochs)
         opt = CaffeOptimizer(params, solver, total_iters=total)
+        extra_key = {} if teacher is None else {"teacher": teacher.name, "temperature": float(temperature),
+                                                "distill_weight": float(distill_weight)}
         key = loop.run_key(n_train=len(train), batch_size=int(batch_size), seed=int(seed), processes=dist.world,
-                           total_iterations=int(total), net=net.name)
+                           total_iterations=int(total), net=net.name, **extra_key)
 
         it, epoch = 0, 0
         if resume and os.path.exists(str(checkpoint)):
@@ -230,18 +314,25 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
             n_it = min(per_epoch, total - it)
             bar = _progress(n_it * batch_size * dist.world, f"epoch {epoch}", progress)
             model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, correct, seen, labelled, agree = 0.0, 0, 0, 0, 0
             lr = solver.lr_at(it, total)
             for b, (xb, yb) in enumerate(loader):
                 if b >= n_it:
                     break
-                if len(yb) and (int(yb.min()) < 0 or int(yb.max()) >= sb.classes):
-                    raise BadFileError(f"a label out of range ({int(yb.min())}..{int(yb.max())}): the net has "
-                                       f"{sb.classes} classes", path=train.source)
+                if not use_labels:
+                    yb = torch.full_like(yb, UNLABELED)
+                _check_batch_labels(yb, sb.classes, teacher is not None, train.source)
                 xb, yb = xb.to(dist.device), yb.to(dist.device)
                 out = trainer(xb, outputs=[sb.logits])[sb.logits]
                 logits = torch.movedim(out, sb.axis, 1).reshape(out.shape[0], -1)
-                loss = F.cross_entropy(logits, yb)
+                if tmodel is None:
+                    loss = F.cross_entropy(logits, yb)
+                else:
+                    with torch.no_grad():
+                        tout = tmodel(xb, outputs=[tsb.logits])[tsb.logits]
+                        tlogits = torch.movedim(tout, tsb.axis, 1).reshape(tout.shape[0], -1)
+                    loss = distill_loss(logits, yb, tlogits, temperature, float(distill_weight))
+                    agree += int((logits.detach().argmax(1) == tlogits.argmax(1)).sum())
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
                     raise UserError(f"training diverged at iteration {it} (loss {lv}); "
@@ -260,13 +351,17 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
                 it += 1
                 loss_sum += lv * len(yb)
                 correct += int((logits.detach().argmax(1) == yb).sum())
+                labelled += int((yb >= 0).sum())
                 seen += len(yb)
                 bar.update(len(yb) * dist.world)
                 bar.set_postfix(loss=f"{lv:.4f}", lr=f"{lr:.3g}")
             bar.close()
-            loss_sum, correct, seen = dist.all_sum([loss_sum, correct, seen])
+            loss_sum, correct, seen, labelled, agree = dist.all_sum([loss_sum, correct, seen, labelled, agree])
             rec = {"epoch": epoch, "iterations": it, "lr": lr, "loss": loss_sum / seen,
-                   "train_top1": correct / seen, "time_s": round(time.perf_counter() - t0, 3)}
+                   "train_top1": correct / labelled if labelled else None,
+                   "time_s": round(time.perf_counter() - t0, 3)}
+            if tmodel is not None:
+                rec["train_teacher_agree"] = agree / seen
             if val is not None:
                 v1, v5 = _accuracy(model, sb.logits, val, sb.axis, val_batch_size, dist, dist.device)
                 rec["val_top1"] = v1
@@ -277,7 +372,8 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
                 loop.save_checkpoint(checkpoint, model, opt, it, epoch, history, key)
             if log:
                 log(f"epoch {epoch}: {it} iterations, lr {lr:.3g}, loss {rec['loss']:.4f}, "
-                    f"train top-1 {rec['train_top1']:.4f}"
+                    + (f"train top-1 {rec['train_top1']:.4f}" if rec["train_top1"] is not None else
+                       f"agreement with the teacher {rec['train_teacher_agree']:.4f}")
                     + (f", val top-1 {rec['val_top1']:.4f}" if "val_top1" in rec else ""))
             if stop is not None and stop(rec):
                 history["stopped_early"] = True
@@ -298,4 +394,4 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     return net, history
 
 
-__all__ = ["finetune", "preflight"]
+__all__ = ["finetune", "preflight", "distill_loss", "UNLABELED", "DEFAULT_TEMPERATURE", "DEFAULT_DISTILL_WEIGHT"]
