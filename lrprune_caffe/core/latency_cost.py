@@ -123,7 +123,8 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
                "timing": tables.timing, "total_ms": alloc.total_ms, "fixed_ms": alloc.fixed_ms,
                "target_ms": alloc.target_ms, "predicted_ms": alloc.predicted_ms,
                "predicted_speedup": alloc.predicted_speedup, "criterion": criterion,
-               "tables": {"seconds": tables.seconds, "graphs_timed": tables.measured, "cache": tables.cache_path,
+               "tables": {"seconds": tables.seconds, "cpu_seconds": tables.cpu_seconds,
+                          "graphs_timed": tables.measured, "cache": tables.cache_path,
                           "wall_ms": tables.wall_ms},
                "refined": None if correction is None else {"chain_correction": correction, "first": first},
                "layers": layers}
