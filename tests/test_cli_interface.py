@@ -208,12 +208,12 @@ def test_python_and_numpy_warnings_become_notes(capsys, monkeypatch):
 def test_commands_are_imported_explicitly():
     src = (PKG / "cli" / "main.py").read_text()
     assert "importlib" not in src
-    for mod in ("compress", "export", "train"):
+    for mod in ("compress", "export", "evaluate", "train"):
         tree = ast.parse((PKG / "cli" / f"{mod}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 assert not (node.module or "").endswith("main"), f"cli/{mod}.py imports cli.main"
-    assert len(sys.modules['lrprune_caffe.cli.main'].COMMAND_MODULES) == 3
+    assert len(sys.modules['lrprune_caffe.cli.main'].COMMAND_MODULES) == 4
 
 
 # ---- flags that would do nothing -------------------------------------------------------

@@ -20,7 +20,7 @@ import warnings
 
 from lrprune_caffe.version import __version__
 from lrprune_caffe.errors import LrpruneError, UserError
-from . import compress as _compress_cmds, export as _export_cmds, train as _train_cmds
+from . import compress as _compress_cmds, evaluate as _evaluate_cmds, export as _export_cmds, train as _train_cmds
 from .common import (EXIT_BAD_INPUT, EXIT_INTERNAL, _add_net_args, _add_state_args, _fmt_int, _shape_str,
                      add_output, print_table)
 
@@ -74,7 +74,7 @@ def cmd_convert(args):
 # ---- parser -------------------------------------------------------------------
 
 #: the sub-command modules, each with register(subparsers); none imports this module
-COMMAND_MODULES = (_compress_cmds, _export_cmds, _train_cmds)
+COMMAND_MODULES = (_compress_cmds, _export_cmds, _evaluate_cmds, _train_cmds)
 
 
 def _add_global_args(p, defaults: bool):
