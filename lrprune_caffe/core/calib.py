@@ -63,13 +63,14 @@ def blas_threads_for(total_macs: int):
 
 #: images per onnxruntime call of the layer runner
 ORT_BATCH = 8
-#: layer types the onnxruntime runner computes (the rest, cheap or in place, stay on the numpy forward)
-ORT_TYPES = ("Convolution", "InnerProduct")
+#: layer types the onnxruntime runner computes (the rest, cheap or in place, stay on the numpy forward;
+#: InnerProduct too: a few hundred vectors are cheap in numpy, and a session would copy VGG's 0.5 GB of FC weights)
+ORT_TYPES = ("Convolution",)
 
 
 def ort_runner(threads=None):
     """A ``(layer, bottoms) -> tops`` callable for the calibration passes (their ``run=``): each
-    Convolution / InnerProduct runs as a one-layer ONNX model in onnxruntime (MLAS kernels,
+    Convolution runs as a one-layer ONNX model in onnxruntime (MLAS kernels,
     float32), the other layers in the numpy forward. Sessions are cached per layer and
     weights (a refit layer gets new blob arrays, hence a new session). The sessions have no
     memory arena (an arena keeps each session's peak buffers: VGG-16 on 52 images grew past

@@ -177,7 +177,7 @@ def _compress_steps(net, shapes, o, data, spec, fit, held, notes, run=None) -> t
     if fit is not None:
         calibration = {"source": data.calib_desc, "samples": cb.count(fit),
                        "held_out": cb.count(held), "damping": float(o.calib_damping),
-                       "forward": "onnxruntime (conv/FC) + numpy" if run is not None else "numpy"}
+                       "forward": "onnxruntime (convolutions) + numpy" if run is not None else "numpy"}
         if rp.plan:
             calibration["factorized"], more = cb.fit_factorized(net, new, rp.plan, fit, o, run)
             notes += more
