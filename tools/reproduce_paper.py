@@ -26,7 +26,7 @@ memory, next to the paper's 1.65x / 1.5x / 2x.
 With ``--calib [N]`` (N = 512 by default) the three schedules run a second
 time from a data-aware start: N of the split's training digits, labels unused,
 fit each factorization to the original net's outputs and re-solve the kept
-weights after each pruning step to match the net before it
+weights after each pruning step to match the original net's outputs
 (``PipelineOptions.calib``: :mod:`lrprune_caffe.transforms.calibrate`); the
 results get their own table and ratios against their own Han row.
 
@@ -341,7 +341,7 @@ def markdown(res) -> str:
                   f"The same three schedules, each step data-aware: {n} of the training digits (labels unused) "
                   "fit the factorization to the original net's outputs (Zhang et al. 2015 response "
                   "reconstruction + a least-squares re-fit of the last factor), and after each pruning step "
-                  "the kept weights are re-solved to match the outputs of the net before it "
+                  "the kept weights are re-solved to match the original net's outputs "
                   "(`transforms/calibrate.py`). Fine-tuning and the stopping rule as above; latency measured "
                   "in the same interleaved run as the table above.", ""]
         lines += _rows_table(res["rows"][:1] + res["calib_rows"], base_ms) + [""]

@@ -22,8 +22,9 @@ Two schedules (``schedule=``):
 Options beyond the paper's protocol: ``calib`` (calibration inputs, no
 labels) makes every step data-aware: the factorization is fit to the original
 net's outputs (:func:`lrprune_caffe.transforms.calibrate.calibrate_factorized`)
-and each pruning step re-solves the kept weights to match the outputs of the
-net just before it (:func:`~lrprune_caffe.transforms.calibrate.calibrate_pruned`);
+and each pruning step re-solves the kept weights to match the original net's
+outputs (inner factors: their dense version's,
+:func:`~lrprune_caffe.transforms.calibrate.calibrate_pruned`);
 ``distill`` fine-tunes from the original net's soft targets (Hinton et al.
 2015, :mod:`lrprune_caffe.train.finetune`) mixed with the labels.
 
