@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHARED, golden_case, lenet_files, load_npz, run_cli
+from conftest import GOLDEN, SHARED, golden_case, lenet_files, load_npz, require_shared, run_cli
 
 SPLIT = SHARED / "data" / "mnist5k_split.npz"
 
@@ -128,7 +128,7 @@ def test_usage_errors(tmp_path, capsys):
 def test_calib_from_a_train_val_and_an_lmdb():
     from lrprune_caffe.data.calib import load_calib
     from lrprune_caffe.data.datasets import Preprocess
-    d = golden_case("lenet_lmdb")
+    d = require_shared(GOLDEN / "lenet_lmdb" / "train_val.prototxt", "golden case lenet_lmdb").parent
     ref = load_npz(d / "data.npz")["data"]  # real Caffe's Data layer: (pixel - mean) * scale
     c = load_calib(d / "train_val.prototxt", ["data"], (1, 1, 28, 28), n=50)
     np.testing.assert_array_equal(c.arrays["data"], ref)
