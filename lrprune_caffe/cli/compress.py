@@ -230,16 +230,9 @@ def register(sub):
                    help="read the first N samples of --calib (default 512)")
     g.add_argument("--calib-damping", type=float, default=0.01, metavar="D",
                    help="ridge damping of every fit, relative to mean(diag H) (default 0.01)")
-    g.add_argument("--mean", help="image preprocessing: per-channel mean in the net's channel order, e.g. "
-                                  "104,117,123 (also scales the random inputs of a check without data)")
-    g.add_argument("--scale", type=float, default=None, help="multiply after subtracting the mean, e.g. 0.017")
-    order = g.add_mutually_exclusive_group()
-    order.add_argument("--bgr", dest="bgr", action="store_true", default=True,
-                       help="feed channels as BGR (default, as Caffe models expect)")
-    order.add_argument("--rgb", dest="bgr", action="store_false", help="feed channels as RGB")
-    g.add_argument("--resize", type=int, metavar="N",
-                   help="resize the shorter side to N, then center-crop to the net's input size")
-    g.add_argument("--gray", action="store_true", help="read images as one gray channel")
+    from .evaluate import add_preprocess_args
+    add_preprocess_args(g, mean_help="image preprocessing: per-channel mean in the net's channel order, e.g. "
+                                     "104,117,123 (also scales the random inputs of a check without data)")
     g = p.add_argument_group("quality gate (exit 1 and no model files when the check shows worse)")
     g.add_argument("--max-drop", type=float, metavar="POINTS",
                    help="most top-1 percentage points the compressed net may lose on --inputs with --labels")

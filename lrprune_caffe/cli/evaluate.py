@@ -21,8 +21,13 @@ def _add_data_args(p, what="labelled data"):
                    help="an MNIST-style split (x_train/y_train/x_test/y_test uint8 digits) read as "
                         "pixels / 256; evaluate uses x_test, finetune trains on x_train and validates "
                         "on x_test (unless --val)")
-    g = p.add_argument_group("image folder preprocessing (Caffe style: (pixel - mean) * scale)")
-    g.add_argument("--mean", help="per-channel mean in the net's channel order, e.g. 104,117,123 (BGR)")
+    add_preprocess_args(p.add_argument_group("image folder preprocessing (Caffe style: (pixel - mean) * scale)"))
+
+
+def add_preprocess_args(g, mean_help="per-channel mean in the net's channel order, e.g. 104,117,123 (BGR)"):
+    """--mean --scale --bgr/--rgb --resize --gray: how images are turned into the net's input
+    (evaluate, finetune, pipeline, compress --calib)."""
+    g.add_argument("--mean", help=mean_help)
     g.add_argument("--scale", type=float, default=None, help="multiply after subtracting the mean, e.g. 0.017")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--bgr", dest="bgr", action="store_true", default=True,
