@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from lrprune_caffe.io import wire  # noqa: E402  (the codec the mutations speak)
+
 GOLDEN = ROOT.parent / "shared" / "golden"
 CASE_TIMEOUT = 10  # seconds
 
@@ -60,21 +62,8 @@ def seed_files() -> list:
 
 # ---- wire-level mutations (caffemodel) ---------------------------------------------------
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _segments(buf: bytes, start: int, end: int):
     """[(start, end, key_end, wire_type, payload_start)] of the fields in buf[start:end], or None."""
-    from lrprune_caffe.io import wire
     segs, pos = [], start
     try:
         while pos < end:
@@ -156,27 +145,16 @@ def _mutate_once(buf: bytes, rng: random.Random) -> bytes:
     if op == "delete":
         return buf[:s] + buf[e:]
     if op == "huge_len" and wt == 2:
-        _, p = _decode_varint(buf, k_end)
-        return buf[:k_end] + _varint(rng.choice([2**31, 2**32 - 1, 2**63, 2**64 - 1, 10**12])) + buf[p:]
+        _, p = wire.read_varint(buf, k_end, len(buf))
+        return buf[:k_end] + wire.varint_bytes(rng.choice([2**31, 2**32 - 1, 2**63, 2**64 - 1, 10**12])) + buf[p:]
     if op == "huge_varint":
         key = buf[s:k_end]
         return buf[:s] + key[:-1] + bytes([key[-1] | 0x80]) + b"\xff" * rng.randrange(1, 12) + b"\x01" + buf[k_end:]
     if op == "wire_type" or op == "huge_len":
-        key, _ = _decode_varint(buf, s)
+        key, _ = wire.read_varint(buf, s, len(buf))
         new_key = (key & ~7) | rng.choice([0, 1, 2, 3, 4, 5, 6, 7])
-        return buf[:s] + _varint(new_key) + buf[k_end:]
+        return buf[:s] + wire.varint_bytes(new_key) + buf[k_end:]
     return buf
-
-
-def _decode_varint(buf, pos):
-    result, shift = 0, 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
 
 
 # ---- text mutations (prototxt) -------------------------------------------------------------
