@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lrprune_caffe.errors import BadFileError, UserError
-from .datasets import IMAGE_EXTENSIONS, Preprocess, _pil, _preprocess, load_mnist_split
+from .datasets import IMAGE_EXTENSIONS, Preprocess, load_mnist_split, read_image
 
 
 @dataclass
@@ -74,21 +74,7 @@ def _images(root, input_shape, pre, n):
     files = _image_files(Path(root))
     if not files:
         raise BadFileError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder", path=root)
-    Image = _pil()
-    xs = []
-    for f in files[:n]:
-        try:
-            with Image.open(f) as img:
-                img.load()
-                arr, why = _preprocess(img, pre, size, channels)
-        except UserError:
-            raise
-        except Exception as e:
-            raise BadFileError(f"cannot read the image: {e}", path=f) from None
-        if arr is None:
-            raise BadFileError(f"image {why}", path=f)
-        xs.append(arr)
-    return np.stack(xs)
+    return np.stack([read_image(f, pre, size, channels)[0] for f in files[:n]])
 
 
 def _stream_first(ds, n):

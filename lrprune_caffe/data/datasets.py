@@ -173,6 +173,24 @@ def _preprocess(img, pre: Preprocess, size, channels):
     return np.ascontiguousarray(arr, dtype=np.float32), None
 
 
+def read_image(f, pre, size, channels):
+    """One image file as the net's (channels, H, W) float32 input and the file's own (width, height);
+    BadFileError naming the file when it cannot be read or does not fit."""
+    Image = _pil()
+    try:
+        with Image.open(f) as img:
+            img.load()
+            arr, why = _preprocess(img, pre, size, channels)
+            image_size = img.size
+    except UserError:
+        raise
+    except Exception as e:
+        raise BadFileError(f"cannot read the image: {e}", path=f) from None
+    if arr is None:
+        raise BadFileError(f"image {why}", path=f)
+    return arr, image_size
+
+
 def load_image_folder(path, input_shape, pre: Preprocess = None) -> Dataset:
     """An image folder (one subfolder per class) as a Dataset shaped like ``input_shape``.
 
@@ -192,24 +210,14 @@ def load_image_folder(path, input_shape, pre: Preprocess = None) -> Dataset:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise BadFileError("expected one subfolder per class, found none", path=path)
-    Image = _pil()
     xs, ys = [], []
     cropped = 0
     for label, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
                 continue
-            try:
-                with Image.open(f) as img:
-                    img.load()
-                    arr, why = _preprocess(img, pre, size, channels)
-            except UserError:
-                raise
-            except Exception as e:
-                raise BadFileError(f"cannot read the image: {e}", path=f) from None
-            if arr is None:
-                raise BadFileError(f"image {why}", path=f)
-            if not pre.resize and img.size != (size[1], size[0]):
+            arr, image_size = read_image(f, pre, size, channels)
+            if not pre.resize and image_size != (size[1], size[0]):
                 cropped += 1
             xs.append(arr)
             ys.append(label)
