@@ -69,9 +69,8 @@ def run_cli(capsys, *argv):
 
 @pytest.fixture(autouse=True)
 def _latency_defaults(monkeypatch, tmp_path_factory):
-    """--speedup counts MACs in the suite (its budgets stay deterministic; tests of the latency cost ask
-    for it), latency caches go to a temporary folder, and the measured speed-up takes 3 rounds."""
+    """Latency caches go to a temporary folder and the measured speed-up takes 3 rounds (--speedup
+    counts MACs by default, so the suite's budgets are the ones users get)."""
     from lrprune_caffe.core import latency_cost
-    monkeypatch.setattr(latency_cost, "DEFAULT_COST", "macs")
     monkeypatch.setattr(latency_cost, "MEASURE_ROUNDS", 3)
     monkeypatch.setenv("LRPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "lrprune-cache"))
