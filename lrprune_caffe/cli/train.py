@@ -70,7 +70,7 @@ def _net_and_data(args, default_batch=64):
         val = tv.val.dataset if tv.val is not None else None
         if args.val:
             val = open_data(args.val, input_shape=_net_input_shape(tv.net), pre=_preprocess(args))
-        if args.output_blob is None and tv.scores:
+        if getattr(args, "output_blob", "") is None and tv.scores:
             args.output_blob = tv.scores
         return tv.net, tv.train.dataset, val, args.batch_size or tv.train.batch_size, tv.notes
     net = load_net(args.net, args.weights, phase=args.phase)
@@ -132,9 +132,10 @@ def cmd_finetune(args):
     solver = solver_from_args(args)
     for note in solver.notes:
         _log(f"note: {note}")
+    from lrprune_caffe.train.loop import check_device, process_rank
+    check_device(args.device)  # once, before any process starts
     if args.nproc_per_node and args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn_processes(args)
-    from lrprune_caffe.train.loop import process_rank
     main = process_rank() == 0
     net, train, val, batch_size, notes = _net_and_data(args)
     for note in notes:
@@ -169,7 +170,7 @@ def cmd_finetune(args):
             _log(f"note: could not evaluate the trained net with onnxruntime/OpenCV: {e}")
     history["net_file"], history["weights_file"] = args.net, args.weights
     history["masks_file"] = args.masks
-    extra = {"history.json": json.dumps(history, indent=2) + "\n"}
+    extra = {"history.json": json.dumps(history, indent=2) + "\n", **_train_val_file(args, trained)}
     if masks:
         extra["masks.npz"] = masks_npz(masks)
     written = write_net(trained, args.output, extra=extra)
@@ -187,6 +188,15 @@ def cmd_finetune(args):
         msg += f", val top-1 {fe['top1']:.4f} ({fe['engine']})"
     print(msg)
     return 0
+
+
+def _train_val_file(args, written_net) -> dict:
+    """{"train_val.prototxt": text} when NET is a train_val (trained on its data layers): written
+    beside the deploy net, every phase kept, rewritten as the deploy net was (io.train_net)."""
+    if not _train_val_given(args):
+        return {}
+    from lrprune_caffe.io.train_net import read_train_net, train_net_text
+    return {"train_val.prototxt": train_net_text(read_train_net(args.net), written_net)}
 
 
 # ---- pipeline -------------------------------------------------------------------
@@ -209,11 +219,22 @@ def cmd_pipeline(args):
         solver = dataclasses.replace(solver, max_iter=None)
     if args.lr is None and not args.solver:
         solver = solver.with_overrides(base_lr=0.005)
+    import os
+    from lrprune_caffe.train.loop import check_device, process_rank
+    check_device(args.device)  # once, before any process starts
+    if args.nproc_per_node and args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return _spawn_processes(args)
+    main = process_rank() == 0  # only rank 0 logs, prints and writes
     net, train, val, batch_size, notes = _net_and_data(args)
-    for note in notes:
+    for note in notes if main else ():
         _log(f"note: {note}")
+    train_net = None
+    if _train_val_given(args):  # trained on its data layers: OUTDIR/train_val.prototxt, rewritten as the net
+        from lrprune_caffe.io.train_net import read_train_net
+        train_net = read_train_net(args.net)
     report, _ = pipeline_files(args.net, args.weights, train, val, args.output, onnx=args.onnx, net=net,
-                               log=None if (args.quiet or args.json) else _log,
+                               log=None if (args.quiet or args.json or not main) else _log,
+                               workers=args.workers, device=args.device, train_net=train_net,
                                schedule=args.schedule, prune_steps=steps, speedup=args.speedup or 2.0,
                                scheme=args.scheme, prune_scope=args.prune_scope, tolerance=args.tolerance,
                                max_epochs=args.max_epochs,
@@ -222,6 +243,8 @@ def cmd_pipeline(args):
                                calib=args.calib, calib_n=args.calib_n, preprocess=_preprocess(args),
                                distill=args.distill, temperature=args.temperature,
                                distill_weight=args.distill_weight)
+    if not main:
+        return 0
     if args.json:
         from lrprune_caffe.engines.compare import json_safe
         print(json.dumps(json_safe(report), indent=2))
@@ -276,16 +299,18 @@ def _add_teacher_args(p, pipeline=False):
                         "alone). An .npz with only x needs no flag")
 
 
-def _add_run_args(p):
-    """Data loading, devices, processes and checkpoints of finetune."""
-    g = p.add_argument_group("processes and checkpoints")
+def _add_run_args(p, checkpoints=True):
+    """Data loading, devices, processes (and checkpoints: finetune) of finetune and pipeline."""
+    g = p.add_argument_group("processes and checkpoints" if checkpoints else "processes")
     g.add_argument("--workers", type=int, default=0, metavar="N",
                    help="DataLoader worker processes decoding the training data (default 0: in the trainer)")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train on cpu (default) or cuda")
     g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="train in N processes with DistributedDataParallel (gloo on CPU, NCCL on CUDA), "
                         "started for you by torch's launcher; --batch-size is per process. "
-                        "'torchrun --nproc-per-node N -m lrprune_caffe finetune ...' works too")
+                        f"'torchrun --nproc-per-node N -m lrprune_caffe {p.prog.split()[-1]} ...' works too")
+    if not checkpoints:
+        return
     g.add_argument("--checkpoint", metavar="FILE",
                    help="checkpoint written after every epoch (default .OUTDIR.checkpoint.pt beside OUTDIR, "
                         "removed once the model is written)")
@@ -363,6 +388,7 @@ def register(sub):
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch / engine threads")
     p.add_argument("--onnx", action="store_true", help="also write OUTDIR/model.onnx")
+    _add_run_args(p, checkpoints=False)
     _add_teacher_args(p, pipeline=True)
     p.add_argument("--json", action="store_true", help="print report.json")
     p.set_defaults(func=cmd_pipeline)

@@ -39,6 +39,15 @@ whether the tolerance was reached.
 
 Accuracy in the report is measured on the written net by onnxruntime (or
 OpenCV), not by the torch model that was trained.
+
+Several processes (``torchrun``, WORLD_SIZE > 1; :mod:`lrprune_caffe.train.loop`): rank 0
+alone computes each round's compression step (factorization, pruning masks, calibration)
+and hands the net and masks to the others; every process fine-tunes its part of each
+batch (DistributedDataParallel, ``batch_size`` per process), evaluates its contiguous
+part of the validation data, and the counts are summed, so every process takes the same
+decisions (stop a round, the next step) from the same numbers. Only rank 0 logs and
+writes files. ``train_net`` (a train_val, every phase) is rewritten as the factorization
+rewrites the deploy net (:func:`lrprune_caffe.transforms.factorize.rewrite_train_net`).
 """
 
 from __future__ import annotations
@@ -113,6 +122,9 @@ class PipelineOptions:
     distill: bool = False  # fine-tune with the original net as the teacher
     temperature: float = 4.0
     distill_weight: float = 0.9
+    workers: int = 0  # DataLoader worker processes decoding the training data
+    device: str = "cpu"  # cpu or cuda (under torchrun: gloo or NCCL)
+    train_net: object = None  # a train_val Net (every phase) rewritten as the deploy net is factorized
 
 
 def net_numbers(net) -> dict:
@@ -127,7 +139,7 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
     masks, report)``; masks = {"layer/blob": keep bool array} held at the end.
     """
     from lrprune_caffe.engines.evaluate import evaluate
-    from lrprune_caffe.train import require_torch
+    from lrprune_caffe.train import loop, require_torch
     from lrprune_caffe.train.finetune import finetune
     from lrprune_caffe.train.solver import SolverSettings
 
@@ -142,10 +154,22 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
         raise UserError("the pipeline needs validation data (--val, or --data-split) to know when a round "
                         "has won accuracy back")
     solver = opts.solver or SolverSettings(base_lr=0.005)
-    say = log or (lambda m: None)
+    dist = loop.dist_context(opts.device)
+    say = (log if dist.main else None) or (lambda m: None)
+    progress = opts.progress if dist.main else False
+    if dist.world > 1:
+        from lrprune_caffe.data.stream import as_stream
+        val_part = as_stream(val, "validation data").shard(dist.rank, dist.world)
 
     def acc(n):
-        return evaluate(n, val, engine=opts.engine, threads=opts.threads, progress=False)["top1"]
+        if dist.world == 1:
+            return evaluate(n, val, engine=opts.engine, threads=opts.threads, progress=False)["top1"]
+        c1 = count = 0
+        if len(val_part):  # this process's part; the counts summed: every process gets the same number
+            r = evaluate(n, val_part, engine=opts.engine, threads=opts.threads, progress=False)
+            c1, count = r["correct_top1"], r["n"]
+        c1, count = dist.all_sum([c1, count])
+        return c1 / count
 
     t_start = time.perf_counter()
     base_acc = acc(net)
@@ -162,20 +186,24 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
     factorize_report = None
 
     for i, (kind, s) in enumerate(steps, 1):
-        if kind == "factorize":
-            factorize_report, cur = _factorize(cur, opts)
-            what = f"factorize ({opts.scheme}, {opts.speedup:g}x MACs)"
-        else:
-            pruned = cur.copy()
-            new_masks, _ = prune_net(pruned, PruneSpec(fraction=float(s), scope=opts.prune_scope))
-            masks = grow_masks(masks, new_masks)
-            apply_masks(pruned, masks)
+        if dist.main:  # the step, on rank 0 alone; the others take its net and masks
+            if kind == "factorize":
+                factorize_report, cur = _factorize(cur, opts)
+                what = f"factorize ({opts.scheme}, {opts.speedup:g}x MACs)"
+            else:
+                pruned = cur.copy()
+                new_masks, _ = prune_net(pruned, PruneSpec(fraction=float(s), scope=opts.prune_scope))
+                masks = grow_masks(masks, new_masks)
+                apply_masks(pruned, masks)
+                if opts.calib is not None:
+                    _calibrate_pruned(net, pruned, cur, masks, opts)
+                cur = pruned
+                what = f"prune to {s:.0%} " + ("per layer" if opts.prune_scope == "layer" else "over the net")
             if opts.calib is not None:
-                _calibrate_pruned(net, pruned, cur, masks, opts)
-            cur = pruned
-            what = f"prune to {s:.0%} " + ("per layer" if opts.prune_scope == "layer" else "over the net")
-        if opts.calib is not None:
-            what += " + calibrate"
+                what += " + calibrate"
+        if dist.world > 1:
+            packed, masks, what = dist.share((_pack(cur), masks, what) if dist.main else None)
+            cur = cur if dist.main else _unpack(packed)
         validate(cur)
         before = acc(cur)
         rec = {"round": i, "step": what, **net_numbers(cur), "top1_after_step": before, "epochs": 0,
@@ -184,7 +212,8 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
         if before < goal:
             trained, hist = finetune(cur, train, val, masks=masks, solver=solver, epochs=int(opts.max_epochs),
                                      batch_size=opts.batch_size, seed=opts.seed + i, threads=opts.threads,
-                                     progress=opts.progress, log=None, check=(i == 1),
+                                     progress=progress, log=None, check=(i == 1), workers=int(opts.workers),
+                                     device=opts.device,
                                      stop=lambda r: r.get("val_top1", 0.0) >= goal,
                                      teacher=net if opts.distill else None, temperature=opts.temperature,
                                      distill_weight=opts.distill_weight)
@@ -209,6 +238,7 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
                     "scheme": opts.scheme if opts.schedule != "han" else None,
                     "tolerance": opts.tolerance, "max_epochs": opts.max_epochs, "batch_size": opts.batch_size,
                     "seed": opts.seed, "solver": solver.as_dict(), "engine": opts.engine, "threads": opts.threads,
+                    "workers": int(opts.workers), "device": dist.device, "processes": dist.world,
                     "calib_samples": None if opts.calib is None else len(next(iter(opts.calib.values()))),
                     "distill": ({"temperature": opts.temperature, "distill_weight": opts.distill_weight}
                                 if opts.distill else None)},
@@ -232,13 +262,34 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
     return cur, masks, report
 
 
+def _pack(net) -> tuple:
+    """``net`` as plain values (its protobuf messages as bytes), to hand to other processes."""
+    return (net.name, net.header.SerializeToString(), net.source, net.weights_source, list(net.notes),
+            [(la.name, la.type, la.bottoms, la.tops, la.msg.SerializeToString(), la.blobs) for la in net.layers])
+
+
+def _unpack(packed):
+    from lrprune_caffe.ir.net import Layer, Net
+    from lrprune_caffe.schema.proto import pb
+    name, header, source, weights_source, notes, layers = packed
+    out = []
+    for lname, ltype, bottoms, tops, msg, blobs in layers:
+        lp = pb.LayerParameter()
+        lp.ParseFromString(msg)
+        out.append(Layer(lname, ltype, list(bottoms), list(tops), lp, list(blobs)))
+    hp = pb.NetParameter()
+    hp.ParseFromString(header)
+    return Net(name, out, hp, source, weights_source, list(notes))
+
+
 def _factorize(net, opts):
     """The factorization round: ``compress`` on the net itself, MAC budget, no check (fit to
-    the calibration data when there is some)."""
+    the calibration data when there is some; ``opts.train_net`` rewritten the same way, in place)."""
     result = compress(net, CompressOptions(scheme=opts.scheme, speedup=float(opts.speedup), verify=False,
                                            criterion=opts.criterion, seed=opts.seed, cost="macs",
                                            measure_rounds=0),
-                      CompressData(calib=opts.calib, calib_desc="the pipeline's calibration data"))
+                      CompressData(calib=opts.calib, calib_desc="the pipeline's calibration data",
+                                   train_net=opts.train_net))
     return result.report, result.net
 
 
@@ -281,8 +332,15 @@ def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, lo
     report.md, when matplotlib is installed), all or nothing.
     ``net``: the net already loaded (a train_val's deploy view) instead of reading ``prototxt``.
     ``calib``: calibration data as compress takes it (``calib_n`` samples;
-    :func:`lrprune_caffe.data.calib.load_calib`), or a dict {input: array}."""
+    :func:`lrprune_caffe.data.calib.load_calib`), or a dict {input: array}.
+    ``train_net``: a train_val Net (every phase, :func:`lrprune_caffe.io.train_net.read_train_net`):
+    also written, as OUTDIR/train_val.prototxt, rewritten as the deploy net is.
+    Under torchrun only rank 0 reads the calibration data and writes."""
+    from lrprune_caffe.train.loop import process_rank
+    main = process_rank() == 0
     net = net if net is not None else load_net(prototxt, weights)
+    if not main:
+        calib = None  # rank 0 alone compresses
     if calib is not None and not isinstance(calib, dict):
         from lrprune_caffe.data.calib import load_calib
         shapes = net.input_shapes()
@@ -294,7 +352,7 @@ def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, lo
         check_outdir(outdir)  # before the training, not after
     final, masks, report = run_pipeline(net, train, val, opts, log=log)
     report["source"] = {"prototxt": str(prototxt), "weights": str(weights)}
-    if outdir is not None:
+    if outdir is not None and main:
         from . import plots
         extra = {}
         if plots.available():
@@ -307,6 +365,9 @@ def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, lo
                       "report.md": pipeline_markdown(report)})
         if masks:
             extra["masks.npz"] = masks_npz(masks)
+        if opts.train_net is not None:
+            from lrprune_caffe.io.train_net import train_net_text
+            extra["train_val.prototxt"] = train_net_text(opts.train_net, final)
         if onnx:
             from lrprune_caffe.export.onnx import export_model
             extra["model.onnx"] = export_model(final).SerializeToString()

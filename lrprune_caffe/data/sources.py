@@ -7,7 +7,9 @@ order, from ``start``, to the end; cheap: a database cursor), in Caffe's order:
 * :class:`DBSource` -- LMDB or LevelDB of ``Datum`` (Caffe's Data layer): records
   in key order (a cursor), raw or encoded. The keys are read once for random
   access (bytes, a few per record). LevelDB lets one process open a database at a
-  time, so a LevelDB is read in the process that opened it (no DataLoader workers).
+  time, so a LevelDB is read in the process that opened it: with DataLoader
+  workers that process reads the raw records (:meth:`DBSource.raw`) and the
+  workers decode them (:meth:`DBSource.decode_raw`).
 * :class:`ListSource` -- an ImageData list file, ``path label`` per line (the
   path is everything before the last space, as Caffe splits it), read under
   ``root_folder`` with ``new_height``/``new_width``/``is_color``.
@@ -59,6 +61,8 @@ class _Lazy:
         for a in self._handle_attrs:
             d[a] = None
         d["_pid"] = None
+        if getattr(self, "multiprocess", True) is False:
+            d["_keys"] = None  # a worker of a source it may not open only decodes records handed to it
         return d
 
 
@@ -168,11 +172,19 @@ class DBSource(_Lazy):
     def _parse(self, value, key):
         return datum_to_array(value, self.decode, f"{self.path} (key {key!r})")
 
-    def get(self, i):
+    def raw(self, i) -> tuple:
+        """(key, value bytes) of record ``i``, undecoded (read where the database is open)."""
         key = self.keys()[i]
         self._open()
-        value = self._txn.get(key) if self.backend == "lmdb" else self._db.get(key)
+        return key, (self._txn.get(key) if self.backend == "lmdb" else self._db.get(key))
+
+    def decode_raw(self, record):
+        """The (array, label) of a record from :meth:`raw`; needs no open database."""
+        key, value = record
         return self._parse(value, key)
+
+    def get(self, i):
+        return self.decode_raw(self.raw(i))
 
     def iterate(self, start=0):
         self._open()

@@ -47,7 +47,7 @@ class StreamDataset:
 
     @property
     def multiprocess(self) -> bool:
-        """May DataLoader worker processes read it (LevelDB: no)."""
+        """May DataLoader worker processes open it (LevelDB: no; they decode records read here)."""
         return bool(getattr(self.records, "multiprocess", True))
 
     @property
@@ -73,10 +73,11 @@ class StreamDataset:
         return self.transformer(x, self._rng(i), where=f"{self.source} (record {i})")
 
     def __getitem__(self, i):
-        """Sample ``i``, or ``(epoch, i)``: sample i with that epoch's random crop / mirror."""
+        """Sample ``i``, or ``(epoch, i)``: sample i with that epoch's random crop / mirror; or
+        ``(epoch, i, record)``: the same from a raw record read elsewhere (``records.raw(i)``)."""
         if isinstance(i, tuple):
-            epoch, i = i
-            x, y = self.records.get(int(i))
+            epoch, i, *record = i
+            x, y = self.records.decode_raw(record[0]) if record else self.records.get(int(i))
             saved, self.epoch = self.epoch, int(epoch)
             try:
                 return self._apply(x, i), np.int64(y)
@@ -85,10 +86,18 @@ class StreamDataset:
         x, y = self.records.get(int(i))
         return self._apply(x, i), np.int64(y)
 
-    def batches(self, batch_size: int, iterations: int = None, start: int = 0):
-        """(x, y) float32 / int64 batches in order: one pass, or ``iterations`` full batches wrapping around."""
-        n = len(self)
-        total = n - start if iterations is None else int(iterations) * int(batch_size)
+    def shard(self, rank: int, world: int) -> "StreamDataset":
+        """The ``rank``-th of ``world`` contiguous parts, for evaluation split over processes
+        (its :meth:`batches` are one pass over records ``[rank n / world, (rank + 1) n / world)``)."""
+        n = len(self.records)
+        return _Shard(self, rank * n // world, (rank + 1) * n // world)
+
+    def batches(self, batch_size: int, iterations: int = None, start: int = 0, count: int = None):
+        """(x, y) float32 / int64 batches in order: one pass (``count`` samples from ``start``: to the
+        end), or ``iterations`` full batches wrapping around."""
+        n = len(self.records)
+        total = (n - start if count is None else int(count)) if iterations is None else \
+            int(iterations) * int(batch_size)
         xs, ys, i, done = [], [], start, 0
         while done < total:
             pos = i % n
@@ -105,6 +114,28 @@ class StreamDataset:
             i = 0  # wrap around to the first record
         if xs:
             yield _stack(xs, ys, self.source)
+
+
+class _Shard(StreamDataset):
+    """Records ``[lo, hi)`` of a StreamDataset (same source, preprocessing and handles)."""
+
+    def __init__(self, parent: StreamDataset, lo: int, hi: int):
+        self.__dict__.update(parent.__dict__)
+        self._lo, self._hi = int(lo), int(hi)
+
+    def __len__(self):
+        return self._hi - self._lo
+
+    def __getitem__(self, i):
+        raise TypeError("a shard is read by batches()")
+
+    def batches(self, batch_size: int, iterations: int = None, start: int = 0, count: int = None):
+        if iterations is not None:
+            raise ValueError("a shard is read in one pass")
+        left = len(self) - start if count is None else int(count)
+        if left <= 0:
+            return iter(())
+        return StreamDataset.batches(self, batch_size, start=self._lo + start, count=left)
 
 
 def _stack(xs, ys, source):

@@ -13,9 +13,12 @@
   :class:`~lrprune_caffe.data.stream.StreamDataset` with ``workers`` decoding
   processes (spawned, persistent); memory holds a few batches, not the dataset.
   The sampler yields ``(epoch, index)`` pairs, so a TRAIN crop/mirror depends on
-  the sample and the epoch only, not on which process decodes it.
+  the sample and the epoch only, not on which process decodes it. A LevelDB (one
+  opener per database) is read in the main process by :class:`RawBatches`, raw
+  records only; the workers decode them.
 * **Processes.** :func:`dist_context` joins the process group torchrun set up
-  (``WORLD_SIZE``/``RANK`` in the environment): gloo on CPU, NCCL on CUDA.
+  (``WORLD_SIZE``/``RANK`` in the environment): gloo on CPU, NCCL on CUDA
+  (:func:`backend_for`); :meth:`Dist.share` hands rank 0's objects to the others.
 * **Checkpoints.** :func:`save_checkpoint` writes parameters, solver history,
   iteration, epoch, RNG state and the history so far, atomically (a kill during
   the write leaves the previous checkpoint); :func:`load_checkpoint` checks that
@@ -74,14 +77,38 @@ def collate(samples):
     return torch.from_numpy(np.stack(xs).astype(np.float32, copy=False)), torch.from_numpy(np.asarray(ys, np.int64))
 
 
+class RawBatches:
+    """A batch sampler for a source only this process may open (LevelDB): it runs here, in the
+    DataLoader's main process, reads each sample's raw record (bytes, no decoding) and hands
+    ``(epoch, index, record)`` to the workers, which decode and transform it without opening the
+    database. The loader's prefetch bounds how far it reads ahead (a few batches)."""
+
+    def __init__(self, sampler: EpochBatches, ds):
+        self.sampler, self.ds = sampler, ds
+
+    def set_epoch(self, epoch: int):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        raw = self.ds.records.raw
+        for batch in self.sampler:
+            yield [(e, i, raw(i)) for e, i in batch]
+
+
 def train_loader(ds, sampler: EpochBatches, workers: int = 0):
-    """A DataLoader over ``ds`` with ``sampler``; ``workers`` processes decode (0: this process)."""
+    """A DataLoader over ``ds`` with ``sampler``; ``workers`` processes decode (0: this process).
+    A source that one process alone may open (LevelDB) is read here and decoded by the workers
+    (:class:`RawBatches`)."""
     torch = require_torch()
-    if workers and not ds.multiprocess:
-        raise UserError(f"{ds.source}: a LevelDB can be open in one process at a time; run with --workers 0 "
-                        f"(or convert it to LMDB)")
     if not workers:
         return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=collate)
+    if not ds.multiprocess:
+        if not hasattr(ds.records, "raw"):
+            raise UserError(f"{ds.source}: this source can be read in one process only; run with --workers 0")
+        sampler = RawBatches(sampler, ds)
     # spawned, not forked: LMDB environments and HDF5 files must not cross a fork; kept for the whole
     # run (the sampler hands each index with its epoch, so the workers need no other state)
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=int(workers), collate_fn=collate,
@@ -112,27 +139,58 @@ class Dist:
     def any(self, flag: bool) -> bool:
         return bool(self.all_sum([1.0 if flag else 0.0])[0] > 0)
 
+    def share(self, obj):
+        """Rank 0's ``obj`` (any picklable value), on every process."""
+        if self.world == 1:
+            return obj
+        torch = require_torch()
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0,
+                                                device=torch.device(self.device) if self.backend == "nccl" else None)
+        return box[0]
+
 
 def process_rank() -> int:
     """This process's rank under torchrun (0 alone)."""
     return int(os.environ.get("RANK", "0") or 0)
 
 
+#: how long a process waits for the others at a collective: the pipeline's rank 0 compresses
+#: (and evaluates, writes) alone while the others wait, which may take longer than torch's 30 minutes
+DIST_TIMEOUT_S = 6 * 3600
+
+
+def backend_for(device: str) -> str:
+    """The process group's backend for a device: NCCL for cuda, gloo for cpu."""
+    device = device or "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: choose cpu or cuda")
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def check_device(device: str = "cpu") -> str:
+    """``device`` (cpu or cuda), or a one-line UserError when cuda is asked for and torch sees no GPU."""
+    torch = require_torch()
+    device = device or "cpu"
+    backend_for(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
+                        "use --device cpu")
+    return device
+
+
 def dist_context(device: str = "cpu") -> Dist:
     """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
     torch = require_torch()
-    device = device or "cpu"
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: choose cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    device = check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Dist(0, 1, device)
     dist = torch.distributed
-    backend = "nccl" if device == "cuda" else "gloo"
+    backend = backend_for(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        import datetime
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
     rank = dist.get_rank()
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0") or 0)
@@ -145,10 +203,13 @@ def wrap_ddp(model, d: Dist):
     """The module to call for training: DistributedDataParallel over ``model`` with several processes."""
     if d.world == 1:
         return model
+    import warnings
     torch = require_torch()
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=None if d.backend == "gloo" else [torch.device(d.device).index],
-        broadcast_buffers=False, find_unused_parameters=True)
+    with warnings.catch_warnings():  # newer torch renames broadcast_buffers; the old name keeps its meaning
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if d.backend == "gloo" else [torch.device(d.device).index],
+            broadcast_buffers=False, find_unused_parameters=True)
 
 
 # ---- checkpoints -------------------------------------------------------------
@@ -200,5 +261,6 @@ def restore(state, model, opt):
     torch.set_rng_state(state["torch_rng"])
 
 
-__all__ = ["EpochBatches", "train_loader", "collate", "Dist", "dist_context", "wrap_ddp", "process_rank",
+__all__ = ["EpochBatches", "RawBatches", "train_loader", "backend_for", "check_device",
+           "collate", "Dist", "dist_context", "wrap_ddp", "process_rank",
            "save_checkpoint", "load_checkpoint", "restore", "run_key"]
