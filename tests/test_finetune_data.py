@@ -1,5 +1,6 @@
-"""finetune on a train_val: TRAIN source through a DataLoader, TEST source to validate;
-worker processes, torchrun processes, checkpoints and --resume.
+"""finetune and pipeline on a train_val: TRAIN source through a DataLoader, TEST source to
+validate, the train_val written beside the deploy net; worker processes, torchrun processes,
+checkpoints and --resume.
 
 The databases are LMDBs of MNIST digits written here (Caffe's convert_mnist_data
 layout: raw 1x28x28 Datum records, keys %08d), the net golden LeNet.
@@ -80,6 +81,34 @@ def test_finetune_train_val(train_val, tmp_path, capsys):
     assert [layer.type for layer in net.layers][0] == "Input"  # the written model is the deploy net
     assert not any(layer.type in ("Data", "Accuracy", "SoftmaxWithLoss") for layer in net.layers)
     assert not (tmp_path / "w0" / "checkpoint.pt").exists()  # removed once the model is written
+    _check_written_train_val(tmp_path / "w0", h["final_eval"]["top1"])
+
+
+def _layers(net):
+    return [(la.name, la.type, list(la.bottoms), list(la.tops)) for la in net.layers]
+
+
+def _check_written_train_val(outdir, top1):
+    """OUTDIR/train_val.prototxt: every phase; its TEST view with the written weights is the written
+    deploy net, and evaluating it on its own TEST source gives the written net's accuracy. (OpenCV's
+    Caffe reader ignores phase rules, so it refuses any train_val with a TRAIN and a TEST data
+    layer ("Duplicate blobs"): the written deploy net is what OpenCV reads.)"""
+    from lrprune_caffe.data.trainval import load_train_val
+    from lrprune_caffe.engines.evaluate import evaluate_files
+    from lrprune_caffe.io.caffe import load_net
+    from lrprune_caffe.io.train_net import read_train_net
+    tv_path, deploy = Path(outdir) / "train_val.prototxt", Path(outdir) / "model.prototxt"
+    full = read_train_net(tv_path)
+    assert {la.type for la in full.layers} >= {"Data", "Accuracy", "SoftmaxWithLoss"}
+    assert [la.name for la in full.layers if la.type == "Data"] == ["train", "test"]
+    tv = load_train_val(tv_path, Path(outdir) / "model.caffemodel")
+    written = load_net(deploy, Path(outdir) / "model.caffemodel")
+    assert _layers(tv.net) == _layers(written)
+    for a, b in zip(tv.net.layers, written.layers):
+        for x, y in zip(a.blobs, b.blobs):
+            np.testing.assert_array_equal(x, y)
+    res = evaluate_files(tv_path, Path(outdir) / "model.caffemodel")
+    assert res["n"] == 200 and abs(res["top1"] - top1) < 1e-9
 
 
 @pytest.mark.slow
@@ -115,7 +144,8 @@ def test_two_processes_equal_one_at_the_same_global_batch(train_val, tmp_path):
     assert h2["processes"] == 2 and h2["iterations"] == 32
     for k in w1:  # the same steps, up to float summation order
         np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-4 * max(1.0, float(np.abs(w1[k]).max())))
-    assert sorted(os.listdir(tmp_path / "two")) == ["history.json", "model.caffemodel", "model.prototxt"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["history.json", "model.caffemodel", "model.prototxt",
+                                                    "train_val.prototxt"]
 
 
 @pytest.mark.slow
@@ -141,3 +171,37 @@ def test_resume_after_a_kill(train_val, tmp_path):
     wc, _ = _weights(tmp_path / "cut")
     for k in wf:
         np.testing.assert_array_equal(wc[k], wf[k])
+
+
+@pytest.mark.slow
+def test_pipeline_two_processes_equal_one(train_val, tmp_path, capsys):
+    """pipeline under torchrun (2 gloo processes at batch 16) takes the same rounds as one process
+    at batch 32 (with a DataLoader worker decoding): the same masks, weights within float summation order, the same accuracies; one
+    set of files, the train_val rewritten as the factorized net."""
+    common = ["--schedule", "lowrank-prune", "--speedup", "2", "--prune-steps", "0.5", "--tolerance", "0",
+              "--max-epochs", "1", "--threads", "1", "--quiet"]
+    two = _cli("pipeline", train_val, MNIST / "model.caffemodel", "-o", tmp_path / "two", "--batch-size", 16,
+               "--nproc-per-node", 2, *common)
+    rc, _, err = run_cli(capsys, "pipeline", train_val, MNIST / "model.caffemodel", "-o", tmp_path / "one",
+                         "--batch-size", 32, "--workers", 1, *common)
+    assert rc == 0, err
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert (r2["options"]["processes"], r1["options"]["processes"]) == (2, 1)
+    assert [r["epochs"] for r in r2["rounds"]] == [r["epochs"] for r in r1["rounds"]] == [1, 1]
+    assert [r["iterations"] for r in r2["rounds"]] == [r["iterations"] for r in r1["rounds"]] == [16, 16]
+    for a, b in zip(r1["rounds"], r2["rounds"]):
+        assert abs(a["top1"] - b["top1"]) <= 0.01 and a["nonzero_params"] == b["nonzero_params"]
+    with np.load(tmp_path / "one" / "masks.npz") as m1, np.load(tmp_path / "two" / "masks.npz") as m2:
+        assert sorted(m1.files) == sorted(m2.files) and any("_lr" in k for k in m1.files)
+        for k in m1.files:
+            np.testing.assert_array_equal(m1[k], m2[k])
+    w1, net1 = _weights(tmp_path / "one")
+    w2, net2 = _weights(tmp_path / "two")
+    assert _layers(net1) == _layers(net2)
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-4 * max(1.0, float(np.abs(w1[k]).max())))
+    names = {"model.prototxt", "model.caffemodel", "masks.npz", "report.json", "report.md", "train_val.prototxt"}
+    assert names <= set(os.listdir(tmp_path / "two")) <= names | {"rounds.png"}
+    _check_written_train_val(tmp_path / "two", r2["final"]["top1"])

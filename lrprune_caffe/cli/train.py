@@ -354,7 +354,9 @@ def register(sub):
                     "lowrank-prune: factorize first (--scheme, --speedup), fine-tune, then the same pruning "
                     "rounds. Each round fine-tunes until validation top-1 is within --tolerance of the "
                     "original's, at most --max-epochs epochs. Writes OUTDIR/model.prototxt, model.caffemodel, "
-                    "masks.npz, report.json, report.md.")
+                    "masks.npz, report.json, report.md (+ train_val.prototxt, rewritten as the net, when NET "
+                    "is a train_val: trained on its TRAIN data layer, validated on its TEST one). Runs under "
+                    "torchrun (--nproc-per-node): rank 0 compresses and writes, every process trains.")
     _add_net_args(p, weights_required=True)
     _add_data_args(p, "training data")
     p.add_argument("--val", metavar="VAL", help="validation data (npz or image folder); default with "
