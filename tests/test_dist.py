@@ -104,3 +104,24 @@ def test_leveldb_with_worker_processes(tmp_path):
             np.testing.assert_array_equal(x0, x2)
             np.testing.assert_array_equal(y0, y2)
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(ref[0], ref[1]))
+
+
+@pytest.mark.slow
+def test_a_bad_input_under_several_processes_is_one_line(tmp_path):
+    """--nproc-per-node 2 and data that is not there: every process fails; one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    net = GOLDEN / "lenet_mnist"
+    if not (net / "model.caffemodel").exists():
+        pytest.skip("golden LeNet not present")
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "lrprune_caffe", "pipeline", str(net / "model.prototxt"),
+                        str(net / "model.caffemodel"), "--data", str(tmp_path / "bad.npz"), "--val",
+                        str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o"), "--nproc-per-node", "2"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "bad.npz" in lines[0], p.stderr
+    assert not (tmp_path / "o").exists()

@@ -79,9 +79,7 @@ def _net_and_data(args, default_batch=64):
 
 
 def _spawn_processes(args) -> int:
-    """--nproc-per-node N: run this command under torch's launcher (torchrun) in N processes."""
-    import os
-    import subprocess
+    """--nproc-per-node N: run this command in N processes set up as torchrun sets them up."""
     argv = list(sys.argv[1:])
     if args.command not in argv:
         raise UserError("--nproc-per-node needs the lrprune-caffe command line; or start the processes "
@@ -97,10 +95,8 @@ def _spawn_processes(args) -> int:
         if a.startswith("--nproc-per-node="):
             continue
         out.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.nproc_per_node}", "-m", "lrprune_caffe", *out]
-    env = dict(os.environ)
-    return subprocess.call(cmd, env=env)
+    from lrprune_caffe.train.loop import launch_local
+    return launch_local(out, int(args.nproc_per_node))
 
 
 def _checkpoint_path(args):
@@ -307,7 +303,7 @@ def _add_run_args(p, checkpoints=True):
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train on cpu (default) or cuda")
     g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="train in N processes with DistributedDataParallel (gloo on CPU, NCCL on CUDA), "
-                        "started for you by torch's launcher; --batch-size is per process. "
+                        "started for you as 'torchrun --standalone' starts them; --batch-size is per process. "
                         f"'torchrun --nproc-per-node N -m lrprune_caffe {p.prog.split()[-1]} ...' works too")
     if not checkpoints:
         return

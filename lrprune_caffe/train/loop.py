@@ -19,6 +19,8 @@
 * **Processes.** :func:`dist_context` joins the process group torchrun set up
   (``WORLD_SIZE``/``RANK`` in the environment): gloo on CPU, NCCL on CUDA
   (:func:`backend_for`); :meth:`Dist.share` hands rank 0's objects to the others.
+  :func:`launch_local` starts the processes on one machine as ``torchrun
+  --standalone`` does (``--nproc-per-node``), with the CLI's exit statuses.
 * **Checkpoints.** :func:`save_checkpoint` writes parameters, solver history,
   iteration, epoch, RNG state and the history so far, atomically (a kill during
   the write leaves the previous checkpoint); :func:`load_checkpoint` checks that
@@ -199,6 +201,66 @@ def dist_context(device: str = "cpu") -> Dist:
     return Dist(rank, dist.get_world_size(), device, backend)
 
 
+def launch_local(argv, nproc: int, poll_s: float = 0.1) -> int:
+    """Run ``python -m lrprune_caffe ARGV`` in ``nproc`` processes on this machine, set up as
+    ``torchrun --standalone`` sets them up (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT on a
+    free local port). Rank 0 talks to the console; the others' stderr is kept and shown only when
+    one of them fails alone. When any process fails the others are stopped (they would wait for
+    it at the next collective) and its exit status is returned: a bad input still ends with one
+    line and status 2."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", ROLE_RANK="0", ROLE_WORLD_SIZE=str(nproc))
+    procs, logs = [], []
+    try:
+        for rank in range(int(nproc)):
+            env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
+            log = None if rank == 0 else tempfile.TemporaryFile("w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, "-m", "lrprune_caffe", *argv], env=env,
+                                          stdout=None if rank == 0 else subprocess.DEVNULL, stderr=log))
+        failed = None
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            if failed is None:
+                time.sleep(poll_s)
+        if failed is None:
+            failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
+        if failed is None:
+            return 0
+        if failed != 0:  # rank 0 may be failing on the same input: its message is the one shown
+            try:
+                procs[0].wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            if procs[0].returncode not in (None, 0):
+                failed = 0
+        if failed != 0 and logs[failed] is not None:
+            logs[failed].seek(0)
+            sys.stderr.write("".join(logs[failed].readlines()[-20:]))
+        code = procs[failed].returncode
+        return code if code > 0 else 128 - code  # killed by a signal: 128 + its number, as a shell says
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for log in logs:
+            if log is not None:
+                log.close()
+
+
 def wrap_ddp(model, d: Dist):
     """The module to call for training: DistributedDataParallel over ``model`` with several processes."""
     if d.world == 1:
@@ -262,5 +324,5 @@ def restore(state, model, opt):
 
 
 __all__ = ["EpochBatches", "RawBatches", "train_loader", "backend_for", "check_device",
-           "collate", "Dist", "dist_context", "wrap_ddp", "process_rank",
+           "collate", "Dist", "dist_context", "launch_local", "wrap_ddp", "process_rank",
            "save_checkpoint", "load_checkpoint", "restore", "run_key"]
