@@ -175,13 +175,17 @@ def test_resume_after_a_kill(train_val, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_two_processes_equal_one(train_val, tmp_path, capsys):
-    """pipeline under torchrun (2 gloo processes at batch 16) takes the same rounds as one process
+    """pipeline under plain torchrun (2 gloo processes at batch 16) takes the same rounds as one process
     at batch 32 (with a DataLoader worker decoding): the same masks, weights within float summation order, the same accuracies; one
     set of files, the train_val rewritten as the factorized net."""
     common = ["--schedule", "lowrank-prune", "--speedup", "2", "--prune-steps", "0.5", "--tolerance", "0",
               "--max-epochs", "1", "--threads", "1", "--quiet"]
-    two = _cli("pipeline", train_val, MNIST / "model.caffemodel", "-o", tmp_path / "two", "--batch-size", 16,
-               "--nproc-per-node", 2, *common)
+    # plain torchrun here (finetune's test above starts its processes with --nproc-per-node)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "-m", "lrprune_caffe", "pipeline", str(train_val), str(MNIST / "model.caffemodel"),
+                            "-o", str(tmp_path / "two"), "--batch-size", "16", *common], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rc, _, err = run_cli(capsys, "pipeline", train_val, MNIST / "model.caffemodel", "-o", tmp_path / "one",
                          "--batch-size", 32, "--workers", 1, *common)
     assert rc == 0, err
