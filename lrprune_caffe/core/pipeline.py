@@ -305,7 +305,9 @@ def _calibrate_pruned(original, pruned, dense, masks, opts):
 def pipeline_markdown(report: dict) -> str:
     o = report["original"]
     lines = [f"# Pipeline `{report['schedule']}` on {report.get('net') or 'the net'}", "",
-             f"- tool: {report['tool']}; validation: {report.get('val')}; training: {report.get('train')}",
+             f"- tool: {report['tool']}; validation: {report.get('val')}; training: {report.get('train')}"
+             + (f" in {report['options']['processes']} processes"
+                if report["options"].get("processes", 1) > 1 else ""),
              f"- original top-1 {o['top1']:.4f}; goal per round: >= {report['goal_top1']:.4f} "
              f"(tolerance {report['options']['tolerance']}), at most {report['options']['max_epochs']} "
              f"epochs per round", "",
