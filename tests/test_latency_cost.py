@@ -174,3 +174,35 @@ def test_cli_flags(files, fake, tmp_path, capsys):
     assert report["options"]["cost"] == "latency" and report["options"]["batch"] == 2
     rc, _, err = run_cli(capsys, "compress", *files, "-o", tmp_path / "o2", "--rank", "4", "--cost", "macs")
     assert rc == 2 and "--cost" in err and "without --speedup" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_net_too_fast_to_time_by_layers_counts_macs_by_default(files, fake, monkeypatch):
+    monkeypatch.setattr(lc, "MIN_NET_MS", 1e6)  # the small net (~1 ms on the fake target) is "too fast"
+    report, _ = compress(*files, None, speedup=1.5, verify=False)
+    assert report["budget"]["cost"] == "macs" and fake["graphs"] == 0  # decided before any layer is tabled
+    assert fake["profiles"] == 1
+    assert any("under 1e+06 ms" in n and "--cost latency uses them anyway" in n for n in report["notes"])
+    forced, _ = compress(*files, None, speedup=1.5, verify=False, cost="latency")
+    assert forced["budget"]["cost"] == "latency" and fake["graphs"] > 0
+
+
+def test_latency_leaves_negligible_layers_alone_as_macs_does(files, fake, monkeypatch):
+    from lrprune_caffe.core import ranks
+    monkeypatch.setattr(ranks, "NEGLIGIBLE_SHARE", 0.3)  # ip1 (22% of the MACs) becomes negligible
+    for cost in ("latency", "macs"):
+        report, _ = compress(*files, None, speedup=1.01, verify=False, cost=cost)  # conv1 alone: ~1.02x at most
+        row = {r["name"]: r for r in report["layers"]}["ip1"]
+        assert row["action"] == "kept" and "negligible" in row["reason"], cost
+        assert "ip1" not in report["budget"].get("layers", {})
+
+
+def test_latency_errors_are_the_mac_budgets_errors():
+    """plan() spends by the energies it is given (ranks.budget_energies: data-aware or weights), normalized
+    the same way as the MAC budget's criterion."""
+    from lrprune_caffe.lowrank import latency_budget as lb, rank as rk
+    table = lb.LayerTable("a", 1.0, "channel", (np.array([1, 4, 8]),), np.array([0.2, 0.5, 0.9]))
+    e = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05])
+    ranks, err = lb.rank_candidates([e], table, "log-energy")
+    assert np.allclose(err, rk.log_kept_costs(e)[:8]) and ranks[:, 0].tolist() == list(range(1, 9))
+    ranks2, err2 = lb.rank_candidates([e * 1000.0], table, "log-energy")  # scale-free, like the MAC budget's
+    assert np.allclose(err, err2)

@@ -6,9 +6,13 @@ Options (fields of :class:`lrprune_caffe.core.options.CompressOptions`; the targ
 
 - ``cost``: ``"latency"`` (per-layer latency tables of :mod:`lrprune_caffe.engines.latency`, allocated by
   :mod:`lrprune_caffe.lowrank.latency_budget`), ``"macs"`` (the MAC budget, :mod:`lrprune_caffe.lowrank.budget`),
-  or None: latency when its tables can be had within ``table_time`` seconds (60; a cached table costs
-  nothing), macs otherwise, with a note saying why (an engine without tables, the time ran out, a target
-  the tables say cannot be reached). An explicit ``"latency"`` waits for its tables (or ``table_time``
+  or None (the default, :data:`DEFAULT_COST`): latency when its tables can be had within ``table_time``
+  seconds (60; a cached table costs nothing), the net takes at least :data:`MIN_NET_MS` on the target
+  and the tables say the target can be reached; macs otherwise, with a note saying why (an engine
+  without tables, the time ran out, a net too fast to budget by its layers' microseconds, a target
+  the tables say cannot be reached). Either cost spends by the same per-layer error
+  (:func:`lrprune_caffe.core.ranks.budget_energies`: response eigenvalues with ``--calib``, else
+  the weights' energy); they differ only in what a cut saves. An explicit ``"latency"`` waits for its tables (or ``table_time``
   when given) and refuses what it cannot do.
 - ``threads`` (None: 1) and ``batch`` (1): the target's intra-op threads and batch.
 - ``measure_rounds`` (20; 0: skip): after factorizing, the original and the written net run
@@ -34,12 +38,18 @@ TABLE_TIME_S = 60.0
 MEASURE_ROUNDS = 20
 
 
-#: the cost when compress is given none. None would mean latency where its tables can be had, else
-#: macs; it stays "macs" because the latency budget, spending its cuts by weight energy, took the
-#: example LeNet (README's main job, --speedup 2) to 2.85x measured at 37.2% top-1 (6.07x fewer
-#: MACs), where the MAC budget keeps 95.4%: latency is opt-in (--cost latency) until its cuts are
-#: judged by output error
-DEFAULT_COST = "macs"
+#: the cost when compress is given none: None = latency where its tables can be had (in ``table_time``,
+#: on a net slow enough to time by layers, at a reachable target), else macs with a note saying why
+DEFAULT_COST = None
+#: the default uses latency only on nets at least this slow on the target (ms). Below it the layers take
+#: microseconds, close to the runtime's per-op overhead and the timer's noise: the example LeNet (0.15 ms,
+#: layers of 5-50 us) got tables whose chains' ms were not even monotone in the rank, and spending
+#: README's --speedup 2 by them cut 6x the MACs (2.85x measured, 37% top-1; macs keeps 95.4%)
+MIN_NET_MS = 1.0
+#: the net factorized as chosen is profiled at most this many times to correct the chains' ms (NetAdapt's
+#: measure-and-adjust loop), and not again once the profile is within REFINE_TOL of the prediction
+REFINE_STEPS = 2
+REFINE_TOL = 0.05
 
 
 def cost_of(o):
@@ -81,20 +91,29 @@ def target_of(engine: str, threads, batch) -> L.Target:
     return L.Target(engine, int(threads or 1), int(batch or 1))
 
 
-def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criterion: str, target: L.Target,
-         time_budget_s=None, progress: bool = False, refine=None) -> dict:
+def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, criterion: str, target: L.Target,
+         time_budget_s=None, progress: bool = False, refine=None, min_net_ms=None) -> dict:
     """The latency allocation: {"choice": {name: ranks or None}, "reasons": {name: why left alone},
     "section": the report's budget section, "notes": [...]}. Raises :class:`NoLatency` (tables not
-    complete within ``time_budget_s``) or :class:`lrprune_caffe.lowrank.latency_budget.Unreachable`.
+    complete within ``time_budget_s``, or the net faster than ``min_net_ms``) or
+    :class:`lrprune_caffe.lowrank.latency_budget.Unreachable`.
 
-    ``refine(choice)``: the ms of the whole net factorized as first chosen, profiled once like the
-    original (or None). The chains' predicted ms are then corrected by one factor, (that ms - the part
-    no chain is in) / the chains' predicted ms, on every table
+    ``energies``: {name: per rank dimension, what the budget spends by}
+    (:func:`lrprune_caffe.core.ranks.budget_energies`, as the MAC budget does: a cut's error is the
+    same number under either cost; only what it saves is counted in ms instead of MACs).
+
+    ``refine(choice)``: the ms of the whole net factorized at ``choice``, profiled like the original
+    (or None). The chains' predicted ms are then corrected by one factor, (that ms - the part no chain
+    is in) / the chains' predicted ms, on every table
     (:func:`lrprune_caffe.lowrank.latency_budget.correct_chains`), and the allocation is made again:
-    one step of NetAdapt's measure-and-adjust loop. One factor from whole-net totals, not one per
-    layer, because onnxruntime fuses differently around a chain (ResNet's residual Add joins the
-    original conv but may stay apart from a chain), so per-layer attributions do not compare."""
+    NetAdapt's measure-and-adjust loop, at most :data:`REFINE_STEPS` profiles, stopping once one is
+    within :data:`REFINE_TOL` of its prediction (so the cut stops at the requested speed-up instead of
+    overshooting it by what the tables got wrong). One factor from whole-net totals, not one per layer,
+    because onnxruntime fuses differently around a chain (ResNet's residual Add joins the original conv
+    but may stay apart from a chain), so per-layer attributions do not compare."""
     try:
+        if min_net_ms is not None:
+            _check_net_ms(net, infos, target, min_net_ms)
         tables = L.layer_tables(infos, scheme, target, net=net, progress=progress, time_budget_s=time_budget_s)
     except EngineError as e:
         raise NoLatency(f"the net could not be timed on {target.runtime} ({e})") from None
@@ -102,46 +121,79 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
         raise NoLatency(f"its tables were not measured within {time_budget_s:.0f} s ({len(tables.tables)} of "
                         f"{len(infos)} layers; what was measured is cached, so a rerun goes further; "
                         f"--cost latency without --table-time waits for all)")
-    options, dropped, reasons = _allocate(tables, infos, spectra, criterion)
+    base = dict(tables.tables)
+    options, dropped, reasons = _allocate(tables, infos, energies, criterion)
     alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
-    correction = None
-    if refine is not None and any(r is not None for r in alloc.choice.values()):
+    correction, steps = 1.0, []
+    for _ in range(REFINE_STEPS if refine is not None else 0):
+        if not any(r is not None for r in alloc.choice.values()):
+            break
         observed = refine(alloc.choice)
         chains = sum(float(tables.tables[n].predict([r])[0]) for n, r in alloc.choice.items() if r is not None)
-        if observed and chains > 0:
-            correction = float(np.clip((observed - (alloc.predicted_ms - chains)) / chains, 0.5, 2.0))
-            first = {"predicted_ms": alloc.predicted_ms, "observed_ms": float(observed)}
-            tables.tables = {n: lb.correct_chains(t, correction) for n, t in tables.tables.items()}
-            options, dropped, reasons = _allocate(tables, infos, spectra, criterion)
-            alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
+        if not observed or not chains > 0:
+            break
+        steps.append({"predicted_ms": alloc.predicted_ms, "observed_ms": float(observed),
+                      "chain_correction": correction})
+        if abs(float(observed) - alloc.predicted_ms) <= REFINE_TOL * alloc.predicted_ms:
+            break
+        correction = float(np.clip(correction * (observed - (alloc.predicted_ms - chains)) / chains, 0.5, 2.0))
+        tables.tables = {n: lb.correct_chains(t, correction) for n, t in base.items()}
+        options, dropped, reasons = _allocate(tables, infos, energies, criterion)
+        alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
     for o in options:
         if alloc.choice[o.name] is None:
             reasons[o.name] = ("no factorized configuration measured faster than the layer left alone"
                                if len(o.macs) == 0 else
                                "left alone: the latency budget was met at less error in other layers")
+    err = {o.name: (0.0 if alloc.choice[o.name] is None else
+                    float(o.err[_row(o.ranks, alloc.choice[o.name])])) for o in options}
     layers = {n: {"left_alone_ms": t.left_alone_ms, "calibration": t.scale,
                   "ms": None if alloc.choice.get(n) is None else float(t.predict([alloc.choice[n]])[0]),
-                  "dropped_slower": dropped.get(n, 0)} for n, t in tables.tables.items()}
+                  "error": err.get(n), "dropped_slower": dropped.get(n, 0)} for n, t in tables.tables.items()}
     section = {"cost": "latency", "speedup": float(speedup), "target": target.describe(),
                "timing": tables.timing, "total_ms": alloc.total_ms, "fixed_ms": alloc.fixed_ms,
                "target_ms": alloc.target_ms, "predicted_ms": alloc.predicted_ms,
                "predicted_speedup": alloc.predicted_speedup, "criterion": criterion,
+               "error": float(sum(err.values())),
                "tables": {"seconds": tables.seconds, "cpu_seconds": tables.cpu_seconds,
                           "graphs_timed": tables.measured, "cache": tables.cache_path,
                           "wall_ms": tables.wall_ms},
-               "refined": None if correction is None else {"chain_correction": correction, "first": first},
+               "refined": None if not steps else {"chain_correction": correction, "first": steps[0],
+                                                  "steps": steps},
                "layers": layers}
     return {"choice": alloc.choice, "reasons": reasons, "section": section, "notes": list(tables.notes)}
 
 
-def _allocate(tables, infos, spectra, criterion) -> tuple:
+def _check_net_ms(net, infos, target: L.Target, min_net_ms: float):
+    """Raise :class:`NoLatency` when the whole net, profiled once on the target (cached; the tables
+    reuse it), takes under ``min_net_ms``: checked before any layer is tabled."""
+    cache, counter = L.Cache(target), [0]
+    prof = L.net_profile(net, target, cache, counter)
+    if counter[0]:
+        cache.save()
+    total = L.profile_total(prof)
+    if total >= min_net_ms:
+        return
+    layers = [1e3 * float(ms) for name, ms in prof.get("layers", {}).items() if name in infos]
+    span = f" (its factorizable layers {min(layers):.0f}-{max(layers):.0f} us)" if layers else ""
+    raise NoLatency(f"the net runs in {total:.3f} ms on {target.runtime}{span}, under {min_net_ms:g} ms: layer "
+                    f"times that close to the runtime's per-op overhead and the timer's noise are no budget to "
+                    f"spend cuts by (--cost latency uses them anyway)")
+
+
+def _row(ranks, chosen) -> int:
+    hit = np.nonzero(np.all(np.atleast_2d(ranks) == np.asarray(chosen)[None, :], axis=1))[0]
+    return int(hit[0])
+
+
+def _allocate(tables, infos, energies, criterion) -> tuple:
     options, dropped, reasons = [], {}, {}
     for name in infos:
         table = tables.tables.get(name)
         if table is None:
             reasons[name] = "no rank cuts its MACs, so no factorized configuration was timed"
             continue
-        ranks, err = lb.rank_candidates(spectra[name], table, criterion)
+        ranks, err = lb.rank_candidates(energies[name], table, criterion)
         opts, slower, _ = lb.latency_options(table, ranks, err)
         options.append(opts)
         dropped[name] = slower
@@ -170,16 +222,18 @@ def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: di
     return L.profile_total(prof)
 
 
-def budget_latency(net, rp, infos: dict, names: list, spectra: dict, o) -> bool:
+def budget_latency(net, rp, infos: dict, names: list, energies: dict, o) -> bool:
     """The rank step under the latency cost: fills ``rp.plan``, the rows' reasons, ``rp.budget`` and
-    ``rp.notes`` and returns True; False (with a note) when the cost is None and latency cannot be used."""
+    ``rp.notes`` and returns True; False (with a note) when the cost is None and latency cannot be used.
+    ``energies``: {name: what the budget spends by} (:func:`lrprune_caffe.core.ranks.budget_energies`)."""
     explicit = cost_of(o) == "latency"
     try:
         target = target_of(o.engine, o.threads, o.batch)
         budget = float(o.table_time) if o.table_time is not None else (None if explicit else TABLE_TIME_S)
-        res = plan(net, {n: infos[n] for n in names}, spectra, speedup=float(o.speedup), scheme=o.scheme,
+        res = plan(net, {n: infos[n] for n in names}, energies, speedup=float(o.speedup), scheme=o.scheme,
                    criterion=o.criterion, target=target, time_budget_s=budget, progress=o.progress,
-                   refine=lambda choice: profile_factorized(net, infos, choice, target, o, rp.caches))
+                   refine=lambda choice: profile_factorized(net, infos, choice, target, o, rp.caches),
+                   min_net_ms=None if explicit else MIN_NET_MS)
     except NoLatency as e:
         if explicit:
             raise UserError(f"--cost latency: {e}") from None
@@ -256,5 +310,6 @@ def report_speed(net, new, o, report: dict) -> None:
         report["outcome"] = {"summary": line, "speed_met": met}
 
 
-__all__ = ["COSTS", "DEFAULT_COST", "cost_of", "TABLE_TIME_S", "MEASURE_ROUNDS", "NoLatency", "check_options",
+__all__ = ["COSTS", "DEFAULT_COST", "MIN_NET_MS", "REFINE_STEPS", "cost_of", "TABLE_TIME_S", "MEASURE_ROUNDS",
+           "NoLatency", "check_options",
            "target_of", "plan", "budget_latency", "measure", "report_speed"]
