@@ -12,8 +12,8 @@ Options (fields of :class:`lrprune_caffe.core.options.CompressOptions`; the targ
   without tables, the time ran out, a net too fast to budget by its layers' microseconds, a target
   the tables say cannot be reached). Either cost spends by the same per-layer error
   (:func:`lrprune_caffe.core.ranks.budget_energies`: response eigenvalues with ``--calib``, else
-  the weights' energy); they differ only in what a cut saves. An explicit ``"latency"`` waits for its tables (or ``table_time``
-  when given) and refuses what it cannot do.
+  the weights' energy); they differ only in what a cut saves. An explicit ``"latency"`` waits for its
+  tables (or ``table_time`` when given) and refuses what it cannot do.
 - ``threads`` (None: 1) and ``batch`` (1): the target's intra-op threads and batch.
 - ``measure_rounds`` (20; 0: skip): after factorizing, the original and the written net run
   interleaved (ABBA rounds) on the target and the report gives the measured speed-up (median of the
