@@ -127,3 +127,23 @@ def test_protected_and_non_factor_layers_are_left_alone():
     for x in plain.layers:  # no factor names: nothing is folded unless any_layer
         x.name = x.name.replace("_lr", "_x")
     assert not run_pass(fold_factors, plain).changed
+
+
+def test_compress_folds_batchnorm_into_factors_and_says_so(tmp_path):
+    from lrprune_caffe.api import compress_files
+    from lrprune_caffe.io.caffe import load_net, save_net
+    net = factor_net()
+    keep = {"data", "c_lr1", "c_lr2", "bn", "sc", "relu"}
+    layers = [x for x in net.layers if x.name in keep]
+    conv = _conv("c", "data", "c", np.random.default_rng(3).standard_normal((16, 6, 3, 3)), np.zeros(16), pad=1)
+    pool = Layer("pool", "Pooling", ["c"], ["pool"])
+    pool.msg.pooling_param.global_pooling = True
+    small = Net("bn", [layers[0], conv] + layers[3:] + [pool])
+    proto, model = tmp_path / "n.prototxt", tmp_path / "n.caffemodel"
+    save_net(small, str(proto), str(model))
+    report, _ = compress_files(str(proto), str(model), tmp_path / "out", rank=3)
+    assert any("folded 1 factor neighbour" in n and "bn, sc into c_lr2" in n for n in report["notes"])
+    written = load_net(str(tmp_path / "out" / "model.prototxt"), str(tmp_path / "out" / "model.caffemodel"))
+    assert [x.name for x in written.layers] == ["data", "c_lr1", "c_lr2", "relu", "pool"]
+    row = {r["name"]: r for r in report["layers"]}["c"]
+    assert row["new_layers"] == ["c_lr1", "c_lr2"]
