@@ -77,7 +77,7 @@ def test_latency_is_the_default_and_a_second_run_measures_nothing(files, fake):
         assert row["calibration"] == pytest.approx(1.5, rel=0.05)
         if row["ms"] is not None:
             assert row["ms"] < row["left_alone_ms"]  # never slower than left alone
-    assert any(r["action"] == "factorized" for r in report["layers"])
+    assert any(r["action"] != "kept" for r in report["layers"])  # factorized or (here) structurally pruned
     graphs, profiles = fake["graphs"], fake["profiles"]
     assert graphs > 0 and profiles == 2  # the net, then the net factorized as first chosen (the refinement)
     refined = b["refined"]
@@ -93,7 +93,9 @@ def test_cost_macs_measures_no_table(files, fake):
     assert report["speed"]["cost"] == "macs"
 
 
-def test_a_layer_whose_chains_are_all_slower_is_left_alone(files, fake):
+def test_a_layer_whose_chains_are_all_slower_is_left_alone(files, fake, monkeypatch):
+    from lrprune_caffe.engines import latency_prune
+    monkeypatch.setattr(latency_prune, "PRUNE_SHARES", ())  # no structured-pruning options either
     fake["chain_factor"] = 100.0  # every factorized configuration measures slower than the layer
     with pytest.raises(UserError, match="cannot be reached on onnxruntime"):
         compress(*files, None, speedup=1.5, verify=False, cost="latency")
@@ -117,7 +119,9 @@ def test_table_time_ran_out_falls_back_with_a_note(files, fake):
     assert any("not measured within" in n and "rerun" in n for n in report["notes"])
 
 
-def test_unreachable_latency_target_falls_back_but_not_when_asked_for(files, fake):
+def test_unreachable_latency_target_falls_back_but_not_when_asked_for(files, fake, monkeypatch):
+    from lrprune_caffe.engines import latency_prune
+    monkeypatch.setattr(latency_prune, "PRUNE_SHARES", ())  # factorizing alone
     # best latency: 0.1 fixed + rank-1 chains ~ 7.6x; MACs can fall ~10x
     report, _ = compress(*files, None, speedup=9, verify=False)
     assert report["budget"]["cost"] == "macs"
@@ -188,7 +192,9 @@ def test_a_net_too_fast_to_time_by_layers_counts_macs_by_default(files, fake, mo
 
 def test_latency_leaves_negligible_layers_alone_as_macs_does(files, fake, monkeypatch):
     from lrprune_caffe.core import ranks
+    from lrprune_caffe.engines import latency_prune
     monkeypatch.setattr(ranks, "NEGLIGIBLE_SHARE", 0.3)  # ip1 (22% of the MACs) becomes negligible
+    monkeypatch.setattr(latency_prune, "PRUNE_SHARES", ())  # (pruning conv1 would shrink ip1's inputs)
     for cost in ("latency", "macs"):
         report, _ = compress(*files, None, speedup=1.01, verify=False, cost=cost)  # conv1 alone: ~1.02x at most
         row = {r["name"]: r for r in report["layers"]}["ip1"]
@@ -206,3 +212,22 @@ def test_latency_errors_are_the_mac_budgets_errors():
     assert np.allclose(err, rk.log_kept_costs(e)[:8]) and ranks[:, 0].tolist() == list(range(1, 9))
     ranks2, err2 = lb.rank_candidates([e * 1000.0], table, "log-energy")  # scale-free, like the MAC budget's
     assert np.allclose(err, err2)
+
+
+def test_structured_pruning_competes_with_factorizing_and_shrinks_the_consumer(files, fake, tmp_path):
+    """On the fake target a layer's ms follows its weights: keeping 14 of conv1's 16 filters also drops
+    an eighth of ip1's 2,304 inputs, which no rank of conv1 can; the written net is really smaller."""
+    from lrprune_caffe.io.caffe import load_net
+    out = tmp_path / "out"
+    report, _ = compress(*files, out, speedup=1.2, verify=False)
+    b = report["budget"]
+    assert b["cost"] == "latency" and "conv1" in b["structured_options"]
+    kept = b["layers"]["conv1"]["structured"]["outputs_kept"]
+    assert 8 <= kept < 16 and b["layers"]["conv1"]["structured"]["shrinks"] == ["ip1"]
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["conv1"]["action"] == "pruned" and "structurally pruned" in rows["conv1"]["reason"]
+    net = load_net(str(out / "model.prototxt"), str(out / "model.caffemodel"))
+    assert net.layer("conv1").blobs[0].shape[0] == kept and net.layer("ip1").blobs[0].shape[1] == kept * 144
+    # asked to prune, the user's pruning is what happens: no structured option is timed
+    again, _ = compress(*files, None, speedup=1.2, verify=False, prune=0.5)
+    assert again["budget"]["structured_options"] == []

@@ -171,6 +171,9 @@ def _compress_steps(net, shapes, o, data, spec, fit, held, notes, run=None) -> t
     energies = _data_aware_energies(net, shapes, o, fit, notes, run) if fit is not None and o.speedup else None
     rp = plan_ranks(net, shapes, o, data_energies=energies)
     notes += rp.notes
+    if spec is None and rp.structured:  # the latency budget chose structured pruning for some layers
+        from .latency_cost import prune_spec
+        spec = prune_spec(net, rp.structured)
     new, more = factorize_net(net, rp, o, data.train_net)
     notes += more
     calibration = None

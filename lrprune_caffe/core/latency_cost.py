@@ -26,9 +26,11 @@ The allocation never buys a configuration slower than leaving a layer alone
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from lrprune_caffe.engines import latency as L
+from lrprune_caffe.engines import latency as L, latency_prune as LP
 from lrprune_caffe.errors import EngineError, UserError
 from lrprune_caffe.lowrank import latency_budget as lb
 from lrprune_caffe.transforms.factorize import LayerPlan
@@ -92,7 +94,7 @@ def target_of(engine: str, threads, batch) -> L.Target:
 
 
 def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, criterion: str, target: L.Target,
-         time_budget_s=None, progress: bool = False, refine=None, min_net_ms=None) -> dict:
+         time_budget_s=None, progress: bool = False, refine=None, min_net_ms=None, prunable=()) -> dict:
     """The latency allocation: {"choice": {name: ranks or None}, "reasons": {name: why left alone},
     "section": the report's budget section, "notes": [...]}. Raises :class:`NoLatency` (tables not
     complete within ``time_budget_s``, or the net faster than ``min_net_ms``) or
@@ -110,7 +112,14 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
     within :data:`REFINE_TOL` of its prediction (so the cut stops at the requested speed-up instead of
     overshooting it by what the tables got wrong). One factor from whole-net totals, not one per layer,
     because onnxruntime fuses differently around a chain (ResNet's residual Add joins the original conv
-    but may stay apart from a chain), so per-layer attributions do not compare."""
+    but may stay apart from a chain), so per-layer attributions do not compare.
+
+    ``prunable``: layers that may also be structurally pruned (keep ``k`` of ``n`` outputs and shrink
+    the consumers, :mod:`lrprune_caffe.engines.latency_prune`) instead of factorized. Their error is
+    the same criterion on the filters' energies ||W_i||^2, the relative weight error of removing them,
+    as an SVD rank's is of its discarded components (so at equal error SVD always keeps more, and
+    pruning is bought only where the table says it is faster for it). ``refine(choice, prune)``;
+    the result's "prune" is {name: outputs kept}."""
     try:
         if min_net_ms is not None:
             _check_net_ms(net, infos, target, min_net_ms)
@@ -121,25 +130,33 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
         raise NoLatency(f"its tables were not measured within {time_budget_s:.0f} s ({len(tables.tables)} of "
                         f"{len(infos)} layers; what was measured is cached, so a rerun goes further; "
                         f"--cost latency without --table-time waits for all)")
+    prune_tabs = {}
+    names_p = [n for n in infos if n in set(prunable) and n in tables.tables and len(tables.tables[n].axes) == 1]
+    if names_p:
+        deadline = None if time_budget_s is None else time.perf_counter() + max(0.0, time_budget_s - tables.seconds)
+        prune_tabs, more = LP.prune_tables(net, names_p, tables.tables, target, deadline)
+        tables.notes.extend(more)
     base = dict(tables.tables)
-    options, dropped, reasons = _allocate(tables, infos, energies, criterion)
+    options, dropped, reasons = _allocate(tables, infos, energies, criterion, prune_tabs)
     alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
     correction, steps = 1.0, []
     for _ in range(REFINE_STEPS if refine is not None else 0):
-        if not any(r is not None for r in alloc.choice.values()):
+        choice, pruned = _split(alloc.choice)
+        if not choice and not pruned:
             break
-        observed = refine(alloc.choice)
-        chains = sum(float(tables.tables[n].predict([r])[0]) for n, r in alloc.choice.items() if r is not None)
-        if not observed or not chains > 0:
+        observed = refine(choice, pruned)
+        if not observed:
             break
         steps.append({"predicted_ms": alloc.predicted_ms, "observed_ms": float(observed),
                       "chain_correction": correction})
-        if abs(float(observed) - alloc.predicted_ms) <= REFINE_TOL * alloc.predicted_ms:
+        chains = sum(float(tables.tables[n].predict([r])[0]) for n, r in choice.items())
+        if not chains > 0 or abs(float(observed) - alloc.predicted_ms) <= REFINE_TOL * alloc.predicted_ms:
             break
         correction = float(np.clip(correction * (observed - (alloc.predicted_ms - chains)) / chains, 0.5, 2.0))
         tables.tables = {n: lb.correct_chains(t, correction) for n, t in base.items()}
-        options, dropped, reasons = _allocate(tables, infos, energies, criterion)
+        options, dropped, reasons = _allocate(tables, infos, energies, criterion, prune_tabs)
         alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
+    choice, pruned = _split(alloc.choice)
     for o in options:
         if alloc.choice[o.name] is None:
             reasons[o.name] = ("no factorized configuration measured faster than the layer left alone"
@@ -147,9 +164,13 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
                                "left alone: the latency budget was met at less error in other layers")
     err = {o.name: (0.0 if alloc.choice[o.name] is None else
                     float(o.err[_row(o.ranks, alloc.choice[o.name])])) for o in options}
-    layers = {n: {"left_alone_ms": t.left_alone_ms, "calibration": t.scale,
-                  "ms": None if alloc.choice.get(n) is None else float(t.predict([alloc.choice[n]])[0]),
+    ms_of = {o.name: (None if alloc.choice[o.name] is None else
+                      float(o.macs[_row(o.ranks, alloc.choice[o.name])])) for o in options}
+    layers = {n: {"left_alone_ms": t.left_alone_ms, "calibration": t.scale, "ms": ms_of.get(n),
                   "error": err.get(n), "dropped_slower": dropped.get(n, 0)} for n, t in tables.tables.items()}
+    for n, k in pruned.items():
+        layers[n]["structured"] = {"outputs_kept": int(k), "outputs": int(prune_tabs[n].n),
+                                   "shrinks": list(prune_tabs[n].consumers)}
     section = {"cost": "latency", "speedup": float(speedup), "target": target.describe(),
                "timing": tables.timing, "total_ms": alloc.total_ms, "fixed_ms": alloc.fixed_ms,
                "target_ms": alloc.target_ms, "predicted_ms": alloc.predicted_ms,
@@ -160,8 +181,18 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
                           "wall_ms": tables.wall_ms},
                "refined": None if not steps else {"chain_correction": correction, "first": steps[0],
                                                   "steps": steps},
-               "layers": layers}
-    return {"choice": alloc.choice, "reasons": reasons, "section": section, "notes": list(tables.notes)}
+               "structured_options": sorted(prune_tabs), "layers": layers}
+    return {"choice": {**choice, **{n: None for n in pruned}, **{n: None for n, r in alloc.choice.items()
+                                                               if r is None}},
+            "prune": pruned, "reasons": reasons, "section": section, "notes": list(tables.notes)}
+
+
+def _split(choice: dict) -> tuple:
+    """({name: ranks} factorized, {name: outputs kept} structurally pruned) of an allocation's choice
+    (a pruning option's "ranks" are (-k,): see :func:`_allocate`)."""
+    fac = {n: r for n, r in choice.items() if r is not None and r[0] > 0}
+    pruned = {n: -int(r[0]) for n, r in choice.items() if r is not None and r[0] < 0}
+    return fac, pruned
 
 
 def _check_net_ms(net, infos, target: L.Target, min_net_ms: float):
@@ -186,7 +217,9 @@ def _row(ranks, chosen) -> int:
     return int(hit[0])
 
 
-def _allocate(tables, infos, energies, criterion) -> tuple:
+def _allocate(tables, infos, energies, criterion, prune_tabs=None) -> tuple:
+    """Each layer's options in ms: its factorized ranks, and (``prune_tabs``) its structured-pruning
+    options, encoded as ranks (-k,) for "keep k outputs"."""
     options, dropped, reasons = [], {}, {}
     for name in infos:
         table = tables.tables.get(name)
@@ -195,22 +228,61 @@ def _allocate(tables, infos, energies, criterion) -> tuple:
             continue
         ranks, err = lb.rank_candidates(energies[name], table, criterion)
         opts, slower, _ = lb.latency_options(table, ranks, err)
+        pt = (prune_tabs or {}).get(name)
+        if pt is not None:
+            k, ms = pt.options()
+            e = lb.rk.CRITERIA[criterion](pt.energies)[k - 1] if k.size else np.zeros(0)
+            faster = ms < float(table.left_alone_ms)
+            slower += int(np.sum(~faster))
+            opts = lb.rk.LayerChoices(name, opts.macs_before, np.concatenate([opts.macs, ms[faster]]),
+                                      np.concatenate([opts.err, e[faster]]),
+                                      np.concatenate([opts.ranks, -k[faster][:, None]]).astype(np.int64))
         options.append(opts)
         dropped[name] = slower
     return options, dropped, reasons
 
 
-def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: dict):
-    """ms of ``net`` factorized at ``choice``, profiled like the original (cached like the tables; the
-    SVDs in ``caches`` are reused and kept for the real factorization), or None."""
-    from lrprune_caffe.ir.net import Net, clone_msg
+def prune_spec(net, pruned: dict):
+    """The structured :class:`PruneSpec` keeping ``pruned[name]`` outputs of each layer."""
+    from lrprune_caffe.transforms.prune import PruneSpec
+    per_layer = {}
+    for name, k in pruned.items():
+        n = _outputs(net.layer(name))
+        per_layer[name] = (n - int(k)) / float(n)
+    return PruneSpec(per_layer=per_layer, structured=True)
+
+
+def _outputs(layer) -> int:
+    if layer.type == "InnerProduct":
+        return int(layer.param_msg("inner_product_param").num_output)
+    return int(layer.param_msg("convolution_param").num_output)
+
+
+def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: dict, pruned=None):
+    """ms of ``net`` factorized at ``choice`` (and structurally pruned as ``pruned`` says), profiled like
+    the original (cached like the tables; the SVDs in ``caches`` are reused and kept for the real
+    factorization), or None."""
+    from lrprune_caffe.ir.net import Layer, Net, clone_msg
     from lrprune_caffe.transforms import run_pass
     from lrprune_caffe.transforms.factorize import factorize
+    from lrprune_caffe.transforms.prune import prune_net
     plan_ = {n: LayerPlan(infos[n].scheme_for(o.scheme), tuple(int(r) for r in ranks), infos[n])
              for n, ranks in choice.items() if ranks is not None}
     new = Net(net.name, list(net.layers), clone_msg(net.header), net.source, net.weights_source, [])
-    res = run_pass(factorize, new, plan=plan_, method=o.svd, seed=o.seed, hooi_iters=0, caches=caches)
-    if not res.changed:
+    changed = False
+    if plan_:
+        res = run_pass(factorize, new, plan=plan_, method=o.svd, seed=o.seed, hooi_iters=0, caches=caches)
+        changed = res.changed
+    if pruned:
+        originals = {id(layer) for layer in net.layers}
+        new.layers = [Layer(x.name, x.type, list(x.bottoms), list(x.tops), clone_msg(x.msg), list(x.blobs))
+                      if id(x) in originals else x for x in new.layers]
+        try:
+            prune_net(new, prune_spec(net, pruned))
+            changed = True
+        except UserError:
+            pass
+    if not changed:
         return None
     cache, counter = L.Cache(target), [0]
     try:
@@ -222,7 +294,7 @@ def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: di
     return L.profile_total(prof)
 
 
-def budget_latency(net, rp, infos: dict, names: list, energies: dict, o) -> bool:
+def budget_latency(net, rp, infos: dict, names: list, energies: dict, o, prunable=()) -> bool:
     """The rank step under the latency cost: fills ``rp.plan``, the rows' reasons, ``rp.budget`` and
     ``rp.notes`` and returns True; False (with a note) when the cost is None and latency cannot be used.
     ``energies``: {name: what the budget spends by} (:func:`lrprune_caffe.core.ranks.budget_energies`)."""
@@ -232,8 +304,9 @@ def budget_latency(net, rp, infos: dict, names: list, energies: dict, o) -> bool
         budget = float(o.table_time) if o.table_time is not None else (None if explicit else TABLE_TIME_S)
         res = plan(net, {n: infos[n] for n in names}, energies, speedup=float(o.speedup), scheme=o.scheme,
                    criterion=o.criterion, target=target, time_budget_s=budget, progress=o.progress,
-                   refine=lambda choice: profile_factorized(net, infos, choice, target, o, rp.caches),
-                   min_net_ms=None if explicit else MIN_NET_MS)
+                   refine=lambda choice, pruned: profile_factorized(net, infos, choice, target, o, rp.caches,
+                                                                    pruned),
+                   min_net_ms=None if explicit else MIN_NET_MS, prunable=prunable)
     except NoLatency as e:
         if explicit:
             raise UserError(f"--cost latency: {e}") from None
@@ -253,6 +326,10 @@ def budget_latency(net, rp, infos: dict, names: list, energies: dict, o) -> bool
             rp.plan[name] = LayerPlan(info.scheme_for(o.scheme), tuple(int(r) for r in ranks), info)
     for name, why in res["reasons"].items():
         rp.rows[name].reason = why
+    for name, k in res["prune"].items():
+        rp.structured[name] = int(k)
+        rp.rows[name].reason = (f"structurally pruned to {k} outputs: the latency table has it faster than any "
+                                f"rank at that error")
     rp.budget = res["section"]
     return True
 

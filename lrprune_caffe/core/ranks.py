@@ -40,6 +40,7 @@ class RankPlan:
     budget: dict = None  # --speedup: the budget record for the report
     notes: list = field(default_factory=list)
     data_energies: dict = None  # --speedup with calibration data: {layer: response eigenvalues}
+    structured: dict = field(default_factory=dict)  # --speedup, latency: {layer: outputs kept} (structured pruning)
 
 
 def progress_bar(total, desc, progress):
@@ -242,7 +243,10 @@ def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
     if latency_cost.cost_of(o) != "macs":
         energies = {n: budget_energies(infos[n], infos[n].scheme_for(o.scheme), spectra[n], data.get(n))
                     for n in names}
-        if latency_cost.budget_latency(net, rp, infos, names, energies, o):
+        # structured pruning competes with factorizing only when the user asked for no pruning, and only
+        # by weight energy (a data-aware layer's error is its response eigenvalues, not comparable)
+        prunable = [] if (o.prune is not None or o.prune_structured) else [n for n in names if n not in data]
+        if latency_cost.budget_latency(net, rp, infos, names, energies, o, prunable=prunable):
             _data_aware_record(rp, names, data)
             return  # --cost latency (or its default): milliseconds measured on the target runtime
     fixed = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows and n not in names)
