@@ -231,3 +231,29 @@ def test_structured_pruning_competes_with_factorizing_and_shrinks_the_consumer(f
     # asked to prune, the user's pruning is what happens: no structured option is timed
     again, _ = compress(*files, None, speedup=1.2, verify=False, prune=0.5)
     assert again["budget"]["structured_options"] == []
+
+
+def test_refinement_keeps_a_profiled_choice_that_met_the_target(monkeypatch):
+    """The chains are first predicted too slow (the profile is faster): the re-allocation cuts less,
+    its profile meets the target, and that choice is kept; never one no profile checked."""
+    from lrprune_caffe.lowrank import latency_budget as lb
+    tabs = {n: lb.LayerTable(n, 1.0, "channel", (np.array([1, 8, 16]),), np.array([0.2, 0.5, 0.9])) for n in "ab"}
+    fake_tables = L.Tables(L.Target(), "channel", tables=dict(tabs), total_ms=2.5)
+    monkeypatch.setattr(L, "layer_tables", lambda *a, **k: fake_tables)
+    energies = {n: [np.linspace(2.0, 0.1, 16)] for n in "ab"}
+    infos = {n: None for n in "ab"}
+    seen = []
+
+    def refine(choice, pruned):
+        seen.append(dict(choice))
+        chains = sum(float(tabs[n].predict([r])[0]) for n, r in choice.items())
+        return 2.5 - len(choice) * 1.0 + 0.6 * chains  # the chains run at 0.6x their prediction
+
+    res = lc.plan(None, infos, energies, speedup=1.6, scheme="channel", criterion="log-energy",
+                  target=L.Target(), refine=refine)
+    sec = res["section"]
+    steps = sec["refined"]["steps"]
+    assert 2 <= len(steps) <= lc.REFINE_STEPS and sec["refined"]["chain_correction"] < 1
+    kept = steps[sec["refined"]["chosen_step"]]
+    assert kept["observed_ms"] <= sec["target_ms"] * (1 + lc.REFINE_TOL)
+    assert {n: r for n, r in res["choice"].items() if r is not None} in seen  # a profiled choice

@@ -49,8 +49,9 @@ DEFAULT_COST = None
 #: README's --speedup 2 by them cut 6x the MACs (2.85x measured, 37% top-1; macs keeps 95.4%)
 MIN_NET_MS = 1.0
 #: the net factorized as chosen is profiled at most this many times to correct the chains' ms (NetAdapt's
-#: measure-and-adjust loop), and not again once the profile is within REFINE_TOL of the prediction
-REFINE_STEPS = 2
+#: measure-and-adjust loop), and not again once the profile is within REFINE_TOL of the prediction; of the
+#: profiled choices the least-error one whose profile met the target is kept (else the fastest)
+REFINE_STEPS = 3
 REFINE_TOL = 0.05
 
 
@@ -109,8 +110,10 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
     is in) / the chains' predicted ms, on every table
     (:func:`lrprune_caffe.lowrank.latency_budget.correct_chains`), and the allocation is made again:
     NetAdapt's measure-and-adjust loop, at most :data:`REFINE_STEPS` profiles, stopping once one is
-    within :data:`REFINE_TOL` of its prediction (so the cut stops at the requested speed-up instead of
-    overshooting it by what the tables got wrong). One factor from whole-net totals, not one per layer,
+    within :data:`REFINE_TOL` of its prediction; the choice kept is the least-error profiled one whose
+    profile met the target (else the fastest profiled), never an unchecked re-allocation (so the cut
+    stops at the requested speed-up instead of overshooting it by what the tables got wrong). One factor
+    from whole-net totals, not one per layer,
     because onnxruntime fuses differently around a chain (ResNet's residual Add joins the original conv
     but may stay apart from a chain), so per-layer attributions do not compare.
 
@@ -139,8 +142,9 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
     base = dict(tables.tables)
     options, dropped, reasons = _allocate(tables, infos, energies, criterion, prune_tabs)
     alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
-    correction, steps = 1.0, []
-    for _ in range(REFINE_STEPS if refine is not None else 0):
+    correction, steps, tried = 1.0, [], []
+    rounds = REFINE_STEPS if refine is not None else 0
+    for step in range(rounds):
         choice, pruned = _split(alloc.choice)
         if not choice and not pruned:
             break
@@ -149,13 +153,21 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
             break
         steps.append({"predicted_ms": alloc.predicted_ms, "observed_ms": float(observed),
                       "chain_correction": correction})
+        tried.append((float(observed), _total_error(options, alloc), alloc, options, dropped, reasons, tables.tables))
         chains = sum(float(tables.tables[n].predict([r])[0]) for n, r in choice.items())
-        if not chains > 0 or abs(float(observed) - alloc.predicted_ms) <= REFINE_TOL * alloc.predicted_ms:
+        if (not chains > 0 or abs(float(observed) - alloc.predicted_ms) <= REFINE_TOL * alloc.predicted_ms
+                or step == rounds - 1):  # no re-allocation that no profile would check
             break
         correction = float(np.clip(correction * (observed - (alloc.predicted_ms - chains)) / chains, 0.5, 2.0))
         tables.tables = {n: lb.correct_chains(t, correction) for n, t in base.items()}
         options, dropped, reasons = _allocate(tables, infos, energies, criterion, prune_tabs)
         alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
+    if tried:  # of the profiled choices, the least error among those that met the target, else the fastest
+        met = [t for t in tried if t[0] <= alloc.target_ms * (1 + REFINE_TOL)]
+        best = min(met, key=lambda t: t[1]) if met else min(tried, key=lambda t: t[0])
+        _, _, alloc, options, dropped, reasons, tables.tables = best
+        chosen = tried.index(best)
+        correction = steps[chosen]["chain_correction"]
     choice, pruned = _split(alloc.choice)
     for o in options:
         if alloc.choice[o.name] is None:
@@ -180,11 +192,16 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
                           "graphs_timed": tables.measured, "cache": tables.cache_path,
                           "wall_ms": tables.wall_ms},
                "refined": None if not steps else {"chain_correction": correction, "first": steps[0],
-                                                  "steps": steps},
+                                                  "steps": steps, "chosen_step": chosen},
                "structured_options": sorted(prune_tabs), "layers": layers}
     return {"choice": {**choice, **{n: None for n in pruned}, **{n: None for n, r in alloc.choice.items()
                                                                if r is None}},
             "prune": pruned, "reasons": reasons, "section": section, "notes": list(tables.notes)}
+
+
+def _total_error(options, alloc) -> float:
+    return float(sum(0.0 if alloc.choice[o.name] is None else float(o.err[_row(o.ranks, alloc.choice[o.name])])
+                     for o in options))
 
 
 def _split(choice: dict) -> tuple:
