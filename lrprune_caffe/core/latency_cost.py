@@ -137,8 +137,10 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
     names_p = [n for n in infos if n in set(prunable) and n in tables.tables and len(tables.tables[n].axes) == 1]
     if names_p:
         deadline = None if time_budget_s is None else time.perf_counter() + max(0.0, time_budget_s - tables.seconds)
+        t0 = time.perf_counter()
         prune_tabs, more = LP.prune_tables(net, names_p, tables.tables, target, deadline)
         tables.notes.extend(more)
+        tables.seconds += time.perf_counter() - t0  # the structured options are part of the tables' time
     base = dict(tables.tables)
     options, dropped, reasons = _allocate(tables, infos, energies, criterion, prune_tabs)
     alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)

@@ -5,9 +5,11 @@ For each layer :mod:`lrprune_caffe.transforms.structured_prune` could shrink (it
 layers that can drop input channels: convolutions, InnerProducts, through BatchNorm / Scale / ReLU /
 pooling / Flatten), we time the layer itself with ``k`` outputs and each weighted consumer with ``k``
 input channels (``k * H * W`` inputs for an InnerProduct reading a flattened blob), ``k`` at
-:data:`PRUNE_SHARES` of ``n`` (multiples of 8 above 16). Each graph is a left-alone layer of another
-geometry, so it is cached like any table's left-alone entry (by its geometry's signature: a second run
-measures nothing) and the per-run overhead is subtracted the same way.
+:data:`PRUNE_SHARES` of ``n`` (multiples of 8 above 16). Timed within what is left of the tables'
+time budget (``--table-time``); layers after it ran out get no pruning option (a note says so).
+Each graph is a left-alone layer of another geometry, so it is cached like any table's left-alone
+entry (by its geometry's signature: a second run measures nothing) and the per-run overhead is
+subtracted the same way.
 
 The option's in-net ms is what the layer left alone costs in the net minus what keeping ``k`` saves::
 
@@ -28,8 +30,10 @@ import numpy as np
 
 from lrprune_caffe.errors import EngineError
 
-#: shares of a layer's outputs kept by the timed structured-pruning options
-PRUNE_SHARES = (0.5, 0.75)
+#: shares of a layer's outputs kept by the timed structured-pruning options. One share: latency is close
+#: to linear in the channel count, and every share costs a graph per layer and per consumer (on VGG-16 at
+#: 224, two shares took 28.5 s wall / 9.1 s CPU at load 12, next to the tables' 60 s budget)
+PRUNE_SHARES = (0.5,)
 
 
 @dataclass
