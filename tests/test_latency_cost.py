@@ -257,3 +257,11 @@ def test_refinement_keeps_a_profiled_choice_that_met_the_target(monkeypatch):
     kept = steps[sec["refined"]["chosen_step"]]
     assert kept["observed_ms"] <= sec["target_ms"] * (1 + lc.REFINE_TOL)
     assert {n: r for n, r in res["choice"].items() if r is not None} in seen  # a profiled choice
+
+
+def test_with_calib_the_latency_budget_spends_by_response_eigenvalues(files, fake):
+    calib = {"data": np.random.default_rng(0).standard_normal((64, 4, 12, 12)).astype(np.float32)}
+    report, _ = compress(*files, None, speedup=1.2, verify=False, calib=calib)
+    b = report["budget"]
+    assert b["cost"] == "latency" and b["data_aware"]["layers"] == ["conv1", "ip1"]
+    assert b["structured_options"] == []  # a data-aware error is not comparable with filter energies
