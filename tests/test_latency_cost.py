@@ -77,7 +77,7 @@ def test_latency_is_the_default_and_a_second_run_measures_nothing(files, fake):
         assert row["calibration"] == pytest.approx(1.5, rel=0.05)
         if row["ms"] is not None:
             assert row["ms"] < row["left_alone_ms"]  # never slower than left alone
-    assert any(r["action"] == "factorized" for r in report["layers"])
+    assert any(r["action"] != "kept" for r in report["layers"])  # factorized or (here) structurally pruned
     graphs, profiles = fake["graphs"], fake["profiles"]
     assert graphs > 0 and profiles == 2  # the net, then the net factorized as first chosen (the refinement)
     refined = b["refined"]
@@ -93,7 +93,9 @@ def test_cost_macs_measures_no_table(files, fake):
     assert report["speed"]["cost"] == "macs"
 
 
-def test_a_layer_whose_chains_are_all_slower_is_left_alone(files, fake):
+def test_a_layer_whose_chains_are_all_slower_is_left_alone(files, fake, monkeypatch):
+    from lrprune_caffe.engines import latency_prune
+    monkeypatch.setattr(latency_prune, "PRUNE_SHARES", ())  # no structured-pruning options either
     fake["chain_factor"] = 100.0  # every factorized configuration measures slower than the layer
     with pytest.raises(UserError, match="cannot be reached on onnxruntime"):
         compress(*files, None, speedup=1.5, verify=False, cost="latency")
@@ -117,7 +119,9 @@ def test_table_time_ran_out_falls_back_with_a_note(files, fake):
     assert any("not measured within" in n and "rerun" in n for n in report["notes"])
 
 
-def test_unreachable_latency_target_falls_back_but_not_when_asked_for(files, fake):
+def test_unreachable_latency_target_falls_back_but_not_when_asked_for(files, fake, monkeypatch):
+    from lrprune_caffe.engines import latency_prune
+    monkeypatch.setattr(latency_prune, "PRUNE_SHARES", ())  # factorizing alone
     # best latency: 0.1 fixed + rank-1 chains ~ 7.6x; MACs can fall ~10x
     report, _ = compress(*files, None, speedup=9, verify=False)
     assert report["budget"]["cost"] == "macs"
@@ -174,3 +178,90 @@ def test_cli_flags(files, fake, tmp_path, capsys):
     assert report["options"]["cost"] == "latency" and report["options"]["batch"] == 2
     rc, _, err = run_cli(capsys, "compress", *files, "-o", tmp_path / "o2", "--rank", "4", "--cost", "macs")
     assert rc == 2 and "--cost" in err and "without --speedup" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_net_too_fast_to_time_by_layers_counts_macs_by_default(files, fake, monkeypatch):
+    monkeypatch.setattr(lc, "MIN_NET_MS", 1e6)  # the small net (~1 ms on the fake target) is "too fast"
+    report, _ = compress(*files, None, speedup=1.5, verify=False)
+    assert report["budget"]["cost"] == "macs" and fake["graphs"] == 0  # decided before any layer is tabled
+    assert fake["profiles"] == 1
+    assert any("under 1e+06 ms" in n and "--cost latency uses them anyway" in n for n in report["notes"])
+    forced, _ = compress(*files, None, speedup=1.5, verify=False, cost="latency")
+    assert forced["budget"]["cost"] == "latency" and fake["graphs"] > 0
+
+
+def test_latency_leaves_negligible_layers_alone_as_macs_does(files, fake, monkeypatch):
+    from lrprune_caffe.core import ranks
+    from lrprune_caffe.engines import latency_prune
+    monkeypatch.setattr(ranks, "NEGLIGIBLE_SHARE", 0.3)  # ip1 (22% of the MACs) becomes negligible
+    monkeypatch.setattr(latency_prune, "PRUNE_SHARES", ())  # (pruning conv1 would shrink ip1's inputs)
+    for cost in ("latency", "macs"):
+        report, _ = compress(*files, None, speedup=1.01, verify=False, cost=cost)  # conv1 alone: ~1.02x at most
+        row = {r["name"]: r for r in report["layers"]}["ip1"]
+        assert row["action"] == "kept" and "negligible" in row["reason"], cost
+        assert "ip1" not in report["budget"].get("layers", {})
+
+
+def test_latency_errors_are_the_mac_budgets_errors():
+    """plan() spends by the energies it is given (ranks.budget_energies: data-aware or weights), normalized
+    the same way as the MAC budget's criterion."""
+    from lrprune_caffe.lowrank import latency_budget as lb, rank as rk
+    table = lb.LayerTable("a", 1.0, "channel", (np.array([1, 4, 8]),), np.array([0.2, 0.5, 0.9]))
+    e = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05])
+    ranks, err = lb.rank_candidates([e], table, "log-energy")
+    assert np.allclose(err, rk.log_kept_costs(e)[:8]) and ranks[:, 0].tolist() == list(range(1, 9))
+    ranks2, err2 = lb.rank_candidates([e * 1000.0], table, "log-energy")  # scale-free, like the MAC budget's
+    assert np.allclose(err, err2)
+
+
+def test_structured_pruning_competes_with_factorizing_and_shrinks_the_consumer(files, fake, tmp_path):
+    """On the fake target a layer's ms follows its weights: keeping 14 of conv1's 16 filters also drops
+    an eighth of ip1's 2,304 inputs, which no rank of conv1 can; the written net is really smaller."""
+    from lrprune_caffe.io.caffe import load_net
+    out = tmp_path / "out"
+    report, _ = compress(*files, out, speedup=1.2, verify=False)
+    b = report["budget"]
+    assert b["cost"] == "latency" and "conv1" in b["structured_options"]
+    kept = b["layers"]["conv1"]["structured"]["outputs_kept"]
+    assert 8 <= kept < 16 and b["layers"]["conv1"]["structured"]["shrinks"] == ["ip1"]
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["conv1"]["action"] == "pruned" and "structurally pruned" in rows["conv1"]["reason"]
+    net = load_net(str(out / "model.prototxt"), str(out / "model.caffemodel"))
+    assert net.layer("conv1").blobs[0].shape[0] == kept and net.layer("ip1").blobs[0].shape[1] == kept * 144
+    # asked to prune, the user's pruning is what happens: no structured option is timed
+    again, _ = compress(*files, None, speedup=1.2, verify=False, prune=0.5)
+    assert again["budget"]["structured_options"] == []
+
+
+def test_refinement_keeps_a_profiled_choice_that_met_the_target(monkeypatch):
+    """The chains are first predicted too slow (the profile is faster): the re-allocation cuts less,
+    its profile meets the target, and that choice is kept; never one no profile checked."""
+    from lrprune_caffe.lowrank import latency_budget as lb
+    tabs = {n: lb.LayerTable(n, 1.0, "channel", (np.array([1, 8, 16]),), np.array([0.2, 0.5, 0.9])) for n in "ab"}
+    fake_tables = L.Tables(L.Target(), "channel", tables=dict(tabs), total_ms=2.5)
+    monkeypatch.setattr(L, "layer_tables", lambda *a, **k: fake_tables)
+    energies = {n: [np.linspace(2.0, 0.1, 16)] for n in "ab"}
+    infos = {n: None for n in "ab"}
+    seen = []
+
+    def refine(choice, pruned):
+        seen.append(dict(choice))
+        chains = sum(float(tabs[n].predict([r])[0]) for n, r in choice.items())
+        return 2.5 - len(choice) * 1.0 + 0.6 * chains  # the chains run at 0.6x their prediction
+
+    res = lc.plan(None, infos, energies, speedup=1.6, scheme="channel", criterion="log-energy",
+                  target=L.Target(), refine=refine)
+    sec = res["section"]
+    steps = sec["refined"]["steps"]
+    assert 2 <= len(steps) <= lc.REFINE_STEPS and sec["refined"]["chain_correction"] < 1
+    kept = steps[sec["refined"]["chosen_step"]]
+    assert kept["observed_ms"] <= sec["target_ms"] * (1 + lc.REFINE_TOL)
+    assert {n: r for n, r in res["choice"].items() if r is not None} in seen  # a profiled choice
+
+
+def test_with_calib_the_latency_budget_spends_by_response_eigenvalues(files, fake):
+    calib = {"data": np.random.default_rng(0).standard_normal((64, 4, 12, 12)).astype(np.float32)}
+    report, _ = compress(*files, None, speedup=1.2, verify=False, calib=calib)
+    b = report["budget"]
+    assert b["cost"] == "latency" and b["data_aware"]["layers"] == ["conv1", "ip1"]
+    assert b["structured_options"] == []  # a data-aware error is not comparable with filter energies

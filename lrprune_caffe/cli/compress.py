@@ -173,8 +173,8 @@ def register(sub):
     p.add_argument("--cost", choices=["latency", "macs"], default=None,
                    help="what --speedup counts: latency = milliseconds from per-layer latency tables measured on "
                         "--engine with --threads/--batch (cached on disk; a layer is never made slower than left "
-                        "alone); macs = multiply-adds (the default: on LeNet the latency budget cut 6x the MACs "
-                        "for 2x speed and lost most of the accuracy)")
+                        "alone); macs = multiply-adds. Default: latency when its tables take at most --table-time, "
+                        "the net runs at least 1 ms and the target is reachable; else macs, with a note why")
     p.add_argument("--batch", type=_positive_int, default=None, metavar="N",
                    help="--speedup: the batch the net will run at on --engine (default 1)")
     p.add_argument("--table-time", type=float, default=None, metavar="SECONDS",

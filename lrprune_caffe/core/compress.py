@@ -171,6 +171,9 @@ def _compress_steps(net, shapes, o, data, spec, fit, held, notes, run=None) -> t
     energies = _data_aware_energies(net, shapes, o, fit, notes, run) if fit is not None and o.speedup else None
     rp = plan_ranks(net, shapes, o, data_energies=energies)
     notes += rp.notes
+    if spec is None and rp.structured:  # the latency budget chose structured pruning for some layers
+        from .latency_cost import prune_spec
+        spec = prune_spec(net, rp.structured)
     new, more = factorize_net(net, rp, o, data.train_net)
     notes += more
     calibration = None
@@ -192,7 +195,29 @@ def _compress_steps(net, shapes, o, data, spec, fit, held, notes, run=None) -> t
         del dense
     else:
         masks, pruned = {}, None
+    if rp.plan:
+        notes += fold_new(new, masks, rp.rows, data.train_net)
     return rp, new, masks, pruned, calibration
+
+
+def fold_new(new: Net, masks: dict, rows: dict, train_net=None) -> list:
+    """Fold the factors of ``new`` into their linear neighbours where exact (:mod:`lrprune_caffe.transforms.
+    fold_factors`; after every fit, so each fit saw the layers it was planned for); masked layers stay as
+    they are. Not with a training net, whose BatchNorm layers would then apply twice. Returns notes."""
+    from lrprune_caffe.transforms.fold_factors import fold_factors
+    if train_net is not None:
+        return []
+    res = run_pass(fold_factors, new, protect={k.split("/")[0] for k in masks})
+    done = [d for d in res.details if d.get("kind")] if res.changed else []
+    gone = {n for d in done for n in d["removed"]}
+    for row in rows.values():
+        if row.new_layers:
+            row.new_layers = [n for n in row.new_layers if n not in gone]
+    if not done:
+        return []
+    what = [f"{', '.join(d['removed'])} into {d['into']}" for d in done]
+    return [f"folded {len(done)} factor neighbour(s) exactly (fold_factors): " + "; ".join(what[:6]) +
+            (" ..." if len(what) > 6 else "")]
 
 
 def compress(net: Net, options: CompressOptions = None, data: CompressData = None) -> CompressResult:

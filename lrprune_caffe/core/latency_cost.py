@@ -6,10 +6,14 @@ Options (fields of :class:`lrprune_caffe.core.options.CompressOptions`; the targ
 
 - ``cost``: ``"latency"`` (per-layer latency tables of :mod:`lrprune_caffe.engines.latency`, allocated by
   :mod:`lrprune_caffe.lowrank.latency_budget`), ``"macs"`` (the MAC budget, :mod:`lrprune_caffe.lowrank.budget`),
-  or None: latency when its tables can be had within ``table_time`` seconds (60; a cached table costs
-  nothing), macs otherwise, with a note saying why (an engine without tables, the time ran out, a target
-  the tables say cannot be reached). An explicit ``"latency"`` waits for its tables (or ``table_time``
-  when given) and refuses what it cannot do.
+  or None (the default, :data:`DEFAULT_COST`): latency when its tables can be had within ``table_time``
+  seconds (60; a cached table costs nothing), the net takes at least :data:`MIN_NET_MS` on the target
+  and the tables say the target can be reached; macs otherwise, with a note saying why (an engine
+  without tables, the time ran out, a net too fast to budget by its layers' microseconds, a target
+  the tables say cannot be reached). Either cost spends by the same per-layer error
+  (:func:`lrprune_caffe.core.ranks.budget_energies`: response eigenvalues with ``--calib``, else
+  the weights' energy); they differ only in what a cut saves. An explicit ``"latency"`` waits for its
+  tables (or ``table_time`` when given) and refuses what it cannot do.
 - ``threads`` (None: 1) and ``batch`` (1): the target's intra-op threads and batch.
 - ``measure_rounds`` (20; 0: skip): after factorizing, the original and the written net run
   interleaved (ABBA rounds) on the target and the report gives the measured speed-up (median of the
@@ -22,9 +26,11 @@ The allocation never buys a configuration slower than leaving a layer alone
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from lrprune_caffe.engines import latency as L
+from lrprune_caffe.engines import latency as L, latency_prune as LP
 from lrprune_caffe.errors import EngineError, UserError
 from lrprune_caffe.lowrank import latency_budget as lb
 from lrprune_caffe.transforms.factorize import LayerPlan
@@ -34,12 +40,19 @@ TABLE_TIME_S = 60.0
 MEASURE_ROUNDS = 20
 
 
-#: the cost when compress is given none. None would mean latency where its tables can be had, else
-#: macs; it stays "macs" because the latency budget, spending its cuts by weight energy, took the
-#: example LeNet (README's main job, --speedup 2) to 2.85x measured at 37.2% top-1 (6.07x fewer
-#: MACs), where the MAC budget keeps 95.4%: latency is opt-in (--cost latency) until its cuts are
-#: judged by output error
-DEFAULT_COST = "macs"
+#: the cost when compress is given none: None = latency where its tables can be had (in ``table_time``,
+#: on a net slow enough to time by layers, at a reachable target), else macs with a note saying why
+DEFAULT_COST = None
+#: the default uses latency only on nets at least this slow on the target (ms). Below it the layers take
+#: microseconds, close to the runtime's per-op overhead and the timer's noise: the example LeNet (0.15 ms,
+#: layers of 5-50 us) got tables whose chains' ms were not even monotone in the rank, and spending
+#: README's --speedup 2 by them cut 6x the MACs (2.85x measured, 37% top-1; macs keeps 95.4%)
+MIN_NET_MS = 1.0
+#: the net factorized as chosen is profiled at most this many times to correct the chains' ms (NetAdapt's
+#: measure-and-adjust loop), and not again once the profile is within REFINE_TOL of the prediction; of the
+#: profiled choices the least-error one whose profile met the target is kept (else the fastest)
+REFINE_STEPS = 3
+REFINE_TOL = 0.05
 
 
 def cost_of(o):
@@ -81,20 +94,38 @@ def target_of(engine: str, threads, batch) -> L.Target:
     return L.Target(engine, int(threads or 1), int(batch or 1))
 
 
-def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criterion: str, target: L.Target,
-         time_budget_s=None, progress: bool = False, refine=None) -> dict:
+def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, criterion: str, target: L.Target,
+         time_budget_s=None, progress: bool = False, refine=None, min_net_ms=None, prunable=()) -> dict:
     """The latency allocation: {"choice": {name: ranks or None}, "reasons": {name: why left alone},
     "section": the report's budget section, "notes": [...]}. Raises :class:`NoLatency` (tables not
-    complete within ``time_budget_s``) or :class:`lrprune_caffe.lowrank.latency_budget.Unreachable`.
+    complete within ``time_budget_s``, or the net faster than ``min_net_ms``) or
+    :class:`lrprune_caffe.lowrank.latency_budget.Unreachable`.
 
-    ``refine(choice)``: the ms of the whole net factorized as first chosen, profiled once like the
-    original (or None). The chains' predicted ms are then corrected by one factor, (that ms - the part
-    no chain is in) / the chains' predicted ms, on every table
+    ``energies``: {name: per rank dimension, what the budget spends by}
+    (:func:`lrprune_caffe.core.ranks.budget_energies`, as the MAC budget does: a cut's error is the
+    same number under either cost; only what it saves is counted in ms instead of MACs).
+
+    ``refine(choice)``: the ms of the whole net factorized at ``choice``, profiled like the original
+    (or None). The chains' predicted ms are then corrected by one factor, (that ms - the part no chain
+    is in) / the chains' predicted ms, on every table
     (:func:`lrprune_caffe.lowrank.latency_budget.correct_chains`), and the allocation is made again:
-    one step of NetAdapt's measure-and-adjust loop. One factor from whole-net totals, not one per
-    layer, because onnxruntime fuses differently around a chain (ResNet's residual Add joins the
-    original conv but may stay apart from a chain), so per-layer attributions do not compare."""
+    NetAdapt's measure-and-adjust loop, at most :data:`REFINE_STEPS` profiles, stopping once one is
+    within :data:`REFINE_TOL` of its prediction; the choice kept is the least-error profiled one whose
+    profile met the target (else the fastest profiled), never an unchecked re-allocation (so the cut
+    stops at the requested speed-up instead of overshooting it by what the tables got wrong). One factor
+    from whole-net totals, not one per layer,
+    because onnxruntime fuses differently around a chain (ResNet's residual Add joins the original conv
+    but may stay apart from a chain), so per-layer attributions do not compare.
+
+    ``prunable``: layers that may also be structurally pruned (keep ``k`` of ``n`` outputs and shrink
+    the consumers, :mod:`lrprune_caffe.engines.latency_prune`) instead of factorized. Their error is
+    the same criterion on the filters' energies ||W_i||^2, the relative weight error of removing them,
+    as an SVD rank's is of its discarded components (so at equal error SVD always keeps more, and
+    pruning is bought only where the table says it is faster for it). ``refine(choice, prune)``;
+    the result's "prune" is {name: outputs kept}."""
     try:
+        if min_net_ms is not None:
+            _check_net_ms(net, infos, target, min_net_ms)
         tables = L.layer_tables(infos, scheme, target, net=net, progress=progress, time_budget_s=time_budget_s)
     except EngineError as e:
         raise NoLatency(f"the net could not be timed on {target.runtime} ({e})") from None
@@ -102,63 +133,175 @@ def plan(net, infos: dict, spectra: dict, *, speedup: float, scheme: str, criter
         raise NoLatency(f"its tables were not measured within {time_budget_s:.0f} s ({len(tables.tables)} of "
                         f"{len(infos)} layers; what was measured is cached, so a rerun goes further; "
                         f"--cost latency without --table-time waits for all)")
-    options, dropped, reasons = _allocate(tables, infos, spectra, criterion)
+    prune_tabs = {}
+    names_p = [n for n in infos if n in set(prunable) and n in tables.tables and len(tables.tables[n].axes) == 1]
+    if names_p:
+        deadline = None if time_budget_s is None else time.perf_counter() + max(0.0, time_budget_s - tables.seconds)
+        t0 = time.perf_counter()
+        prune_tabs, more = LP.prune_tables(net, names_p, tables.tables, target, deadline)
+        tables.notes.extend(more)
+        tables.seconds += time.perf_counter() - t0  # the structured options are part of the tables' time
+    base = dict(tables.tables)
+    options, dropped, reasons = _allocate(tables, infos, energies, criterion, prune_tabs)
     alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
-    correction = None
-    if refine is not None and any(r is not None for r in alloc.choice.values()):
-        observed = refine(alloc.choice)
-        chains = sum(float(tables.tables[n].predict([r])[0]) for n, r in alloc.choice.items() if r is not None)
-        if observed and chains > 0:
-            correction = float(np.clip((observed - (alloc.predicted_ms - chains)) / chains, 0.5, 2.0))
-            first = {"predicted_ms": alloc.predicted_ms, "observed_ms": float(observed)}
-            tables.tables = {n: lb.correct_chains(t, correction) for n, t in tables.tables.items()}
-            options, dropped, reasons = _allocate(tables, infos, spectra, criterion)
-            alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
+    correction, steps, tried = 1.0, [], []
+    rounds = REFINE_STEPS if refine is not None else 0
+    for step in range(rounds):
+        choice, pruned = _split(alloc.choice)
+        if not choice and not pruned:
+            break
+        observed = refine(choice, pruned)
+        if not observed:
+            break
+        steps.append({"predicted_ms": alloc.predicted_ms, "observed_ms": float(observed),
+                      "chain_correction": correction})
+        tried.append((float(observed), _total_error(options, alloc), alloc, options, dropped, reasons, tables.tables))
+        chains = sum(float(tables.tables[n].predict([r])[0]) for n, r in choice.items())
+        if (not chains > 0 or abs(float(observed) - alloc.predicted_ms) <= REFINE_TOL * alloc.predicted_ms
+                or step == rounds - 1):  # no re-allocation that no profile would check
+            break
+        correction = float(np.clip(correction * (observed - (alloc.predicted_ms - chains)) / chains, 0.5, 2.0))
+        tables.tables = {n: lb.correct_chains(t, correction) for n, t in base.items()}
+        options, dropped, reasons = _allocate(tables, infos, energies, criterion, prune_tabs)
+        alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
+    if tried:  # of the profiled choices, the least error among those that met the target, else the fastest
+        met = [t for t in tried if t[0] <= alloc.target_ms * (1 + REFINE_TOL)]
+        best = min(met, key=lambda t: t[1]) if met else min(tried, key=lambda t: t[0])
+        _, _, alloc, options, dropped, reasons, tables.tables = best
+        chosen = tried.index(best)
+        correction = steps[chosen]["chain_correction"]
+    choice, pruned = _split(alloc.choice)
     for o in options:
         if alloc.choice[o.name] is None:
             reasons[o.name] = ("no factorized configuration measured faster than the layer left alone"
                                if len(o.macs) == 0 else
                                "left alone: the latency budget was met at less error in other layers")
-    layers = {n: {"left_alone_ms": t.left_alone_ms, "calibration": t.scale,
-                  "ms": None if alloc.choice.get(n) is None else float(t.predict([alloc.choice[n]])[0]),
-                  "dropped_slower": dropped.get(n, 0)} for n, t in tables.tables.items()}
+    err = {o.name: (0.0 if alloc.choice[o.name] is None else
+                    float(o.err[_row(o.ranks, alloc.choice[o.name])])) for o in options}
+    ms_of = {o.name: (None if alloc.choice[o.name] is None else
+                      float(o.macs[_row(o.ranks, alloc.choice[o.name])])) for o in options}
+    layers = {n: {"left_alone_ms": t.left_alone_ms, "calibration": t.scale, "ms": ms_of.get(n),
+                  "error": err.get(n), "dropped_slower": dropped.get(n, 0)} for n, t in tables.tables.items()}
+    for n, k in pruned.items():
+        layers[n]["structured"] = {"outputs_kept": int(k), "outputs": int(prune_tabs[n].n),
+                                   "shrinks": list(prune_tabs[n].consumers)}
     section = {"cost": "latency", "speedup": float(speedup), "target": target.describe(),
                "timing": tables.timing, "total_ms": alloc.total_ms, "fixed_ms": alloc.fixed_ms,
                "target_ms": alloc.target_ms, "predicted_ms": alloc.predicted_ms,
                "predicted_speedup": alloc.predicted_speedup, "criterion": criterion,
+               "error": float(sum(err.values())),
                "tables": {"seconds": tables.seconds, "cpu_seconds": tables.cpu_seconds,
                           "graphs_timed": tables.measured, "cache": tables.cache_path,
                           "wall_ms": tables.wall_ms},
-               "refined": None if correction is None else {"chain_correction": correction, "first": first},
-               "layers": layers}
-    return {"choice": alloc.choice, "reasons": reasons, "section": section, "notes": list(tables.notes)}
+               "refined": None if not steps else {"chain_correction": correction, "first": steps[0],
+                                                  "steps": steps, "chosen_step": chosen},
+               "structured_options": sorted(prune_tabs), "layers": layers}
+    return {"choice": {**choice, **{n: None for n in pruned}, **{n: None for n, r in alloc.choice.items()
+                                                               if r is None}},
+            "prune": pruned, "reasons": reasons, "section": section, "notes": list(tables.notes)}
 
 
-def _allocate(tables, infos, spectra, criterion) -> tuple:
+def _total_error(options, alloc) -> float:
+    return float(sum(0.0 if alloc.choice[o.name] is None else float(o.err[_row(o.ranks, alloc.choice[o.name])])
+                     for o in options))
+
+
+def _split(choice: dict) -> tuple:
+    """({name: ranks} factorized, {name: outputs kept} structurally pruned) of an allocation's choice
+    (a pruning option's "ranks" are (-k,): see :func:`_allocate`)."""
+    fac = {n: r for n, r in choice.items() if r is not None and r[0] > 0}
+    pruned = {n: -int(r[0]) for n, r in choice.items() if r is not None and r[0] < 0}
+    return fac, pruned
+
+
+def _check_net_ms(net, infos, target: L.Target, min_net_ms: float):
+    """Raise :class:`NoLatency` when the whole net, profiled once on the target (cached; the tables
+    reuse it), takes under ``min_net_ms``: checked before any layer is tabled."""
+    cache, counter = L.Cache(target), [0]
+    prof = L.net_profile(net, target, cache, counter)
+    if counter[0]:
+        cache.save()
+    total = L.profile_total(prof)
+    if total >= min_net_ms:
+        return
+    layers = [1e3 * float(ms) for name, ms in prof.get("layers", {}).items() if name in infos]
+    span = f" (its factorizable layers {min(layers):.0f}-{max(layers):.0f} us)" if layers else ""
+    raise NoLatency(f"the net runs in {total:.3f} ms on {target.runtime}{span}, under {min_net_ms:g} ms: layer "
+                    f"times that close to the runtime's per-op overhead and the timer's noise are no budget to "
+                    f"spend cuts by (--cost latency uses them anyway)")
+
+
+def _row(ranks, chosen) -> int:
+    hit = np.nonzero(np.all(np.atleast_2d(ranks) == np.asarray(chosen)[None, :], axis=1))[0]
+    return int(hit[0])
+
+
+def _allocate(tables, infos, energies, criterion, prune_tabs=None) -> tuple:
+    """Each layer's options in ms: its factorized ranks, and (``prune_tabs``) its structured-pruning
+    options, encoded as ranks (-k,) for "keep k outputs"."""
     options, dropped, reasons = [], {}, {}
     for name in infos:
         table = tables.tables.get(name)
         if table is None:
             reasons[name] = "no rank cuts its MACs, so no factorized configuration was timed"
             continue
-        ranks, err = lb.rank_candidates(spectra[name], table, criterion)
+        ranks, err = lb.rank_candidates(energies[name], table, criterion)
         opts, slower, _ = lb.latency_options(table, ranks, err)
+        pt = (prune_tabs or {}).get(name)
+        if pt is not None:
+            k, ms = pt.options()
+            e = lb.rk.CRITERIA[criterion](pt.energies)[k - 1] if k.size else np.zeros(0)
+            faster = ms < float(table.left_alone_ms)
+            slower += int(np.sum(~faster))
+            opts = lb.rk.LayerChoices(name, opts.macs_before, np.concatenate([opts.macs, ms[faster]]),
+                                      np.concatenate([opts.err, e[faster]]),
+                                      np.concatenate([opts.ranks, -k[faster][:, None]]).astype(np.int64))
         options.append(opts)
         dropped[name] = slower
     return options, dropped, reasons
 
 
-def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: dict):
-    """ms of ``net`` factorized at ``choice``, profiled like the original (cached like the tables; the
-    SVDs in ``caches`` are reused and kept for the real factorization), or None."""
-    from lrprune_caffe.ir.net import Net, clone_msg
+def prune_spec(net, pruned: dict):
+    """The structured :class:`PruneSpec` keeping ``pruned[name]`` outputs of each layer."""
+    from lrprune_caffe.transforms.prune import PruneSpec
+    per_layer = {}
+    for name, k in pruned.items():
+        n = _outputs(net.layer(name))
+        per_layer[name] = (n - int(k)) / float(n)
+    return PruneSpec(per_layer=per_layer, structured=True)
+
+
+def _outputs(layer) -> int:
+    if layer.type == "InnerProduct":
+        return int(layer.param_msg("inner_product_param").num_output)
+    return int(layer.param_msg("convolution_param").num_output)
+
+
+def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: dict, pruned=None):
+    """ms of ``net`` factorized at ``choice`` (and structurally pruned as ``pruned`` says), profiled like
+    the original (cached like the tables; the SVDs in ``caches`` are reused and kept for the real
+    factorization), or None."""
+    from lrprune_caffe.ir.net import Layer, Net, clone_msg
     from lrprune_caffe.transforms import run_pass
     from lrprune_caffe.transforms.factorize import factorize
+    from lrprune_caffe.transforms.prune import prune_net
     plan_ = {n: LayerPlan(infos[n].scheme_for(o.scheme), tuple(int(r) for r in ranks), infos[n])
              for n, ranks in choice.items() if ranks is not None}
     new = Net(net.name, list(net.layers), clone_msg(net.header), net.source, net.weights_source, [])
-    res = run_pass(factorize, new, plan=plan_, method=o.svd, seed=o.seed, hooi_iters=0, caches=caches)
-    if not res.changed:
+    changed = False
+    if plan_:
+        res = run_pass(factorize, new, plan=plan_, method=o.svd, seed=o.seed, hooi_iters=0, caches=caches)
+        changed = res.changed
+    if pruned:
+        originals = {id(layer) for layer in net.layers}
+        new.layers = [Layer(x.name, x.type, list(x.bottoms), list(x.tops), clone_msg(x.msg), list(x.blobs))
+                      if id(x) in originals else x for x in new.layers]
+        try:
+            prune_net(new, prune_spec(net, pruned))
+            changed = True
+        except UserError:
+            pass
+    if not changed:
         return None
     cache, counter = L.Cache(target), [0]
     try:
@@ -170,16 +313,19 @@ def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: di
     return L.profile_total(prof)
 
 
-def budget_latency(net, rp, infos: dict, names: list, spectra: dict, o) -> bool:
+def budget_latency(net, rp, infos: dict, names: list, energies: dict, o, prunable=()) -> bool:
     """The rank step under the latency cost: fills ``rp.plan``, the rows' reasons, ``rp.budget`` and
-    ``rp.notes`` and returns True; False (with a note) when the cost is None and latency cannot be used."""
+    ``rp.notes`` and returns True; False (with a note) when the cost is None and latency cannot be used.
+    ``energies``: {name: what the budget spends by} (:func:`lrprune_caffe.core.ranks.budget_energies`)."""
     explicit = cost_of(o) == "latency"
     try:
         target = target_of(o.engine, o.threads, o.batch)
         budget = float(o.table_time) if o.table_time is not None else (None if explicit else TABLE_TIME_S)
-        res = plan(net, {n: infos[n] for n in names}, spectra, speedup=float(o.speedup), scheme=o.scheme,
+        res = plan(net, {n: infos[n] for n in names}, energies, speedup=float(o.speedup), scheme=o.scheme,
                    criterion=o.criterion, target=target, time_budget_s=budget, progress=o.progress,
-                   refine=lambda choice: profile_factorized(net, infos, choice, target, o, rp.caches))
+                   refine=lambda choice, pruned: profile_factorized(net, infos, choice, target, o, rp.caches,
+                                                                    pruned),
+                   min_net_ms=None if explicit else MIN_NET_MS, prunable=prunable)
     except NoLatency as e:
         if explicit:
             raise UserError(f"--cost latency: {e}") from None
@@ -199,6 +345,10 @@ def budget_latency(net, rp, infos: dict, names: list, spectra: dict, o) -> bool:
             rp.plan[name] = LayerPlan(info.scheme_for(o.scheme), tuple(int(r) for r in ranks), info)
     for name, why in res["reasons"].items():
         rp.rows[name].reason = why
+    for name, k in res["prune"].items():
+        rp.structured[name] = int(k)
+        rp.rows[name].reason = (f"structurally pruned to {k} outputs: the latency table has it faster than any "
+                                f"rank at that error")
     rp.budget = res["section"]
     return True
 
@@ -256,5 +406,6 @@ def report_speed(net, new, o, report: dict) -> None:
         report["outcome"] = {"summary": line, "speed_met": met}
 
 
-__all__ = ["COSTS", "DEFAULT_COST", "cost_of", "TABLE_TIME_S", "MEASURE_ROUNDS", "NoLatency", "check_options",
+__all__ = ["COSTS", "DEFAULT_COST", "MIN_NET_MS", "REFINE_STEPS", "cost_of", "TABLE_TIME_S", "MEASURE_ROUNDS",
+           "NoLatency", "check_options",
            "target_of", "plan", "budget_latency", "measure", "report_speed"]

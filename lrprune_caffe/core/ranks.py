@@ -40,6 +40,7 @@ class RankPlan:
     budget: dict = None  # --speedup: the budget record for the report
     notes: list = field(default_factory=list)
     data_energies: dict = None  # --speedup with calibration data: {layer: response eigenvalues}
+    structured: dict = field(default_factory=dict)  # --speedup, latency: {layer: outputs kept} (structured pruning)
 
 
 def progress_bar(total, desc, progress):
@@ -197,11 +198,19 @@ def _per_layer_ranks(net, rp: RankPlan, infos, names, o, layer_ranks, default_ra
 NEGLIGIBLE_SHARE = 0.01
 
 
-def _budget_layer(info, scheme, spectra, data=None) -> bg.BudgetLayer:
+def budget_energies(info, scheme, spectra, data=None) -> tuple:
+    """What a --speedup budget spends by, per rank dimension, under either cost (macs or latency): the
+    response eigenvalues on calibration data (``data``; one SVD factor only), else the weights' squared
+    singular values. The criteria normalize them by their sum, so a cut's error is its share lost."""
     energies = tuple(m.energies for m in spectra)
     if data is not None and len(energies) == 1:
         r = info.max_ranks(scheme)[0]
         energies = (np.concatenate([data[:r], np.zeros(max(0, r - data.size))]),)
+    return energies
+
+
+def _budget_layer(info, scheme, spectra, data=None) -> bg.BudgetLayer:
+    energies = budget_energies(info, scheme, spectra, data)
     return bg.BudgetLayer(info.name, info.macs, energies, info.max_ranks(scheme),
                           lambda ranks, info=info, scheme=scheme: info.cost(scheme, ranks)[0])
 
@@ -223,17 +232,24 @@ def data_aware_names(infos, names, scheme) -> list:
 
 def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
     spectra = _spectra(net, infos, names, o, rp.caches)
-    from . import latency_cost
-    if latency_cost.cost_of(o) != "macs" and latency_cost.budget_latency(net, rp, infos, names, spectra, o):
-        return  # --cost latency (or its default): milliseconds measured on the target runtime
     macs_before = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows)
     small = {n: negligible(infos[n], macs_before) for n in names}
     for n, why in small.items():
         if why:
             rp.rows[n].reason = why
     names = [n for n in names if not small[n]]
-    fixed = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows and n not in names)
     data = rp.data_energies or {}
+    from . import latency_cost
+    if latency_cost.cost_of(o) != "macs":
+        energies = {n: budget_energies(infos[n], infos[n].scheme_for(o.scheme), spectra[n], data.get(n))
+                    for n in names}
+        # structured pruning competes with factorizing only when the user asked for no pruning, and only
+        # by weight energy (a data-aware layer's error is its response eigenvalues, not comparable)
+        prunable = [] if (o.prune is not None or o.prune_structured) else [n for n in names if n not in data]
+        if latency_cost.budget_latency(net, rp, infos, names, energies, o, prunable=prunable):
+            _data_aware_record(rp, names, data)
+            return  # --cost latency (or its default): milliseconds measured on the target runtime
+    fixed = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows and n not in names)
     layers = [_budget_layer(infos[n], infos[n].scheme_for(o.scheme), spectra[n], data.get(n)) for n in names]
     try:
         alloc = bg.allocate(layers, float(o.speedup), o.criterion, macs_before, fixed)
@@ -254,6 +270,10 @@ def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
     rp.budget = {"cost": "macs", "speedup": float(o.speedup), "macs_before": int(macs_before),
                  "target_macs": int(alloc.target_macs), "criterion": o.criterion,
                  "criterion_text": bg.CRITERION_TEXT[o.criterion]}
+    _data_aware_record(rp, names, data)
+
+
+def _data_aware_record(rp: RankPlan, names, data: dict):
     used = sorted(n for n in names if n in data)
     if used:
         rp.budget["data_aware"] = {
@@ -282,5 +302,5 @@ def plan_ranks(net, shapes, o: CompressOptions, data_energies=None) -> RankPlan:
     return rp
 
 
-__all__ = ["RankPlan", "plan_ranks", "negligible", "data_aware_names", "NEGLIGIBLE_SHARE",
+__all__ = ["RankPlan", "plan_ranks", "negligible", "budget_energies", "data_aware_names", "NEGLIGIBLE_SHARE",
            "select_layers", "progress_bar", "REPORTED_TYPES"]

@@ -174,20 +174,23 @@ def latency_options(table: LayerTable, ranks, err):
 def rank_candidates(spectra, table: LayerTable, criterion: str = "log-energy", points_2d: int = 64):
     """(ranks (n, d), errors (n,)) of every rank the table covers, errors from the weight spectra.
 
-    ``spectra``: [:class:`lrprune_caffe.lowrank.decompose.ModeSpectrum`] of the
-    layer's scheme (for Tucker-2: input mode, then output mode; their costs
-    add, as in the MAC budget); one rank dimension: every rank 1..the grid's
-    largest; two: ``points_2d`` values per dimension.
+    ``spectra``: per rank dimension, a :class:`lrprune_caffe.lowrank.decompose.ModeSpectrum`
+    of the layer's scheme or its energies array (for Tucker-2: input mode, then output mode; their
+    costs add, as in the MAC budget). The energies are the ones the MAC budget spends by
+    (:func:`lrprune_caffe.core.ranks.budget_energies`: the weights' squared singular values, or
+    the response eigenvalues on calibration data), so an error means the same under either cost.
+    One rank dimension: every rank 1..the grid's largest; two: ``points_2d`` values per dimension.
     """
     cost = rk.CRITERIA[criterion]
+    energies = [np.asarray(getattr(m, "energies", m), dtype=np.float64) for m in spectra]
     if len(table.axes) == 1:
-        r = np.arange(1, int(table.axes[0][-1]) + 1)
-        return r[:, None], cost(spectra[0].energies)[r - 1]
+        r = np.arange(1, min(int(table.axes[0][-1]), energies[0].size) + 1)
+        return r[:, None], cost(energies[0])[r - 1]
     top1, top2 = int(table.axes[0][-1]), int(table.axes[1][-1])
     g1 = np.unique(np.linspace(1, top1, min(top1, points_2d)).round().astype(np.int64))
     g2 = np.unique(np.linspace(1, top2, min(top2, points_2d)).round().astype(np.int64))
     R1, R2 = (x.ravel() for x in np.meshgrid(g1, g2, indexing="ij"))
-    err = cost(spectra[0].energies)[R1 - 1] + cost(spectra[1].energies)[R2 - 1]
+    err = cost(energies[0])[R1 - 1] + cost(energies[1])[R2 - 1]
     return np.stack([R1, R2], axis=1), err
 
 
