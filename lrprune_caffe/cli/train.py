@@ -228,6 +228,7 @@ def cmd_pipeline(args):
     if _train_val_given(args):  # trained on its data layers: OUTDIR/train_val.prototxt, rewritten as the net
         from lrprune_caffe.io.train_net import read_train_net
         train_net = read_train_net(args.net)
+    ckpt = _checkpoint_path(args)
     report, _ = pipeline_files(args.net, args.weights, train, val, args.output, onnx=args.onnx, net=net,
                                log=None if (args.quiet or args.json or not main) else _log,
                                workers=args.workers, device=args.device, train_net=train_net,
@@ -238,9 +239,11 @@ def cmd_pipeline(args):
                                progress=False if (args.quiet or args.json) else None, solver=solver,
                                calib=args.calib, calib_n=args.calib_n, preprocess=_preprocess(args),
                                distill=args.distill, temperature=args.temperature,
-                               distill_weight=args.distill_weight)
+                               distill_weight=args.distill_weight, checkpoint=ckpt, resume=args.resume)
     if not main:
         return 0
+    if not args.checkpoint and os.path.exists(ckpt):
+        os.remove(ckpt)  # the run is written: its default checkpoint has served
     if args.json:
         from lrprune_caffe.engines.compare import json_safe
         print(json.dumps(json_safe(report), indent=2))
@@ -295,9 +298,9 @@ def _add_teacher_args(p, pipeline=False):
                         "alone). An .npz with only x needs no flag")
 
 
-def _add_run_args(p, checkpoints=True):
-    """Data loading, devices, processes (and checkpoints: finetune) of finetune and pipeline."""
-    g = p.add_argument_group("processes and checkpoints" if checkpoints else "processes")
+def _add_run_args(p, pipeline=False):
+    """Data loading, devices, processes and checkpoints of finetune and pipeline (``pipeline``: its help)."""
+    g = p.add_argument_group("processes and checkpoints")
     g.add_argument("--workers", type=int, default=0, metavar="N",
                    help="DataLoader worker processes decoding the training data (default 0: in the trainer)")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train on cpu (default) or cuda")
@@ -305,7 +308,13 @@ def _add_run_args(p, checkpoints=True):
                    help="train in N processes with DistributedDataParallel (gloo on CPU, NCCL on CUDA), "
                         "started for you as 'torchrun --standalone' starts them; --batch-size is per process. "
                         f"'torchrun --nproc-per-node N -m lrprune_caffe {p.prog.split()[-1]} ...' works too")
-    if not checkpoints:
+    if pipeline:
+        g.add_argument("--checkpoint", metavar="FILE",
+                       help="checkpoint written after each round's step, every fine-tuning epoch and each round "
+                            "(default .OUTDIR.checkpoint.pt beside OUTDIR, removed once the model is written)")
+        g.add_argument("--resume", action="store_true",
+                       help="continue a killed run from its checkpoint, where it stopped (same net, weights, data, "
+                            "options and processes; another run's checkpoint is refused)")
         return
     g.add_argument("--checkpoint", metavar="FILE",
                    help="checkpoint written after every epoch (default .OUTDIR.checkpoint.pt beside OUTDIR, "
@@ -352,7 +361,9 @@ def register(sub):
                     "original's, at most --max-epochs epochs. Writes OUTDIR/model.prototxt, model.caffemodel, "
                     "masks.npz, report.json, report.md (+ train_val.prototxt, rewritten as the net, when NET "
                     "is a train_val: trained on its TRAIN data layer, validated on its TEST one). Runs under "
-                    "torchrun (--nproc-per-node): rank 0 compresses and writes, every process trains.")
+                    "torchrun (--nproc-per-node): rank 0 compresses and writes, every process trains. A checkpoint "
+                    "after each step, fine-tuning epoch and round; --resume continues a killed run where it "
+                    "stopped, to the result an unkilled run gives.")
     _add_net_args(p, weights_required=True)
     _add_data_args(p, "training data")
     p.add_argument("--val", metavar="VAL", help="validation data (npz or image folder); default with "
@@ -386,7 +397,7 @@ def register(sub):
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch / engine threads")
     p.add_argument("--onnx", action="store_true", help="also write OUTDIR/model.onnx")
-    _add_run_args(p, checkpoints=False)
+    _add_run_args(p, pipeline=True)
     _add_teacher_args(p, pipeline=True)
     p.add_argument("--json", action="store_true", help="print report.json")
     p.set_defaults(func=cmd_pipeline)

@@ -48,6 +48,12 @@ part of the validation data, and the counts are summed, so every process takes t
 decisions (stop a round, the next step) from the same numbers. Only rank 0 logs and
 writes files. ``train_net`` (a train_val, every phase) is rewritten as the factorization
 rewrites the deploy net (:func:`lrprune_caffe.transforms.factorize.rewrite_train_net`).
+
+Checkpoints (``checkpoint``, ``resume``; :mod:`lrprune_caffe.core.pipeline_state`): rank 0
+writes one file after each round's step, after every fine-tuning epoch and at the end of each
+round; a resumed run continues where the killed one stopped and ends as an unkilled run would
+(the same rounds, masks and weights). A checkpoint of another run (net, weights, data,
+options, processes) is refused.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from lrprune_caffe.fileutil import check_outdir
 from lrprune_caffe.transforms.prune import PruneSpec, prune_net
 
 from .compress import CompressData, CompressOptions, compress
+from .pipeline_state import finished_training, fingerprint, pack_net, run_state, unpack_net
 
 SCHEDULES = ("han", "lowrank-prune")
 DEFAULT_PRUNE_STEPS = (0.5, 0.7, 0.8, 0.9)
@@ -125,6 +132,8 @@ class PipelineOptions:
     workers: int = 0  # DataLoader worker processes decoding the training data
     device: str = "cpu"  # cpu or cuda (under torchrun: gloo or NCCL)
     train_net: object = None  # a train_val Net (every phase) rewritten as the deploy net is factorized
+    checkpoint: str = None  # a file written after each step, every fine-tuning epoch and each round (rank 0)
+    resume: bool = False  # continue from ``checkpoint`` (a killed run of the same settings)
 
 
 def net_numbers(net) -> dict:
@@ -172,51 +181,59 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
         return c1 / count
 
     t_start = time.perf_counter()
-    base_acc = acc(net)
+    ck, state = _open_checkpoint(net, train, val, opts, solver, dist)
+    steps = [("factorize", None)] if opts.schedule == "lowrank-prune" else []
+    steps += [("prune", s) for s in opts.prune_steps]
+    rounds, masks, cur, factorize_summary, start = [], {}, net.copy(), None, 1
+    if state is not None:
+        base_acc, rounds, masks, factorize_summary = (state["base_acc"], state["rounds"], state["masks"],
+                                                      state["factorize"])
+        cur = unpack_net(state["net"])
+        if opts.train_net is not None and state["train_net"] is not None:
+            opts.train_net.layers[:] = unpack_net(state["train_net"]).layers
+        start = state["round"] + (state["phase"] == "done")
+        ft = (ck.loaded or {}).get("finetune")
+        say(f"resumed from {ck}: round {state['round']} " + ("done" if state["phase"] == "done" else
+            f"after its step, {ft['epoch'] if ft else 0} epoch(s) trained"))
+    else:
+        base_acc = acc(net)
     goal = base_acc - float(opts.tolerance)
     say(f"original: val top-1 {base_acc:.4f}; each round fine-tunes until >= {goal:.4f} "
         f"(at most {opts.max_epochs} epochs)")
-    rounds = []
-    cur = net.copy()
-    masks: dict = {}
-    steps = []
-    if opts.schedule == "lowrank-prune":
-        steps.append(("factorize", None))
-    steps += [("prune", s) for s in opts.prune_steps]
-    factorize_report = None
+
+    def keep(i, phase, what, before):  # rank 0 writes the checkpoint
+        if ck is not None and dist.main:
+            ck.run = run_state(i, phase, cur, masks, what, before, rounds, base_acc, factorize_summary,
+                               opts.train_net)
+            ck.save()
 
     for i, (kind, s) in enumerate(steps, 1):
-        if dist.main:  # the step, on rank 0 alone; the others take its net and masks
-            if kind == "factorize":
-                factorize_report, cur = _factorize(cur, opts)
-                what = f"factorize ({opts.scheme}, {opts.speedup:g}x MACs)"
-            else:
-                pruned = cur.copy()
-                new_masks, _ = prune_net(pruned, PruneSpec(fraction=float(s), scope=opts.prune_scope))
-                masks = grow_masks(masks, new_masks)
-                apply_masks(pruned, masks)
-                if opts.calib is not None:
-                    _calibrate_pruned(net, pruned, cur, masks, opts)
-                cur = pruned
-                what = f"prune to {s:.0%} " + ("per layer" if opts.prune_scope == "layer" else "over the net")
-            if opts.calib is not None:
-                what += " + calibrate"
-        if dist.world > 1:
-            packed, masks, what = dist.share((_pack(cur), masks, what) if dist.main else None)
-            cur = cur if dist.main else _unpack(packed)
-        validate(cur)
-        before = acc(cur)
+        if i < start:
+            continue
+        ft_state = None
+        if state is not None and i == state["round"]:  # resumed after this round's step
+            what, before = state["what"], state["top1_after_step"]
+            ck.run, ft_state = state, ck.loaded.get("finetune")
+        else:
+            cur, masks, what, factorize_summary = _step(net, cur, masks, kind, s, opts, dist, factorize_summary)
+            validate(cur)
+            before = acc(cur)
+            keep(i, "training", what, before)
         rec = {"round": i, "step": what, **net_numbers(cur), "top1_after_step": before, "epochs": 0,
                "iterations": 0}
         say(f"round {i}: {what}: val top-1 {before:.4f}")
         if before < goal:
-            trained, hist = finetune(cur, train, val, masks=masks, solver=solver, epochs=int(opts.max_epochs),
-                                     batch_size=opts.batch_size, seed=opts.seed + i, threads=opts.threads,
-                                     progress=progress, log=None, check=(i == 1), workers=int(opts.workers),
-                                     device=opts.device,
-                                     stop=lambda r: r.get("val_top1", 0.0) >= goal,
-                                     teacher=net if opts.distill else None, temperature=opts.temperature,
-                                     distill_weight=opts.distill_weight)
+            def stop(r):
+                return r.get("val_top1", 0.0) >= goal
+            if ft_state is not None and stop(ft_state["log"]["epochs"][-1]):  # killed as the round ended
+                trained, hist = finished_training(cur, masks, ft_state)
+            else:
+                trained, hist = finetune(cur, train, val, masks=masks, solver=solver, epochs=int(opts.max_epochs),
+                                         batch_size=opts.batch_size, seed=opts.seed + i, threads=opts.threads,
+                                         progress=progress, log=None, check=(i == 1), workers=int(opts.workers),
+                                         device=opts.device, stop=stop, checkpoint=ck, resume=ft_state is not None,
+                                         teacher=net if opts.distill else None, temperature=opts.temperature,
+                                         distill_weight=opts.distill_weight)
             cur = trained
             rec["epochs"] = len(hist["epochs"])
             rec["iterations"] = int(hist["iterations"])
@@ -225,6 +242,7 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
         rec["top1"] = acc(cur) if rec["epochs"] else before
         rec["reached"] = rec["top1"] >= goal
         rounds.append(rec)
+        keep(i, "done", what, before)
         say(f"round {i}: {rec['epochs']} epoch(s) -> val top-1 {rec['top1']:.4f}"
             + ("" if rec["reached"] else f" (tolerance NOT reached after {opts.max_epochs} epochs)"))
 
@@ -255,31 +273,66 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
         "time_s": round(time.perf_counter() - t_start, 2),
         "val": getattr(val, "source", None), "train": getattr(train, "source", None),
     }
-    if factorize_report is not None:
-        report["factorize"] = {"layers": [{k: r.get(k) for k in ("name", "action", "scheme", "rank", "reason")}
-                                          for r in factorize_report["layers"]],
-                               "totals": factorize_report["totals"]}
+    if factorize_summary is not None:
+        report["factorize"] = factorize_summary
+    if state is not None:
+        ft = ck.loaded.get("finetune")
+        report["resumed"] = {"from": str(ck), "round": state["round"], "phase": state["phase"],
+                             "epoch": ft["epoch"] if ft else 0}
     return cur, masks, report
 
 
-def _pack(net) -> tuple:
-    """``net`` as plain values (its protobuf messages as bytes), to hand to other processes."""
-    return (net.name, net.header.SerializeToString(), net.source, net.weights_source, list(net.notes),
-            [(la.name, la.type, la.bottoms, la.tops, la.msg.SerializeToString(), la.blobs) for la in net.layers])
+def _open_checkpoint(net, train, val, opts, solver, dist):
+    """``(RunCheckpoint or None, the run state to resume from or None)``. Rank 0 reads and checks
+    the file and hands it to the others (a refusal is raised on every process)."""
+    from lrprune_caffe.errors import BadFileError
+    from lrprune_caffe.train import loop
+    if not opts.checkpoint:
+        if opts.resume:
+            raise UserError("--resume needs a checkpoint file (--checkpoint FILE)")
+        return None, None
+    ck = loop.RunCheckpoint(opts.checkpoint, fingerprint(net, train, val, opts, solver, dist.world)
+                            if dist.main else None)
+    if not opts.resume:
+        return ck, None
+    got = None
+    if dist.main:
+        try:
+            got = ("ok", ck.load())
+        except (UserError, BadFileError) as e:
+            got = (type(e).__name__, str(e))
+    got = dist.share(got)
+    if got[0] != "ok":
+        raise (BadFileError if got[0] == "BadFileError" else UserError)(got[1])
+    ck.loaded = got[1]
+    return ck, (got[1] or {}).get("run")
 
 
-def _unpack(packed):
-    from lrprune_caffe.ir.net import Layer, Net
-    from lrprune_caffe.schema.proto import pb
-    name, header, source, weights_source, notes, layers = packed
-    out = []
-    for lname, ltype, bottoms, tops, msg, blobs in layers:
-        lp = pb.LayerParameter()
-        lp.ParseFromString(msg)
-        out.append(Layer(lname, ltype, list(bottoms), list(tops), lp, list(blobs)))
-    hp = pb.NetParameter()
-    hp.ParseFromString(header)
-    return Net(name, out, hp, source, weights_source, list(notes))
+def _step(original, cur, masks, kind, s, opts, dist, factorize_summary):
+    """Round ``kind``'s compression step, on rank 0 alone; the others take its net and masks.
+    Returns ``(net, masks, what, factorize summary)``."""
+    if dist.main:
+        if kind == "factorize":
+            rep, cur = _factorize(cur, opts)
+            factorize_summary = {"layers": [{k: r.get(k) for k in ("name", "action", "scheme", "rank", "reason")}
+                                            for r in rep["layers"]], "totals": rep["totals"]}
+            what = f"factorize ({opts.scheme}, {opts.speedup:g}x MACs)"
+        else:
+            pruned = cur.copy()
+            new_masks, _ = prune_net(pruned, PruneSpec(fraction=float(s), scope=opts.prune_scope))
+            masks = grow_masks(masks, new_masks)
+            apply_masks(pruned, masks)
+            if opts.calib is not None:
+                _calibrate_pruned(original, pruned, cur, masks, opts)
+            cur = pruned
+            what = f"prune to {s:.0%} " + ("per layer" if opts.prune_scope == "layer" else "over the net")
+        if opts.calib is not None:
+            what += " + calibrate"
+    if dist.world > 1:
+        packed, masks, what, factorize_summary = dist.share(
+            (pack_net(cur), masks, what, factorize_summary) if dist.main else None)
+        cur = cur if dist.main else unpack_net(packed)
+    return cur, masks, what, factorize_summary
 
 
 def _factorize(net, opts):
@@ -300,6 +353,12 @@ def _calibrate_pruned(original, pruned, dense, masks, opts):
     run_pass(calibrate_pruned, pruned, original=original, masks=masks, calib_inputs=opts.calib, dense=dense,
              seed=opts.seed)
     apply_masks(pruned, masks)
+
+
+def _inside(path, folder) -> bool:
+    import os
+    p, f = os.path.realpath(str(path)), os.path.realpath(str(folder))
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
 
 
 def pipeline_markdown(report: dict) -> str:
@@ -337,6 +396,8 @@ def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, lo
     :func:`lrprune_caffe.data.calib.load_calib`), or a dict {input: array}.
     ``train_net``: a train_val Net (every phase, :func:`lrprune_caffe.io.train_net.read_train_net`):
     also written, as OUTDIR/train_val.prototxt, rewritten as the deploy net is.
+    ``checkpoint`` / ``resume`` (see :mod:`lrprune_caffe.core.pipeline_state`): a file beside (not in)
+    ``outdir`` written after each step, fine-tuning epoch and round; continue a killed run from it.
     Under torchrun only rank 0 reads the calibration data and writes."""
     from lrprune_caffe.train.loop import process_rank
     main = process_rank() == 0
@@ -352,6 +413,9 @@ def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, lo
     opts = PipelineOptions(calib=calib, **kw)
     if outdir is not None:
         check_outdir(outdir)  # before the training, not after
+        if opts.checkpoint and _inside(opts.checkpoint, outdir):
+            raise UserError(f"--checkpoint {opts.checkpoint}: not inside the output folder {outdir} (it appears "
+                            f"only complete, with this run's outputs); put it beside it")
     final, masks, report = run_pipeline(net, train, val, opts, log=log)
     report["source"] = {"prototxt": str(prototxt), "weights": str(weights)}
     if outdir is not None and main:

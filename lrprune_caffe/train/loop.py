@@ -24,7 +24,8 @@
 * **Checkpoints.** :func:`save_checkpoint` writes parameters, solver history,
   iteration, epoch, RNG state and the history so far, atomically (a kill during
   the write leaves the previous checkpoint); :func:`load_checkpoint` checks that
-  it belongs to the same run settings.
+  it belongs to the same run settings. :class:`RunCheckpoint` is one file holding a
+  caller's state beside finetune's (the pipeline: its rounds, the round's net and masks).
 """
 
 from __future__ import annotations
@@ -281,32 +282,95 @@ def run_key(**settings) -> dict:
     return {k: settings[k] for k in sorted(settings)}
 
 
-def save_checkpoint(path, model, opt, it, epoch, history, key: dict):
+FINETUNE_FORMAT = "lrprune-caffe finetune checkpoint 1"
+RUN_FORMAT = "lrprune-caffe pipeline checkpoint 1"
+
+
+class RunCheckpoint:
+    """A checkpoint file that carries a caller's state beside finetune's: the pipeline's rounds.
+
+    Passed to :func:`~lrprune_caffe.train.finetune.finetune` as its ``checkpoint`` (it is used
+    as a path, ``str()``), it makes :func:`save_checkpoint` write ``{"run": self.run, "finetune":
+    <finetune's state>}`` into one file and :func:`load_checkpoint` return the finetune part. The
+    caller sets :attr:`run` before each write (:meth:`save` writes it without a finetune part).
+    ``key``: the run's fingerprint (:func:`run_key`), checked by :meth:`load`; ``loaded``: the state
+    read by :meth:`load` (or handed over by rank 0), from which finetune's resume takes its part.
+    """
+
+    def __init__(self, path, key: dict):
+        self.path, self.key, self.run, self.loaded = str(path), key, None, None
+
+    def __str__(self):
+        return self.path
+
+    __fspath__ = __str__
+
+    def save(self, finetune_state=None):
+        _write_atomic(self.path, {"format": RUN_FORMAT, "key": self.key, "run": self.run,
+                                  "finetune": finetune_state})
+
+    def load(self) -> dict:
+        """The state in the file (``None`` when there is none), checked to be of this run."""
+        if not os.path.exists(self.path):
+            return None
+        self.loaded = _read(self.path, RUN_FORMAT, "a pipeline checkpoint")
+        _check_key(self.path, self.loaded["key"], self.key)
+        return self.loaded
+
+
+def _write_atomic(path, state):
+    """torch.save to ``path`` through a temporary file beside it: a kill leaves the previous file."""
     torch = require_torch()
-    state = {"format": "lrprune-caffe finetune checkpoint 1", "key": key, "iteration": int(it),
-             "epoch": int(epoch), "params": [p.detach().cpu() for p in model.params],
-             "history": [h.detach().cpu() for h in opt.history],
-             "history2": None if opt.history2 is None else [h.detach().cpu() for h in opt.history2],
-             "torch_rng": torch.get_rng_state(), "log": history}
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_checkpoint(path, key: dict) -> dict:
+def _read(path, fmt, what):
     torch = require_torch()
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as e:
         raise BadFileError(f"cannot read the checkpoint: {e}", path=path) from None
-    if not isinstance(state, dict) or state.get("format") != "lrprune-caffe finetune checkpoint 1":
-        raise BadFileError("not a finetune checkpoint", path=path)
-    diff = [k for k in key if state["key"].get(k) != key[k]]
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise BadFileError(f"not {what}", path=path)
+    return state
+
+
+def _check_key(path, have: dict, key: dict):
+    diff = [k for k in key if have.get(k) != key[k]]
     if diff:
-        was = ", ".join(f"{k} {state['key'].get(k)!r} (now {key[k]!r})" for k in diff)
+        was = ", ".join(f"{k} {have.get(k)!r} (now {key[k]!r})" for k in diff)
         raise UserError(f"{path}: the checkpoint is of another run: {was}")
+
+
+def save_checkpoint(path, model, opt, it, epoch, history, key: dict):
+    torch = require_torch()
+    state = {"format": FINETUNE_FORMAT, "key": key, "iteration": int(it),
+             "epoch": int(epoch), "params": [p.detach().cpu() for p in model.params],
+             "history": [h.detach().cpu() for h in opt.history],
+             "history2": None if opt.history2 is None else [h.detach().cpu() for h in opt.history2],
+             "torch_rng": torch.get_rng_state(), "log": history}
+    if isinstance(path, RunCheckpoint):
+        path.save(state)
+    else:
+        _write_atomic(path, state)
+
+
+def load_checkpoint(path, key: dict) -> dict:
+    if isinstance(path, RunCheckpoint):
+        state = (path.loaded or {}).get("finetune")
+        if state is None:
+            raise BadFileError("the checkpoint holds no fine-tuning state to resume", path=path)
+    else:
+        state = _read(path, FINETUNE_FORMAT, "a finetune checkpoint")
+    _check_key(path, state["key"], key)
     return state
 
 
@@ -325,4 +389,4 @@ def restore(state, model, opt):
 
 __all__ = ["EpochBatches", "RawBatches", "train_loader", "backend_for", "check_device",
            "collate", "Dist", "dist_context", "launch_local", "wrap_ddp", "process_rank",
-           "save_checkpoint", "load_checkpoint", "restore", "run_key"]
+           "save_checkpoint", "load_checkpoint", "restore", "run_key", "RunCheckpoint"]
