@@ -414,8 +414,8 @@ def pipeline_files(prototxt, weights, train, val, outdir=None, *, onnx=False, lo
     if outdir is not None:
         check_outdir(outdir)  # before the training, not after
         if opts.checkpoint and _inside(opts.checkpoint, outdir):
-            raise UserError(f"--checkpoint {opts.checkpoint}: not inside the output folder {outdir} (it appears "
-                            f"only complete, with this run's outputs); put it beside it")
+            raise UserError(f"--checkpoint {opts.checkpoint} is inside the output folder {outdir}, which appears "
+                            f"only complete, with this run's outputs: put the checkpoint beside it")
     final, masks, report = run_pipeline(net, train, val, opts, log=log)
     report["source"] = {"prototxt": str(prototxt), "weights": str(weights)}
     if outdir is not None and main:
