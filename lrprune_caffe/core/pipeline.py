@@ -302,7 +302,8 @@ def _open_checkpoint(net, train, val, opts, solver, dist):
         except (UserError, BadFileError) as e:
             got = (type(e).__name__, str(e))
     got = dist.share(got)
-    if got[0] != "ok":
+    if got[0] != "ok":  # refused on every process, which leave the group together
+        dist.close()
         raise (BadFileError if got[0] == "BadFileError" else UserError)(got[1])
     ck.loaded = got[1]
     return ck, (got[1] or {}).get("run")
