@@ -57,9 +57,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {
     "io.wire": (["lrprune_caffe/io/wire.py"],
                 ["tests/test_wire.py", "tests/test_proto.py", "tests/test_io_golden.py", "tests/test_sparse.py"]),
-    "io.caffe": (["lrprune_caffe/io/caffe.py"],
+    "io.caffe": (["lrprune_caffe/io/caffe.py", "lrprune_caffe/io/prototxt.py", "lrprune_caffe/io/caffemodel.py"],
                  ["tests/test_caffemodel_codec.py", "tests/test_io_golden.py", "tests/test_bad_input.py",
-                  "tests/test_cli_io.py"]),
+                  "tests/test_bad_input_classes.py", "tests/test_proto.py", "tests/test_cli_io.py"]),
     "ir.layers": (["lrprune_caffe/ir/layers/*.py"],
                   ["tests/test_layer_shapes.py", "tests/test_registry.py", "tests/test_onnx_activations.py",
                    "tests/test_ssd.py", "tests/test_onnx.py", "tests/test_io_golden.py",
@@ -77,9 +77,9 @@ GROUPS = {
 
 #: mutant id -> why it changes no behaviour (ids as printed by this tool); judged by hand
 EQUIVALENT: dict[str, str] = {
-    "lrprune_caffe/io/caffe.py::merge_weights::4 -> 3":
+    "lrprune_caffe/io/caffemodel.py::merge_weights::4 -> 3":
         "len(e) <= 3: a 4-D e only reaches this test when e != arr.shape, where (1,)*0 + e == arr.shape is false",
-    "lrprune_caffe/io/caffe.py::caffemodel_chunks::1 -> 0 #2":
+    "lrprune_caffe/io/caffemodel.py::caffemodel_chunks::1 -> 0 #2":
         "chunks[-0] is chunks[-1]: the name is the only chunk yet",
     "lrprune_caffe/ir/layers/conv.py::ConvolutionSpec.infer::n + 2 * p < k or out < 1 -> n + 2 * p < k and out < 1":
         "n + 2p < k implies out = (n + 2p - k) // stride + 1 < 1",
@@ -281,8 +281,14 @@ def mutant_source(m: Mutant, src: str) -> str:
 def group_files(module: str) -> list:
     files = []
     for pat in GROUPS[module][0]:
-        files += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pat) if p.name != "__init__.py" or "*" not in pat)
-    return [f for f in files if (ROOT / f).exists()]
+        found = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pat) if p.name != "__init__.py" or "*" not in pat)
+        if not found:
+            raise SystemExit(f"{module}: no source file matches {pat!r} (moved? update GROUPS)")
+        files += found
+    missing = [t for t in GROUPS[module][1] if not (ROOT / t).exists()]
+    if missing:
+        raise SystemExit(f"{module}: test file(s) {', '.join(missing)} not found (update GROUPS)")
+    return files
 
 
 # ---- a line tracer, loaded into pytest as a plugin (-p mutation) -------------------------
