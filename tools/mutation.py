@@ -68,7 +68,7 @@ GROUPS = {
                 ["tests/test_decompose.py", "tests/test_datafit.py", "tests/test_latency.py",
                  "tests/test_factorize.py", "tests/test_calibrate.py"]),
     "masks": (["lrprune_caffe/transforms/prune.py", "lrprune_caffe/ir/masks.py"],
-              ["tests/test_prune.py", "tests/test_compress_prune.py", "tests/test_calibrate.py",
+              ["tests/test_masks.py", "tests/test_prune.py", "tests/test_compress_prune.py", "tests/test_calibrate.py",
                "tests/test_finetune.py", "tests/test_sparse.py"]),
     "export.sparse": (["lrprune_caffe/export/sparse.py"], ["tests/test_sparse.py"]),
     "fileutil": (["lrprune_caffe/fileutil.py"],
