@@ -23,12 +23,15 @@ Each mutant changes one thing:
 Docstrings, other strings, f-strings, annotations, ``__all__`` and lines marked
 ``# pragma: no mutate`` are left alone. Every module is mutated in a private copy of
 the repository (``../shared`` linked beside it, so the tests see the golden corpus);
-per mutant, the module's own test files (``GROUPS``) run with ``pytest -x`` and a
-timeout of 3x their unmutated time. A mutant is *killed* when a test fails (or the
-run errs or times out) and *survives* when all pass. Mutants on lines the tests never
-execute in-process (a line tracer during the unmutated run) are not run: they survive
-as "not covered". ``EQUIVALENT`` lists survivors judged to change no behaviour, with
-the reason; the score is killed / (sampled - equivalent).
+each of the module's test files (``GROUPS``) runs once unmutated under a line tracer;
+per mutant, the files that execute its line run one at a time (most targeted first)
+with ``pytest -x`` and a timeout of 3x the module's traced time. A mutant is *killed*
+when a test fails (or the run errs or times out) and *survives* when all pass.
+Mutants on lines no test file executes in-process are not run: they survive as "not
+covered" (lines reached only in a subprocess count as not executed). ``EQUIVALENT``
+lists survivors judged to change no behaviour, with the reason; the score is
+killed / (sampled - equivalent). ``--rerun`` runs an earlier run's survivors again and
+prints the scores of the two runs combined (the same sample, after new tests).
 
 This is a developer tool: it takes tens of minutes and is not part of CI.
 """
@@ -359,31 +362,38 @@ class Workspace:
 
 
 def baseline(ws: Workspace, module: str):
-    """(seconds, {relpath: covered lines}) of the module's tests on the unmutated code."""
+    """(seconds, {test file: {relpath: covered lines}}) of the module's tests on the unmutated
+    code: each test file runs alone under the line tracer, so a mutant runs only the files that
+    execute its line."""
     files = group_files(module)
-    trace = ws.base / f"trace-{module}.json"
-    env = {"MUTATION_TRACE_FILES": os.pathsep.join(str(ws.repo / f) for f in files),
-           "MUTATION_TRACE_OUT": str(trace)}
-    rc, secs, detail = ws.pytest(GROUPS[module][1], timeout=1800, env_extra=env)
-    if rc != 0:
-        raise SystemExit(f"{module}: its tests fail without any mutation ({detail})")
-    hits = json.loads(trace.read_text()) if trace.exists() else {}
-    cov = {f: set(hits.get(str(ws.repo / f), [])) for f in files}
-    rc, secs, _ = ws.pytest(GROUPS[module][1], timeout=1800)  # untraced time, for the timeout
-    return secs, cov
+    env = {"MUTATION_TRACE_FILES": os.pathsep.join(str(ws.repo / f) for f in files)}
+    cov, total = {}, 0.0
+    for i, test in enumerate(GROUPS[module][1]):
+        trace = ws.base / f"trace-{module}-{i}.json"
+        rc, secs, detail = ws.pytest([test], timeout=1800, env_extra=dict(env, MUTATION_TRACE_OUT=str(trace)))
+        if rc not in (0, 5):
+            raise SystemExit(f"{module}: {test} fails without any mutation ({detail})")
+        total += secs
+        hits = json.loads(trace.read_text()) if trace.exists() else {}
+        cov[test] = {f: set(hits.get(str(ws.repo / f), [])) for f in files}
+    return total, cov  # traced time: an upper bound of the untraced one, for the timeout
 
 
 def run_mutant(ws: Workspace, m: Mutant, tests, timeout):
+    """Runs ``tests`` (the files that execute the mutant's line, most targeted first) with ``-x``,
+    one file at a time until one fails."""
     target = ws.repo / m.path
     original = target.read_text()
+    rc, secs, detail = 0, 0.0, ""
     try:
         target.write_text(mutant_source(m, original))
-        # the module's most targeted test file alone first: most mutants die there, and
-        # collecting the others (onnx, OpenCV, golden files) costs more than running it
-        rc, secs, detail = ws.pytest(tests[:1], timeout)
-        if rc in (0, 5) and len(tests) > 1:
-            rc, secs2, detail = ws.pytest(tests[1:], timeout)
-            secs += secs2
+        # one file at a time: most mutants die in the first (most targeted) one, and collecting
+        # the others (onnx, OpenCV, golden files) costs more than running it
+        for test in tests:
+            rc, s, detail = ws.pytest([test], timeout)
+            secs += s
+            if rc not in (0, 5):
+                break
     except LookupError as e:
         rc, secs, detail = "stale", 0.0, str(e)
     finally:
@@ -449,12 +459,14 @@ def main(argv=None):
     try:
         for mod, ms in chosen.items():
             secs, cov = baseline(workspaces[0], mod)
-            timeout = max(30.0, 3 * secs)
+            timeout = max(60.0, 3 * secs)
             print(f"== {mod}: {len(ms)} mutants, tests {' '.join(GROUPS[mod][1])} ({secs:.0f} s unmutated)",
                   flush=True)
             todo = []
+            tests_of = {}
             for m in ms:
-                m.covered = m.line in cov.get(m.path, set())
+                tests_of[m.id] = [t for t in GROUPS[mod][1] if m.line in cov[t].get(m.path, set())]
+                m.covered = bool(tests_of[m.id])
                 if m.id in EQUIVALENT:
                     m.status, m.detail = "equivalent", EQUIVALENT[m.id]
                 elif not m.covered and not a.run_uncovered:
@@ -469,7 +481,7 @@ def main(argv=None):
                 with lock:
                     ws = free.pop()
                 try:
-                    run_mutant(ws, m, GROUPS[mod][1], timeout)
+                    run_mutant(ws, m, tests_of[m.id] or GROUPS[mod][1], timeout)
                 finally:
                     with lock:
                         free.append(ws)
@@ -483,6 +495,16 @@ def main(argv=None):
         for ws in workspaces:
             ws.close()
 
+    if a.rerun:  # the earlier run's sample, its survivors replaced by this run's outcome
+        print(f"\n(reran {sum(map(len, results.values()))} survivors of {a.rerun})")
+        redone = {m.id: m for ms in results.values() for m in ms}
+        results = {}
+        for d in json.loads(Path(a.rerun).read_text())["mutants"]:
+            if d["module"] in modules:
+                m = redone.get(d["id"]) or Mutant(**d)
+                if m.id in EQUIVALENT and m.status in ("survived", "not covered"):
+                    m.status, m.detail = "equivalent", EQUIVALENT[m.id]
+                results.setdefault(d["module"], []).append(m)
     print(f"\nmutation score per module ({time.monotonic() - t_start:.0f} s):")
     for mod, ms in results.items():
         k, n = score(ms)
