@@ -76,6 +76,14 @@ def _latency_defaults(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("LRPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "lrprune-cache"))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``): one BLAS / OpenMP / torch thread per worker process (and in
+    the processes tests start), so N workers use N cores instead of spinning N x cores threads."""
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+
+
 # ---- slow tests, counted: the suite must stay under 2 minutes (README, Tests) ----------------
 
 _DURATIONS = {"slow": [0, 0.0], "all": [0, 0.0]}

@@ -48,6 +48,12 @@ def test_parse_prune_arg():
             parse_prune_arg(bad)
 
 
+def test_parse_layer_list():
+    from lrprune_caffe.transforms.prune import parse_layer_list
+    assert parse_layer_list("conv1, ip2,,a/b ") == ("conv1", "ip2", "a/b")
+    assert parse_layer_list("") == () and parse_layer_list(None) == () and parse_layer_list(" , ") == ()
+
+
 # ---- masks ---------------------------------------------------------------------------------
 
 def test_smallest_k_exact_with_ties():
@@ -208,7 +214,16 @@ def test_bad_requests_leave_net_untouched():
         (PruneSpec(per_layer={"relu1": 0.5}), r"'relu1' \(ReLU\) has no weights"),
         (PruneSpec(per_layer={"ip1": 1.5}), "outside"),
         (PruneSpec(fraction=0.5, scope="net"), "scope"),
-        (PruneSpec(fraction=0.5, structured=True, scope="global"), "per layer"),
+        (PruneSpec(fraction=0.5, structured=True, scope="global"), "per layer; it cannot be combined with "
+                                                                   "--prune-scope global"),
+        (PruneSpec(fraction=0.5, structured=True, method="std", quality=1.0), "cannot be combined with "
+                                                                              "--prune-method std"),
+        (PruneSpec(fraction=0.5, method="std"), "needs --quality Q"),
+        (PruneSpec(fraction=0.5, method="std", quality=-1), "quality -1 must be a number >= 0"),
+        (PruneSpec(fraction=0.5, method="std", quality=1.0, per_layer_quality={"ip1": "x"}), "ip1: quality x"),
+        (PruneSpec(fraction=0.5, method="l1"), "--prune-method: 'l1' is not one of magnitude, std"),
+        (PruneSpec(per_layer={"ip1": 0.5}, exclude=("ip1",)), "'ip1' is both given a fraction and excluded"),
+        (PruneSpec(fraction=0.5, exclude=("conv1", "conv2", "ip1", "ip2")), "leave no layer to prune"),
         (PruneSpec(per_layer={"ip2": 0.5}, structured=True), r"'ip2'.*'prob' \(Softmax\)"),
     ]
     for spec, msg in cases:
