@@ -48,6 +48,18 @@ def test_parse_prune_arg():
             parse_prune_arg(bad)
 
 
+def test_resolve_targets_fractions_in_net_order():
+    from lrprune_caffe.transforms.prune import resolve_targets
+    net, _ = golden_net("lenet_mnist")  # prunable: conv1, conv2, ip1, ip2
+    assert resolve_targets(net, PruneSpec(method="std", quality=1.0)) == {
+        "conv1": 1.0, "conv2": 1.0, "ip1": 1.0, "ip2": 1.0}  # std without a fraction: every layer, 1.0
+    assert resolve_targets(net, PruneSpec(method="std", quality=1.0, per_layer={"ip1": 0.0})) == {
+        "conv1": 1.0, "conv2": 1.0, "ip2": 1.0}
+    assert list(resolve_targets(net, PruneSpec(fraction=0.5, per_layer={"conv1": 0.25}, exclude=("ip2",))).items()) \
+        == [("conv1", 0.25), ("conv2", 0.5), ("ip1", 0.5)]
+    assert resolve_targets(net, PruneSpec(per_layer={"ip1": 0.3})) == {"ip1": 0.3}
+
+
 def test_parse_layer_list():
     from lrprune_caffe.transforms.prune import parse_layer_list
     assert parse_layer_list("conv1, ip2,,a/b ") == ("conv1", "ip2", "a/b")

@@ -23,9 +23,10 @@ Each mutant changes one thing:
 Docstrings, other strings, f-strings, annotations, ``__all__`` and lines marked
 ``# pragma: no mutate`` are left alone. Every module is mutated in a private copy of
 the repository (``../shared`` linked beside it, so the tests see the golden corpus);
-each of the module's test files (``GROUPS``) runs once unmutated under a line tracer;
-per mutant, the files that execute its line run one at a time (most targeted first)
-with ``pytest -x`` and a timeout of 3x the module's traced time. A mutant is *killed*
+each of the module's test files (``GROUPS``) runs once unmutated under a line tracer that
+notes which test executes which line; per mutant, those tests run, one file at a time
+(most targeted first) with ``pytest -x`` and a timeout of 3x the module's traced time;
+if they all pass, the whole files run again before the mutant counts as surviving. A mutant is *killed*
 when a test fails (or the run errs or times out) and *survives* when all pass.
 Mutants on lines no test file executes in-process are not run: they survive as "not
 covered" (lines reached only in a subprocess count as not executed). ``EQUIVALENT``
@@ -296,7 +297,8 @@ def group_files(module: str) -> list:
 
 # ---- a line tracer, loaded into pytest as a plugin (-p mutation) -------------------------
 
-_HITS: dict = {}
+_HITS: dict = {}      # file -> line -> {test node ids that executed it ("" = outside any test)}
+_CURRENT = [""]       # the node id of the test running now
 
 
 def pytest_configure(config):
@@ -307,24 +309,33 @@ def pytest_configure(config):
 
     def local(frame, event, arg):
         if event == "line":
-            _HITS[frame.f_code.co_filename].add(frame.f_lineno)
+            _HITS[frame.f_code.co_filename].setdefault(frame.f_lineno, set()).add(_CURRENT[0])
         return local
 
     def glob(frame, event, arg):
         fn = frame.f_code.co_filename
         if fn in wanted:
-            _HITS.setdefault(fn, set()).add(frame.f_lineno)
+            _HITS.setdefault(fn, {}).setdefault(frame.f_lineno, set()).add(_CURRENT[0])
             return local
         return None
     sys.settrace(glob)
     threading.settrace(glob)
 
 
+def pytest_runtest_logstart(nodeid, location):
+    _CURRENT[0] = nodeid
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _CURRENT[0] = ""
+
+
 def pytest_unconfigure(config):
     out = os.environ.get("MUTATION_TRACE_OUT")
     if out:
         sys.settrace(None)
-        Path(out).write_text(json.dumps({k: sorted(v) for k, v in _HITS.items()}))
+        Path(out).write_text(json.dumps({f: {str(ln): sorted(ids) for ln, ids in lines.items()}
+                                         for f, lines in _HITS.items()}))
 
 
 # ---- running ----------------------------------------------------------------------------
@@ -375,23 +386,28 @@ def baseline(ws: Workspace, module: str):
             raise SystemExit(f"{module}: {test} fails without any mutation ({detail})")
         total += secs
         hits = json.loads(trace.read_text()) if trace.exists() else {}
-        cov[test] = {f: set(hits.get(str(ws.repo / f), [])) for f in files}
+        cov[test] = {f: {int(ln): set(ids) for ln, ids in hits.get(str(ws.repo / f), {}).items()} for f in files}
     return total, cov  # traced time: an upper bound of the untraced one, for the timeout
 
 
-def run_mutant(ws: Workspace, m: Mutant, tests, timeout):
-    """Runs ``tests`` (the files that execute the mutant's line, most targeted first) with ``-x``,
-    one file at a time until one fails."""
+def run_mutant(ws: Workspace, m: Mutant, selections, timeout):
+    """``selections``: [(test file, node ids or None = the whole file)], most targeted first.
+    First only the tests that executed the mutant's line run, one file at a time with ``-x``
+    until one fails; a mutant they all pass runs the whole files again (a test may check what
+    a module-scoped fixture, traced under another test, computed) before it counts as survived."""
     target = ws.repo / m.path
     original = target.read_text()
     rc, secs, detail = 0, 0.0, ""
     try:
         target.write_text(mutant_source(m, original))
-        # one file at a time: most mutants die in the first (most targeted) one, and collecting
-        # the others (onnx, OpenCV, golden files) costs more than running it
-        for test in tests:
-            rc, s, detail = ws.pytest([test], timeout)
-            secs += s
+        for whole in (False, True):
+            if whole and not any(ids for _, ids in selections):
+                break  # the first pass already ran whole files
+            for test, ids in selections:
+                rc, s, detail = ws.pytest([test] if whole or not ids else sorted(ids), timeout)
+                secs += s
+                if rc not in (0, 5):
+                    break
             if rc not in (0, 5):
                 break
     except LookupError as e:
@@ -465,7 +481,11 @@ def main(argv=None):
             todo = []
             tests_of = {}
             for m in ms:
-                tests_of[m.id] = [t for t in GROUPS[mod][1] if m.line in cov[t].get(m.path, set())]
+                tests_of[m.id] = []
+                for t in GROUPS[mod][1]:
+                    ids = cov[t].get(m.path, {}).get(m.line)
+                    if ids:  # executed outside any test (import, collection): the whole file
+                        tests_of[m.id].append((t, None if "" in ids else ids))
                 m.covered = bool(tests_of[m.id])
                 if m.id in EQUIVALENT:
                     m.status, m.detail = "equivalent", EQUIVALENT[m.id]
@@ -481,7 +501,7 @@ def main(argv=None):
                 with lock:
                     ws = free.pop()
                 try:
-                    run_mutant(ws, m, tests_of[m.id] or GROUPS[mod][1], timeout)
+                    run_mutant(ws, m, tests_of[m.id] or [(t, None) for t in GROUPS[mod][1]], timeout)
                 finally:
                     with lock:
                         free.append(ws)
