@@ -78,6 +78,9 @@ def test_smallest_k_exact_with_ties():
         kept = np.concatenate([np.abs(a[ma]), np.abs(b[mb])])
         if pruned.size and kept.size:
             assert pruned.max() <= kept.min()
+    for k, pruned in ((-3, 0), (-1, 0), (8, 8), (50, 8)):  # k is clamped to [0, size]
+        ma, mb = smallest_k_masks([a, b], k)
+        assert (~ma).sum() + (~mb).sum() == pruned, k
     ma, mb = smallest_k_masks([a, b], 3)  # ties at 0.1 pruned in order: a first, C order
     assert (~ma).tolist() == [[False, True, True], [True, False, False]] and mb.all()
 

@@ -96,6 +96,8 @@ EQUIVALENT: dict[str, str] = {
         "only which vectors count as already there: the other side is None, so they are recomputed, same result",
     "lrprune_caffe/lowrank/decompose.py::left_vectors::0 -> 1":
         "default seed of the randomized route: any seed is as valid",
+    "lrprune_caffe/transforms/prune.py::smallest_k_masks::1 -> 2 #3":
+        "keep.reshape(-2) is keep.reshape(-1): numpy takes any negative size as the unknown one",
     "lrprune_caffe/export/sparse.py::csr_relative_bytes::1 -> 2 #6":
         "rows per processing block: memory only, same count",
     "lrprune_caffe/export/sparse.py::caffemodel_layer_bytes::7 -> 8": "field 8's key is one byte, as field 7's",
