@@ -103,6 +103,8 @@ EQUIVALENT: dict[str, str] = {
     "lrprune_caffe/export/sparse.py::caffemodel_layer_bytes::7 -> 8": "field 8's key is one byte, as field 7's",
     "lrprune_caffe/io/prototxt.py::_looks_binary::return False -> return None":
         "every caller tests it with if: None is falsy",
+    "lrprune_caffe/io/prototxt.py::_state_meets_rule::return False -> return None #5":
+        "its callers take any() of it: None is falsy",
     "lrprune_caffe/io/caffemodel.py::caffemodel_size::100 -> 101": "field 101's key is two bytes, as field 100's",
     "lrprune_caffe/io/caffemodel.py::caffemodel_size::100 -> 99": "field 99's key is two bytes, as field 100's",
     "lrprune_caffe/io/wire.py::blob_size::1 -> 2 #2": "a size only: field 2's key is one byte, as field 1's",
