@@ -74,3 +74,31 @@ def _latency_defaults(monkeypatch, tmp_path_factory):
     from lrprune_caffe.core import latency_cost
     monkeypatch.setattr(latency_cost, "MEASURE_ROUNDS", 3)
     monkeypatch.setenv("LRPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "lrprune-cache"))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``): one BLAS / OpenMP / torch thread per worker process (and in
+    the processes tests start), so N workers use N cores instead of spinning N x cores threads."""
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+
+
+# ---- slow tests, counted: the suite must stay under 2 minutes (README, Tests) ----------------
+
+_DURATIONS = {"slow": [0, 0.0], "all": [0, 0.0]}
+
+
+def pytest_runtest_logreport(report):
+    """Per test (setup + call + teardown; with pytest-xdist these arrive at the controller)."""
+    for kind in ("slow", "all") if "slow" in report.keywords else ("all",):
+        _DURATIONS[kind][1] += report.duration
+        if report.when == "call":
+            _DURATIONS[kind][0] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    (n_slow, t_slow), (n_all, t_all) = _DURATIONS["slow"], _DURATIONS["all"]
+    if n_all:
+        terminalreporter.write_line(f"slow tests (@pytest.mark.slow): {n_slow} of {n_all} run, {t_slow:.1f} s "
+                                    f"of {t_all:.1f} s of test time")

@@ -226,3 +226,25 @@ def test_the_first_missing_required_field_is_named(tmp_path):
                  'layer { name: "clip" type: "Clip" bottom: "d" top: "c" clip_param { } }\n')
     with pytest.raises(BadFileError, match="required field 'clip_param.min' is not set"):
         read_net(p)
+
+
+def test_legacy_blobs_beyond_the_expected_count_are_refused(tmp_path):
+    """A legacy (num/channels/height/width) caffemodel with a bias the prototxt turns off: Caffe's
+    "Incompatible number of blobs", here one BadFileError naming the layer (not an IndexError)."""
+    from lrprune_caffe.io.caffe import load_net
+    (tmp_path / "n.prototxt").write_text(
+        'name: "n"\ninput: "data" input_shape { dim: 1 dim: 3 }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+        'inner_product_param { num_output: 2 bias_term: false } }\n')
+    net = pb.NetParameter(layer=[pb.LayerParameter(name="ip", type="InnerProduct", blobs=[
+        pb.BlobProto(num=1, channels=1, height=2, width=3, data=np.arange(6.0)),
+        pb.BlobProto(num=1, channels=1, height=1, width=2, data=[1.0, 2.0])])])
+    (tmp_path / "m.caffemodel").write_bytes(net.SerializeToString())
+    with pytest.raises(BadFileError, match=r"layer 'ip' \(InnerProduct\): has 2 blobs, expected 1 of shapes "
+                                           r"\[\(2, 3\)\] \(weights from .*m\.caffemodel\)"):
+        load_net(tmp_path / "n.prototxt", tmp_path / "m.caffemodel")
+    # the same weights without the bias: the legacy 1x1x2x3 blob takes the layer's (2, 3) shape
+    del net.layer[0].blobs[1]
+    (tmp_path / "m.caffemodel").write_bytes(net.SerializeToString())
+    ip = load_net(tmp_path / "n.prototxt", tmp_path / "m.caffemodel").layer("ip")
+    assert ip.blobs[0].shape == (2, 3) and ip.blobs[0].tolist() == [[0, 1, 2], [3, 4, 5]]

@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 
-from conftest import SHARED, golden_case, lenet_files, load_npz
+from conftest import SHARED, golden_case, lenet_files, load_npz, require_shared
 from lrprune_caffe.io.caffe import load_net
 from lrprune_caffe.transforms import Precondition, run_pass
 from lrprune_caffe.transforms.calibrate import calibrate_factorized, calibrate_pruned
@@ -96,8 +96,7 @@ def test_grouped_conv_and_fc_chains_fit_better_than_data_free(scheme, ranks):
 def lenet():
     _, proto, weights = lenet_files()
     split = SHARED / "data" / "mnist5k_split.npz"
-    if not split.exists():
-        pytest.skip(f"{split} not present")
+    require_shared(split)
     z = load_npz(split)
     cal = {"data": z["x_train"][:512, None].astype(np.float32) / 256}
     return load_net(proto, weights), cal, z["x_test"][:, None].astype(np.float32) / 256, z["y_test"]

@@ -119,9 +119,8 @@ def test_pipeline_suggestions_are_pipeline_flags(tmp_path, capsys):
     """The issue's case: on a net with two outputs pipeline suggested --output BLOB, which it does not
     take; every flag its message names belongs to pipeline or to the commands the message names."""
     pytest.importorskip("torch")
-    split = ROOT.parent / "shared" / "data" / "mnist5k_split.npz"
-    if not split.exists():
-        pytest.skip(f"{split} not present")
+    from conftest import SHARED, require_shared
+    split = require_shared(SHARED / "data" / "mnist5k_split.npz")
     two = tmp_path / "two.prototxt"
     two.write_text(PROTO.read_text() + '\nlayer { name: "extra" type: "Softmax" bottom: "ip2" top: "extra" }\n')
     rc, out, err = run(capsys, "pipeline", two, MODEL, "--data-split", split, "-o", tmp_path / "o",

@@ -17,8 +17,7 @@ SPLIT = SHARED / "data" / "mnist5k_split.npz"
 
 
 def _split():
-    if not SPLIT.exists():
-        pytest.skip(f"{SPLIT} not present")
+    require_shared(SPLIT)
     return SPLIT
 
 

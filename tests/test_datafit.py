@@ -392,12 +392,11 @@ def lenet_forward(net, x, conv2=None):
 
 @pytest.fixture(scope="module")
 def lenet():
-    from conftest import SHARED, lenet_files
+    from conftest import SHARED, lenet_files, require_shared
     from lrprune_caffe.io.caffe import load_net
     d, proto, weights = lenet_files()
     split = SHARED / "data" / "mnist5k_split.npz"
-    if not split.exists():
-        pytest.skip(f"{split} not present")
+    require_shared(split)
     with np.load(split) as z:
         data = {k: z[k] for k in z.files}
     net = load_net(proto, weights)

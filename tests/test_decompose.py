@@ -332,8 +332,44 @@ def test_evbmf_threshold_with_known_noise(L, M, sigma2):
 
 
 def test_evbmf_degenerate_spectra():
-    assert rk.evbmf_rank(np.zeros(4), 4, 6) == 4  # all zero: nothing to judge, keep them (min 1)
+    assert rk.evbmf_rank(np.zeros(4), 4, 6) == 0  # a zero matrix carries no signal
+    assert rk.evbmf_rank(np.zeros((0,)), 4, 6) == 0
     assert rk.evbmf_rank(np.array([3.0]), 1, 6) == 1
+    zero = dec.scheme_spectra(np.zeros((8, 4, 3, 3), np.float32), "tucker2")
+    assert rk.vbmf_ranks(zero) == (1, 1)  # a factorization needs rank >= 1
+
+
+@pytest.mark.parametrize("true_rank", [1, 3, 8])
+def test_evbmf_exact_low_rank_with_exact_zeros(true_rank):
+    """A noise-free rank-r matrix: exact zeros in the spectrum say the noise is nil, so the
+    rank is r (the free energy once took log(0) there and chose r - 1 for r = 8)."""
+    L, M = 60, 150
+    s = np.zeros(L)
+    s[:true_rank] = np.linspace(10.0, 2.0, true_rank)  # hand-made: r nonzero values, L - r zeros
+    with np.errstate(all="raise"):  # no log(0), no 0/0
+        assert rk.evbmf_rank(s, L, M) == true_rank
+        assert rk.evbmf_rank(s, M, L) == true_rank
+    # the same spectrum with the zeros replaced by round-off: no jump at exactly 0
+    assert rk.evbmf_rank(np.where(s > 0, s, 1e-14), L, M) == true_rank
+    # a rank-r matrix built by hand: zero rows give LAPACK's exact zeros
+    rng = np.random.default_rng(true_rank)
+    Y = np.zeros((L, M))
+    Y[:true_rank] = rng.standard_normal((true_rank, M))
+    sv = sla.svdvals(Y)
+    assert (sv[true_rank:] == 0).all() and rk.evbmf_rank(sv, L, M) == true_rank
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 1.0, 1e3])
+def test_evbmf_is_scale_invariant(scale):
+    """EVBMF's rank of c * Y is that of Y (sigma^2 scales with c^2). The noise variance of
+    small weights (1e-4..1e-8) was once searched with an absolute tolerance of 1e-5."""
+    rng = np.random.default_rng(3)
+    L, M, r = 64, 576, 3
+    # signal singular values 4.5-5.5 over a noise bulk ending at 3.1 (0.1 * (sqrt(L) + sqrt(M)) = 3.2)
+    Y = rng.standard_normal((L, r)) @ rng.standard_normal((r, M)) / np.sqrt(M) * 0.5 + 0.1 * rng.standard_normal((L, M))
+    s = sla.svdvals(Y)
+    assert s[r - 1] > 1.4 * s[r]
+    assert rk.evbmf_rank(s * scale, L, M) == r
 
 
 def test_tucker2_default_is_plain_hosvd():

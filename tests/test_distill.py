@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, golden_case
+from conftest import GOLDEN, golden_case, require_shared
 
 torch = pytest.importorskip("torch")
 
@@ -30,8 +30,7 @@ def lenet():
 
 @pytest.fixture(scope="module")
 def digits():
-    if not SPLIT.exists():
-        pytest.skip(f"no {SPLIT}")
+    require_shared(SPLIT)
     train, test = load_mnist_split(SPLIT)
     return train.subset(slice(0, 512)), test.subset(slice(0, 300))
 
@@ -143,8 +142,7 @@ def test_defaults_recover_lenet_compressed_without_data(lenet, tmp_path, capsys)
     """Issue 10: compress --speedup 3 --prune 0.9 (no data; 18.4%), then 3 epochs of finetune with the
     default flags on the 4,000 training digits: 75.5% at the old rate 0.001; measured 92.8% now, and
     95.7-95.9% (seeds 0-2) with the original net as the teacher (tools/finetune_lenet.py)."""
-    if not SPLIT.exists():
-        pytest.skip(f"no {SPLIT}")
+    require_shared(SPLIT)
     c = tmp_path / "c"
     assert main(["compress", *map(str, lenet), "-o", str(c), "--speedup", "3", "--prune", "0.9",
                  "--no-verify", "--quiet"]) == 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, ROOT, run_cli
+from conftest import GOLDEN, ROOT, require_shared, run_cli
 
 pytest.importorskip("torch")
 lmdb = pytest.importorskip("lmdb")
@@ -45,8 +45,8 @@ def _data_layer(name, phase, source, batch):
 
 @pytest.fixture(scope="module")
 def train_val(tmp_path_factory):
-    if not (SPLIT.exists() and (MNIST / "model.caffemodel").exists() and BODY.exists()):
-        pytest.skip("golden LeNet / MNIST split not present")
+    for path in (SPLIT, MNIST / "model.caffemodel", BODY):
+        require_shared(path)
     d = tmp_path_factory.mktemp("tv")
     with np.load(SPLIT) as z:
         _write_lmdb(d / "train_lmdb", z["x_train"][:512], z["y_train"][:512])

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import SHARED, golden_case, lenet_files, load_npz, run_cli
+from conftest import SHARED, golden_case, lenet_files, load_npz, require_shared, run_cli
 
 SPLIT = SHARED / "data" / "mnist5k_split.npz"
 CAFFE_TOP1 = 0.973
@@ -24,8 +24,7 @@ def _top1(path, x, y):
 
 
 def _split():
-    if not SPLIT.exists():
-        pytest.skip(f"{SPLIT} not present")
+    require_shared(SPLIT)
     return SPLIT
 
 

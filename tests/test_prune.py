@@ -48,6 +48,24 @@ def test_parse_prune_arg():
             parse_prune_arg(bad)
 
 
+def test_resolve_targets_fractions_in_net_order():
+    from lrprune_caffe.transforms.prune import resolve_targets
+    net, _ = golden_net("lenet_mnist")  # prunable: conv1, conv2, ip1, ip2
+    assert resolve_targets(net, PruneSpec(method="std", quality=1.0)) == {
+        "conv1": 1.0, "conv2": 1.0, "ip1": 1.0, "ip2": 1.0}  # std without a fraction: every layer, 1.0
+    assert resolve_targets(net, PruneSpec(method="std", quality=1.0, per_layer={"ip1": 0.0})) == {
+        "conv1": 1.0, "conv2": 1.0, "ip2": 1.0}
+    assert list(resolve_targets(net, PruneSpec(fraction=0.5, per_layer={"conv1": 0.25}, exclude=("ip2",))).items()) \
+        == [("conv1", 0.25), ("conv2", 0.5), ("ip1", 0.5)]
+    assert resolve_targets(net, PruneSpec(per_layer={"ip1": 0.3})) == {"ip1": 0.3}
+
+
+def test_parse_layer_list():
+    from lrprune_caffe.transforms.prune import parse_layer_list
+    assert parse_layer_list("conv1, ip2,,a/b ") == ("conv1", "ip2", "a/b")
+    assert parse_layer_list("") == () and parse_layer_list(None) == () and parse_layer_list(" , ") == ()
+
+
 # ---- masks ---------------------------------------------------------------------------------
 
 def test_smallest_k_exact_with_ties():
@@ -60,6 +78,9 @@ def test_smallest_k_exact_with_ties():
         kept = np.concatenate([np.abs(a[ma]), np.abs(b[mb])])
         if pruned.size and kept.size:
             assert pruned.max() <= kept.min()
+    for k, pruned in ((-3, 0), (-1, 0), (8, 8), (50, 8)):  # k is clamped to [0, size]
+        ma, mb = smallest_k_masks([a, b], k)
+        assert (~ma).sum() + (~mb).sum() == pruned, k
     ma, mb = smallest_k_masks([a, b], 3)  # ties at 0.1 pruned in order: a first, C order
     assert (~ma).tolist() == [[False, True, True], [True, False, False]] and mb.all()
 
@@ -208,7 +229,16 @@ def test_bad_requests_leave_net_untouched():
         (PruneSpec(per_layer={"relu1": 0.5}), r"'relu1' \(ReLU\) has no weights"),
         (PruneSpec(per_layer={"ip1": 1.5}), "outside"),
         (PruneSpec(fraction=0.5, scope="net"), "scope"),
-        (PruneSpec(fraction=0.5, structured=True, scope="global"), "per layer"),
+        (PruneSpec(fraction=0.5, structured=True, scope="global"), "per layer; it cannot be combined with "
+                                                                   "--prune-scope global"),
+        (PruneSpec(fraction=0.5, structured=True, method="std", quality=1.0), "cannot be combined with "
+                                                                              "--prune-method std"),
+        (PruneSpec(fraction=0.5, method="std"), "needs --quality Q"),
+        (PruneSpec(fraction=0.5, method="std", quality=-1), "quality -1 must be a number >= 0"),
+        (PruneSpec(fraction=0.5, method="std", quality=1.0, per_layer_quality={"ip1": "x"}), "ip1: quality x"),
+        (PruneSpec(fraction=0.5, method="l1"), "--prune-method: 'l1' is not one of magnitude, std"),
+        (PruneSpec(per_layer={"ip1": 0.5}, exclude=("ip1",)), "'ip1' is both given a fraction and excluded"),
+        (PruneSpec(fraction=0.5, exclude=("conv1", "conv2", "ip1", "ip2")), "leave no layer to prune"),
         (PruneSpec(per_layer={"ip2": 0.5}, structured=True), r"'ip2'.*'prob' \(Softmax\)"),
     ]
     for spec, msg in cases:

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, load_npz, run_cli
+from conftest import GOLDEN, load_npz, require_shared, run_cli
 
 LMDB_CASE = GOLDEN / "lenet_lmdb"
 MNIST = GOLDEN / "lenet_mnist"
@@ -21,8 +21,8 @@ MNIST = GOLDEN / "lenet_mnist"
 
 @pytest.fixture
 def case():
-    if not (LMDB_CASE / "train_val.prototxt").exists() or not (MNIST / "model.caffemodel").exists():
-        pytest.skip("golden lenet_lmdb / lenet_mnist not present")
+    require_shared(LMDB_CASE / "train_val.prototxt")
+    require_shared(MNIST / "model.caffemodel")
     pytest.importorskip("lmdb")
     return LMDB_CASE
 

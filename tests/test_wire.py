@@ -101,7 +101,7 @@ def test_malformed_bytes(bad, why):
         pb.BlobProto.FromString(bad)
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 5, 5), (7,), (), (1, 200), (130, 1, 1, 1)])
+@pytest.mark.parametrize("shape", [(3, 2, 5, 5), (7,), (), (1, 200), (130, 1, 1, 1), (40, 1000)])
 def test_blob_chunks_parse_in_protobuf(shape):
     arr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     if arr.size:
@@ -116,9 +116,11 @@ def test_blob_chunks_parse_in_protobuf(shape):
     # the message protobuf writes for that blob, of the same size (fields in another order)
     ref = pb.LayerParameter(blobs=[pb.BlobProto(shape=pb.BlobShape(dim=list(shape)), data=arr.reshape(-1))])
     assert lp == ref and size == ref.ByteSize()
+    assert wire.blob_size(shape, 7) == ref.ByteSize()  # the size from the shape alone
     # V1LayerParameter keeps blobs in field 6
     chunks, size = wire.blob_chunks(arr.astype(np.float64), 6)
     v1 = pb.V1LayerParameter.FromString(b"".join(bytes(c) for c in chunks))
+    assert wire.blob_size(shape, 6) == size == pb.V1LayerParameter(blobs=v1.blobs).ByteSize()
     np.testing.assert_array_equal(np.array(v1.blobs[0].data, np.float32), arr.reshape(-1))
 
 

@@ -23,12 +23,17 @@ Each mutant changes one thing:
 Docstrings, other strings, f-strings, annotations, ``__all__`` and lines marked
 ``# pragma: no mutate`` are left alone. Every module is mutated in a private copy of
 the repository (``../shared`` linked beside it, so the tests see the golden corpus);
-per mutant, the module's own test files (``GROUPS``) run with ``pytest -x`` and a
-timeout of 3x their unmutated time. A mutant is *killed* when a test fails (or the
-run errs or times out) and *survives* when all pass. Mutants on lines the tests never
-execute in-process (a line tracer during the unmutated run) are not run: they survive
-as "not covered". ``EQUIVALENT`` lists survivors judged to change no behaviour, with
-the reason; the score is killed / (sampled - equivalent).
+each of the module's test files (``GROUPS``) runs once unmutated under a line tracer that
+notes which test executes which line; per mutant, those tests run, one file at a time
+(most targeted first) with ``pytest -x`` and a timeout of ``--timeout-factor`` (5) x the
+module's traced time, at least 120 s;
+if they all pass, the whole files run again before the mutant counts as surviving. A mutant is *killed*
+when a test fails (or the run errs or times out) and *survives* when all pass.
+Mutants on lines no test file executes in-process are not run: they survive as "not
+covered" (lines reached only in a subprocess count as not executed). ``EQUIVALENT``
+lists survivors judged to change no behaviour, with the reason; the score is
+killed / (sampled - equivalent). ``--rerun`` runs an earlier run's survivors again and
+prints the scores of the two runs combined (the same sample, after new tests).
 
 This is a developer tool: it takes tens of minutes and is not part of CI.
 """
@@ -57,9 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {
     "io.wire": (["lrprune_caffe/io/wire.py"],
                 ["tests/test_wire.py", "tests/test_proto.py", "tests/test_io_golden.py", "tests/test_sparse.py"]),
-    "io.caffe": (["lrprune_caffe/io/caffe.py"],
+    "io.caffe": (["lrprune_caffe/io/caffe.py", "lrprune_caffe/io/prototxt.py", "lrprune_caffe/io/caffemodel.py"],
                  ["tests/test_caffemodel_codec.py", "tests/test_io_golden.py", "tests/test_bad_input.py",
-                  "tests/test_cli_io.py"]),
+                  "tests/test_bad_input_classes.py", "tests/test_proto.py", "tests/test_cli_io.py"]),
     "ir.layers": (["lrprune_caffe/ir/layers/*.py"],
                   ["tests/test_layer_shapes.py", "tests/test_registry.py", "tests/test_onnx_activations.py",
                    "tests/test_ssd.py", "tests/test_onnx.py", "tests/test_io_golden.py",
@@ -68,7 +73,7 @@ GROUPS = {
                 ["tests/test_decompose.py", "tests/test_datafit.py", "tests/test_latency.py",
                  "tests/test_factorize.py", "tests/test_calibrate.py"]),
     "masks": (["lrprune_caffe/transforms/prune.py", "lrprune_caffe/ir/masks.py"],
-              ["tests/test_prune.py", "tests/test_compress_prune.py", "tests/test_calibrate.py",
+              ["tests/test_masks.py", "tests/test_prune.py", "tests/test_compress_prune.py", "tests/test_calibrate.py",
                "tests/test_finetune.py", "tests/test_sparse.py"]),
     "export.sparse": (["lrprune_caffe/export/sparse.py"], ["tests/test_sparse.py"]),
     "fileutil": (["lrprune_caffe/fileutil.py"],
@@ -77,9 +82,9 @@ GROUPS = {
 
 #: mutant id -> why it changes no behaviour (ids as printed by this tool); judged by hand
 EQUIVALENT: dict[str, str] = {
-    "lrprune_caffe/io/caffe.py::merge_weights::4 -> 3":
+    "lrprune_caffe/io/caffemodel.py::merge_weights::4 -> 3":
         "len(e) <= 3: a 4-D e only reaches this test when e != arr.shape, where (1,)*0 + e == arr.shape is false",
-    "lrprune_caffe/io/caffe.py::caffemodel_chunks::1 -> 0 #2":
+    "lrprune_caffe/io/caffemodel.py::caffemodel_chunks::1 -> 0 #2":
         "chunks[-0] is chunks[-1]: the name is the only chunk yet",
     "lrprune_caffe/ir/layers/conv.py::ConvolutionSpec.infer::n + 2 * p < k or out < 1 -> n + 2 * p < k and out < 1":
         "n + 2p < k implies out = (n + 2p - k) // stride + 1 < 1",
@@ -92,9 +97,21 @@ EQUIVALENT: dict[str, str] = {
         "only which vectors count as already there: the other side is None, so they are recomputed, same result",
     "lrprune_caffe/lowrank/decompose.py::left_vectors::0 -> 1":
         "default seed of the randomized route: any seed is as valid",
+    "lrprune_caffe/transforms/prune.py::smallest_k_masks::1 -> 2 #3":
+        "keep.reshape(-2) is keep.reshape(-1): numpy takes any negative size as the unknown one",
+    "lrprune_caffe/export/sparse.py::_sparse_of::1 -> 2": "arr.reshape(-2) is arr.reshape(-1) in numpy",
     "lrprune_caffe/export/sparse.py::csr_relative_bytes::1 -> 2 #6":
         "rows per processing block: memory only, same count",
     "lrprune_caffe/export/sparse.py::caffemodel_layer_bytes::7 -> 8": "field 8's key is one byte, as field 7's",
+    "lrprune_caffe/io/prototxt.py::_looks_binary::return False -> return None":
+        "every caller tests it with if: None is falsy",
+    "lrprune_caffe/io/prototxt.py::_state_meets_rule::return False -> return None #5":
+        "its callers take any() of it: None is falsy",
+    "lrprune_caffe/io/caffemodel.py::caffemodel_size::100 -> 101": "field 101's key is two bytes, as field 100's",
+    "lrprune_caffe/io/caffemodel.py::caffemodel_size::100 -> 99": "field 99's key is two bytes, as field 100's",
+    "lrprune_caffe/io/wire.py::blob_size::1 -> 2 #2": "a size only: field 2's key is one byte, as field 1's",
+    "lrprune_caffe/io/wire.py::blob_size::1 -> 0 #2": "a size only: field 0's key is one byte, as field 1's",
+    "lrprune_caffe/export/sparse.py::caffemodel_layer_bytes::1 -> 2": "field 2's key is one byte, as field 1's",
     "lrprune_caffe/export/sparse.py::caffemodel_layer_bytes::100 -> 101":
         "field 101's key is two bytes, as field 100's",
     "lrprune_caffe/fileutil.py::_default_mode::0 -> 1":
@@ -281,13 +298,20 @@ def mutant_source(m: Mutant, src: str) -> str:
 def group_files(module: str) -> list:
     files = []
     for pat in GROUPS[module][0]:
-        files += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pat) if p.name != "__init__.py" or "*" not in pat)
-    return [f for f in files if (ROOT / f).exists()]
+        found = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pat) if p.name != "__init__.py" or "*" not in pat)
+        if not found:
+            raise SystemExit(f"{module}: no source file matches {pat!r} (moved? update GROUPS)")
+        files += found
+    missing = [t for t in GROUPS[module][1] if not (ROOT / t).exists()]
+    if missing:
+        raise SystemExit(f"{module}: test file(s) {', '.join(missing)} not found (update GROUPS)")
+    return files
 
 
 # ---- a line tracer, loaded into pytest as a plugin (-p mutation) -------------------------
 
-_HITS: dict = {}
+_HITS: dict = {}      # file -> line -> {test node ids that executed it ("" = outside any test)}
+_CURRENT = [""]       # the node id of the test running now
 
 
 def pytest_configure(config):
@@ -298,24 +322,33 @@ def pytest_configure(config):
 
     def local(frame, event, arg):
         if event == "line":
-            _HITS[frame.f_code.co_filename].add(frame.f_lineno)
+            _HITS[frame.f_code.co_filename].setdefault(frame.f_lineno, set()).add(_CURRENT[0])
         return local
 
     def glob(frame, event, arg):
         fn = frame.f_code.co_filename
         if fn in wanted:
-            _HITS.setdefault(fn, set()).add(frame.f_lineno)
+            _HITS.setdefault(fn, {}).setdefault(frame.f_lineno, set()).add(_CURRENT[0])
             return local
         return None
     sys.settrace(glob)
     threading.settrace(glob)
 
 
+def pytest_runtest_logstart(nodeid, location):
+    _CURRENT[0] = nodeid
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _CURRENT[0] = ""
+
+
 def pytest_unconfigure(config):
     out = os.environ.get("MUTATION_TRACE_OUT")
     if out:
         sys.settrace(None)
-        Path(out).write_text(json.dumps({k: sorted(v) for k, v in _HITS.items()}))
+        Path(out).write_text(json.dumps({f: {str(ln): sorted(ids) for ln, ids in lines.items()}
+                                         for f, lines in _HITS.items()}))
 
 
 # ---- running ----------------------------------------------------------------------------
@@ -353,31 +386,43 @@ class Workspace:
 
 
 def baseline(ws: Workspace, module: str):
-    """(seconds, {relpath: covered lines}) of the module's tests on the unmutated code."""
+    """(seconds, {test file: {relpath: covered lines}}) of the module's tests on the unmutated
+    code: each test file runs alone under the line tracer, so a mutant runs only the files that
+    execute its line."""
     files = group_files(module)
-    trace = ws.base / f"trace-{module}.json"
-    env = {"MUTATION_TRACE_FILES": os.pathsep.join(str(ws.repo / f) for f in files),
-           "MUTATION_TRACE_OUT": str(trace)}
-    rc, secs, detail = ws.pytest(GROUPS[module][1], timeout=1800, env_extra=env)
-    if rc != 0:
-        raise SystemExit(f"{module}: its tests fail without any mutation ({detail})")
-    hits = json.loads(trace.read_text()) if trace.exists() else {}
-    cov = {f: set(hits.get(str(ws.repo / f), [])) for f in files}
-    rc, secs, _ = ws.pytest(GROUPS[module][1], timeout=1800)  # untraced time, for the timeout
-    return secs, cov
+    env = {"MUTATION_TRACE_FILES": os.pathsep.join(str(ws.repo / f) for f in files)}
+    cov, total = {}, 0.0
+    for i, test in enumerate(GROUPS[module][1]):
+        trace = ws.base / f"trace-{module}-{i}.json"
+        rc, secs, detail = ws.pytest([test], timeout=1800, env_extra=dict(env, MUTATION_TRACE_OUT=str(trace)))
+        if rc not in (0, 5):
+            raise SystemExit(f"{module}: {test} fails without any mutation ({detail})")
+        total += secs
+        hits = json.loads(trace.read_text()) if trace.exists() else {}
+        cov[test] = {f: {int(ln): set(ids) for ln, ids in hits.get(str(ws.repo / f), {}).items()} for f in files}
+    return total, cov  # traced time: an upper bound of the untraced one, for the timeout
 
 
-def run_mutant(ws: Workspace, m: Mutant, tests, timeout):
+def run_mutant(ws: Workspace, m: Mutant, selections, timeout):
+    """``selections``: [(test file, node ids or None = the whole file)], most targeted first.
+    First only the tests that executed the mutant's line run, one file at a time with ``-x``
+    until one fails; a mutant they all pass runs the whole files again (a test may check what
+    a module-scoped fixture, traced under another test, computed) before it counts as survived."""
     target = ws.repo / m.path
     original = target.read_text()
+    rc, secs, detail = 0, 0.0, ""
     try:
         target.write_text(mutant_source(m, original))
-        # the module's most targeted test file alone first: most mutants die there, and
-        # collecting the others (onnx, OpenCV, golden files) costs more than running it
-        rc, secs, detail = ws.pytest(tests[:1], timeout)
-        if rc in (0, 5) and len(tests) > 1:
-            rc, secs2, detail = ws.pytest(tests[1:], timeout)
-            secs += secs2
+        for whole in (False, True):
+            if whole and not any(ids for _, ids in selections):
+                break  # the first pass already ran whole files
+            for test, ids in selections:
+                rc, s, detail = ws.pytest([test] if whole or not ids else sorted(ids), timeout)
+                secs += s
+                if rc not in (0, 5):
+                    break
+            if rc not in (0, 5):
+                break
     except LookupError as e:
         rc, secs, detail = "stale", 0.0, str(e)
     finally:
@@ -401,6 +446,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=16)
     ap.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1)")
     ap.add_argument("--json", help="write every mutant and its outcome here")
+    ap.add_argument("--timeout-factor", type=float, default=5.0,
+                    help="a mutant's run times out after this many times the traced run (default 5); a "
+                         "timeout counts as killed, so under heavy load raise it")
     ap.add_argument("--rerun", help="rerun only the survivors listed in an earlier --json file")
     ap.add_argument("--list", action="store_true", help="count the mutants per module and exit")
     ap.add_argument("--run-uncovered", action="store_true", help="also run mutants on lines no test executes")
@@ -443,12 +491,18 @@ def main(argv=None):
     try:
         for mod, ms in chosen.items():
             secs, cov = baseline(workspaces[0], mod)
-            timeout = max(30.0, 3 * secs)
+            timeout = max(120.0, a.timeout_factor * secs)
             print(f"== {mod}: {len(ms)} mutants, tests {' '.join(GROUPS[mod][1])} ({secs:.0f} s unmutated)",
                   flush=True)
             todo = []
+            tests_of = {}
             for m in ms:
-                m.covered = m.line in cov.get(m.path, set())
+                tests_of[m.id] = []
+                for t in GROUPS[mod][1]:
+                    ids = cov[t].get(m.path, {}).get(m.line)
+                    if ids:  # executed outside any test (import, collection): the whole file
+                        tests_of[m.id].append((t, None if "" in ids else ids))
+                m.covered = bool(tests_of[m.id])
                 if m.id in EQUIVALENT:
                     m.status, m.detail = "equivalent", EQUIVALENT[m.id]
                 elif not m.covered and not a.run_uncovered:
@@ -463,7 +517,7 @@ def main(argv=None):
                 with lock:
                     ws = free.pop()
                 try:
-                    run_mutant(ws, m, GROUPS[mod][1], timeout)
+                    run_mutant(ws, m, tests_of[m.id] or [(t, None) for t in GROUPS[mod][1]], timeout)
                 finally:
                     with lock:
                         free.append(ws)
@@ -477,13 +531,24 @@ def main(argv=None):
         for ws in workspaces:
             ws.close()
 
+    if a.rerun:  # the earlier run's sample, its survivors replaced by this run's outcome
+        print(f"\n(reran {sum(map(len, results.values()))} survivors of {a.rerun})")
+        redone = {m.id: m for ms in results.values() for m in ms}
+        results = {}
+        for d in json.loads(Path(a.rerun).read_text())["mutants"]:
+            if d["module"] in modules:
+                m = redone.get(d["id"]) or Mutant(**d)
+                if m.id in EQUIVALENT and m.status in ("survived", "not covered"):
+                    m.status, m.detail = "equivalent", EQUIVALENT[m.id]
+                results.setdefault(d["module"], []).append(m)
     print(f"\nmutation score per module ({time.monotonic() - t_start:.0f} s):")
     for mod, ms in results.items():
         k, n = score(ms)
         unc = sum(m.status == "not covered" for m in ms)
         eq = sum(m.status == "equivalent" for m in ms)
+        to = sum(m.status == "timeout" for m in ms)
         print(f"  {mod:14s} {k:3d}/{n:<3d} killed  {100 * k / max(n, 1):5.1f}%"
-              f"   ({unc} not covered, {eq} equivalent excluded)")
+              f"   ({to} of them timeouts, {unc} not covered, {eq} equivalent excluded)")
     surv = [m for ms in results.values() for m in ms if m.status in ("survived", "not covered")]
     if surv:
         print("\nsurviving mutants:")

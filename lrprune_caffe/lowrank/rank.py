@@ -70,6 +70,8 @@ def evbmf_rank(s, L: int, M: int, sigma2: float = None) -> int:
     minimizes the EVB free energy over its analytic bounds (Nakajima et al.
     2013 Sec. 5; the same procedure as the VBMF code Kim et al. 2016 used
     for Tucker-2 ranks). ``s``: all singular values of the L x M matrix.
+    Exact zeros in ``s`` (an exactly low-rank matrix) mean no noise: every nonzero
+    component is kept. A zero matrix has rank 0 (:func:`vbmf_ranks` raises it to 1).
     """
     s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
     L, M = int(L), int(M)
@@ -77,8 +79,10 @@ def evbmf_rank(s, L: int, M: int, sigma2: float = None) -> int:
         L, M = M, L
     H = min(L, s.size)
     s = s[:H]
-    if H <= 1 or s[0] <= 0:
-        return max(1, H)
+    if s.size == 0 or s[0] <= 0:
+        return 0  # a zero matrix: no component carries signal
+    if H <= 1:
+        return H
     alpha = L / M
     tau_bar = 2.5129 * math.sqrt(alpha)
     x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
@@ -88,18 +92,28 @@ def evbmf_rank(s, L: int, M: int, sigma2: float = None) -> int:
         upper = (np.sum(s ** 2) + residual) / (L * M)
         idx = min(max(eh_ub + 1, 0), H - 1)
         lower = max(s[idx] ** 2 / (M * x_bar), np.mean(s[idx:] ** 2) / M)
+        # exact zeros in the tail (an exactly low-rank matrix) put the bound at 0: the free
+        # energy then falls without end as sigma^2 -> 0, so search down to float precision
+        lower = max(lower, upper * np.finfo(np.float64).eps)
         if not upper > lower:
             sigma2 = upper
         else:
-            def free_energy(sig2):
+            def free_energy(log_sig2):
+                # Nakajima et al.'s free energy without its sigma^2-free terms -log(s_h^2 / M),
+                # which are -inf for an exact zero s_h: x - log x = x + log sigma^2 + const
+                sig2 = math.exp(log_sig2)
                 x = s ** 2 / (M * sig2)
                 z1 = x[x > x_bar]
                 z2 = x[x <= x_bar]
                 tz1 = _tau(z1, alpha)
-                return (np.sum(z2 - np.log(z2)) + np.sum(z1 - tz1) + np.sum(np.log((tz1 + 1) / z1))
+                return (np.sum(z2) + np.sum(z1 - tz1) + np.sum(np.log(tz1 + 1)) + H * log_sig2
                         + alpha * np.sum(np.log(tz1 / alpha + 1)) + residual / (M * sig2)
-                        + (L - H) * np.log(sig2))
-            sigma2 = float(minimize_scalar(free_energy, bounds=(lower, upper), method="bounded").x)
+                        + (L - H) * log_sig2)
+            # searched in log sigma^2: weights' noise variances are 1e-8..1e-2, below the
+            # absolute tolerance (1e-5) of a search in sigma^2 itself
+            res = minimize_scalar(free_energy, bounds=(math.log(lower), math.log(upper)), method="bounded",
+                                  options={"xatol": 1e-9})
+            sigma2 = math.exp(float(res.x))
     threshold = math.sqrt(M * sigma2 * (1 + tau_bar) * (1 + alpha / tau_bar))
     return int(np.sum(s > threshold))
 
