@@ -101,7 +101,7 @@ def test_malformed_bytes(bad, why):
         pb.BlobProto.FromString(bad)
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 5, 5), (7,), (), (1, 200), (130, 1, 1, 1), (40, 1000)])
+@pytest.mark.parametrize("shape", [(3, 2, 5, 5), (7,), (), (1, 200), (130, 1, 1, 1), (40, 1000), (0, 3), (4, 0)])
 def test_blob_chunks_parse_in_protobuf(shape):
     arr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     if arr.size:

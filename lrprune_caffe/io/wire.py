@@ -115,7 +115,7 @@ def blob_size(shape, blobs_field: int) -> int:
         count *= int(d)
     dims = sum(len(varint_bytes(int(d))) for d in shape)
     shape_msg = len(len_prefix(1, dims)) + dims if len(shape) else 0
-    head = len(len_prefix(7, shape_msg)) + shape_msg + len(len_prefix(5, 4 * count))
+    head = len(len_prefix(7, shape_msg)) + shape_msg + (len(len_prefix(5, 4 * count)) if count else 0)
     body = head + 4 * count
     return len(len_prefix(blobs_field, body)) + body
 
@@ -127,7 +127,9 @@ def blob_chunks(arr: np.ndarray, blobs_field: int):
     dims = b"".join(varint_bytes(int(d)) for d in arr.shape)
     shape_msg = len_prefix(1, len(dims)) + dims if arr.ndim else b""
     head = len_prefix(7, len(shape_msg)) + shape_msg
-    head += len_prefix(5, data.nbytes)
+    if data.nbytes:  # protobuf writes no packed field for an empty one (a blob of shape (0, 3))
+        head += len_prefix(5, data.nbytes)
     body_len = len(head) + data.nbytes
     prefix = len_prefix(blobs_field, body_len)
-    return [prefix, head, memoryview(data).cast("B")], len(prefix) + body_len
+    # a flat uint8 view: memoryview.cast refuses shapes with a 0 in them (an empty blob, e.g. (0, 3))
+    return [prefix, head, memoryview(data.reshape(-1).view(np.uint8))], len(prefix) + body_len
