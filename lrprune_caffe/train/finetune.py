@@ -50,7 +50,7 @@ from lrprune_caffe.ir.analysis import validate
 from lrprune_caffe.data.datasets import as_dataset, check_against_net
 from lrprune_caffe.errors import BadFileError, UserError
 from lrprune_caffe.ir.masks import apply_masks, check_masks, split_key
-from .solver import CaffeOptimizer, SolverSettings
+from .solver import CaffeOptimizer, SolverSettings, finetune_solver
 
 UNLABELED = -1  # the label of a sample without one (training with a teacher only)
 DEFAULT_TEMPERATURE = 4.0
@@ -186,7 +186,8 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     * ``train_data`` / ``val_data``: a :class:`~lrprune_caffe.data.stream.StreamDataset`
       (streamed), a Dataset, (x, y) or {'x', 'y'}; x N x C x H x W float32.
     * ``masks``: {"<layer>/<blob idx>": bool (keep=True)} or None.
-    * ``solver``: SolverSettings (default: SGD lr 0.01, momentum 0.9, weight decay 5e-4, fixed);
+    * ``solver``: SolverSettings (default :func:`~lrprune_caffe.train.solver.finetune_solver`: SGD, lr 0.02
+      decayed linearly to 0 over the run (Caffe's poly, power 1), momentum 0.9, weight decay 5e-4);
       its ``max_iter`` overrides ``epochs``; its ``random_seed`` is used when ``seed`` is None.
     * ``output``: the class-score blob (default: the net's single output).
     * ``log``: callable(str) for one line per epoch (default: none).
@@ -209,7 +210,7 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     from . import loop
     from .torch_model import build_torch_model
 
-    solver = solver or SolverSettings()
+    solver = solver or finetune_solver()
     if seed is None:
         seed = solver.random_seed if solver.random_seed is not None else 0
     if batch_size < 1:
