@@ -131,10 +131,10 @@ def test_default_solver_and_what_overrides_it(tmp_path):
                  stepsize=None, max_iter=None, solver_type=None)
     d = solver_from_args(argparse.Namespace(**flags), finetune=True)  # finetune's: poly, power 1 (linear to 0)
     assert (d.base_lr, d.momentum, d.weight_decay, d.lr_policy, d.power, d.type) == \
-        (0.02, 0.9, 0.0005, "poly", 1.0, "SGD")
-    assert d.lr_at(0, 100) == 0.02 and d.lr_at(50, 100) == pytest.approx(0.01)
+        (0.01, 0.9, 0.0005, "poly", 1.0, "SGD")
+    assert d.lr_at(0, 100) == 0.01 and d.lr_at(50, 100) == pytest.approx(0.005)
     inv = solver_from_args(argparse.Namespace(**{**flags, "lr_policy": "inv", "gamma": 1e-4}), finetune=True)
-    assert (inv.base_lr, inv.power) == (0.02, 0.75)  # Caffe's power for inv, not poly's 1
+    assert (inv.base_lr, inv.power) == (0.01, 0.75)  # Caffe's power for inv, not poly's 1
     p = solver_from_args(argparse.Namespace(**flags))  # the pipeline's base: the fields' defaults, fixed
     assert (p.base_lr, p.lr_policy) == (0.01, "fixed")
     assert solver_from_args(argparse.Namespace(**{**flags, "lr": 0.001}), finetune=True).base_lr == 0.001

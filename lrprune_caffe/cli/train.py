@@ -135,7 +135,8 @@ def cmd_finetune(args):
     if args.nproc_per_node and args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn_processes(args)
     main = process_rank() == 0
-    net, train, val, batch_size, notes = _net_and_data(args)
+    from lrprune_caffe.train.finetune import DEFAULT_BATCH_SIZE
+    net, train, val, batch_size, notes = _net_and_data(args, default_batch=DEFAULT_BATCH_SIZE)
     for note in notes:
         if main:
             _log(f"note: {note}")
@@ -328,10 +329,10 @@ def register(sub):
                    help="pruning masks (bool, True = keep, keys '<layer>/<blob idx>'): masked weights stay 0")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data (default 1)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="samples per iteration and process (default 64; a train_val's TRAIN data layer "
+                   help="samples per iteration and process (default 16; a train_val's TRAIN data layer "
                         "gives its own)")
     _add_run_args(p)
-    _add_solver_args(p, default_lr=0.02,
+    _add_solver_args(p, default_lr=0.01,
                      solver_help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, "
                                  "max_iter...); flags below override it; max_iter overrides --epochs",
                      max_iter_help="iterations (batches); overrides --epochs",
