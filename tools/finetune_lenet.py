@@ -38,10 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GOLDEN = ROOT.parent / "shared" / "golden" / "lenet_mnist"
 SPLIT = ROOT.parent / "shared" / "data" / "mnist5k_split.npz"
-ROWS = ("default,default:t,erk:poly:0.01:b64,erk:fixed:0.01:b64,layer:poly:0.01,layer:fixed:0.01:b64,"
-        "layer:fixed:0.01:b64:t,layer:fixed:0.001:b64")
-VAL_ROWS = ("default,default:t,erk:poly:0.02,erk:poly:0.005,erk:fixed:0.01,erk:poly:0.01:b64,erk:fixed:0.01:b64,"
-            "global:poly:0.01,layer:poly:0.01,layer:fixed:0.01:b64")
+ROWS = "default,default:t,erk:poly:0.01:b64,layer:fixed:0.01:b64,layer:fixed:0.001:b64"
+VAL_ROWS = "default,default:t,erk:poly:0.02,erk:poly:0.01:b8,erk:fixed:0.01:b64,layer:fixed:0.01:b64"
 
 
 def parse_row(row):
