@@ -128,9 +128,15 @@ def test_default_solver_and_what_overrides_it(tmp_path):
     from lrprune_caffe.cli.train import solver_from_args
     flags = dict(solver=None, lr=None, momentum=None, weight_decay=None, lr_policy=None, gamma=None, power=None,
                  stepsize=None, max_iter=None, solver_type=None)
-    d = solver_from_args(argparse.Namespace(**flags))
-    assert (d.base_lr, d.momentum, d.weight_decay, d.lr_policy, d.type) == (0.01, 0.9, 0.0005, "fixed", "SGD")
-    assert solver_from_args(argparse.Namespace(**{**flags, "lr": 0.001})).base_lr == 0.001
+    d = solver_from_args(argparse.Namespace(**flags), finetune=True)  # finetune's: poly, power 1 (linear to 0)
+    assert (d.base_lr, d.momentum, d.weight_decay, d.lr_policy, d.power, d.type) == \
+        (0.01, 0.9, 0.0005, "poly", 1.0, "SGD")
+    assert d.lr_at(0, 100) == 0.01 and d.lr_at(50, 100) == pytest.approx(0.005)
+    inv = solver_from_args(argparse.Namespace(**{**flags, "lr_policy": "inv", "gamma": 1e-4}), finetune=True)
+    assert (inv.base_lr, inv.power) == (0.01, 0.75)  # Caffe's power for inv, not poly's 1
+    p = solver_from_args(argparse.Namespace(**flags))  # the pipeline's base: the fields' defaults, fixed
+    assert (p.base_lr, p.lr_policy) == (0.01, "fixed")
+    assert solver_from_args(argparse.Namespace(**{**flags, "lr": 0.001}), finetune=True).base_lr == 0.001
     sp = tmp_path / "solver.prototxt"
     sp.write_text('base_lr: 0.002 momentum: 0.8 lr_policy: "step" stepsize: 10 gamma: 0.5')
     s = solver_from_args(argparse.Namespace(**{**flags, "solver": str(sp)}))
@@ -139,21 +145,20 @@ def test_default_solver_and_what_overrides_it(tmp_path):
 
 @pytest.mark.slow
 def test_defaults_recover_lenet_compressed_without_data(lenet, tmp_path, capsys):
-    """Issue 10: compress --speedup 3 --prune 0.9 (no data; 18.4%), then 3 epochs of finetune with the
-    default flags on the 4,000 training digits: 75.5% at the old rate 0.001; measured 92.8% now, and
-    95.7-95.9% (seeds 0-2) with the original net as the teacher (tools/finetune_lenet.py)."""
+    """Issue 10: compress --speedup 3 --prune 0.9 (no data, default --prune-scope erk: 57.6%), then
+    finetune --epochs 3 with the default flags on the 4,000 training digits: 96.6% on the 1,000 held-out
+    digits with seed 0 (seeds 0-2: 96.6 / 95.9 / 96.3%, examples/lenet/FINETUNE.md); 75.5% before
+    issue 10 (per-layer pruning, lr 0.001). Asserted: >= 96.0% (one seed)."""
     require_shared(SPLIT)
     c = tmp_path / "c"
     assert main(["compress", *map(str, lenet), "-o", str(c), "--speedup", "3", "--prune", "0.9",
                  "--no-verify", "--quiet"]) == 0
     capsys.readouterr()
-    common = ["finetune", str(c / "model.prototxt"), str(c / "model.caffemodel"), "--data-split", str(SPLIT),
-              "--masks", str(c / "masks.npz"), "--epochs", "3", "--threads", "1", "--json"]
-    assert main([*common, "-o", str(tmp_path / "plain")]) == 0
-    plain = json.loads(capsys.readouterr().out)["history"]["final_eval"]["top1"]
-    assert main([*common, "--teacher", *map(str, lenet), "-o", str(tmp_path / "teacher")]) == 0
-    taught = json.loads(capsys.readouterr().out)["history"]["final_eval"]["top1"]
-    assert plain >= 0.92 and taught >= 0.955, (plain, taught)
+    assert main(["finetune", str(c / "model.prototxt"), str(c / "model.caffemodel"), "--data-split", str(SPLIT),
+                 "--masks", str(c / "masks.npz"), "--epochs", "3", "--threads", "1", "--json",
+                 "-o", str(tmp_path / "ft")]) == 0
+    hist = json.loads(capsys.readouterr().out)["history"]
+    assert hist["solver"]["lr_policy"] == "poly" and hist["final_eval"]["top1"] >= 0.96, hist["final_eval"]
 
 
 def test_pipeline_with_calibration_and_a_teacher(lenet, digits):

@@ -606,3 +606,41 @@ def test_dense_onnx_bytes_by_hand():
     # the same graph with the tensor dense: 400 bytes of floats instead of the sparse entry
     assert _dense_onnx_bytes(m) == m.ByteSize() - st.ByteSize() + 400
     assert 0 <= md.ByteSize() - _dense_onnx_bytes(m) < 20  # less the dense TensorProto's own header
+
+
+# ---- the erk allocation (compress's default scope) ---------------------------------------------
+
+def test_erk_allocation_keeps_the_net_fraction_and_small_layers():
+    """Evci et al. 2020: density ~ sum(shape) / prod(shape), shared scale, layers over 1 left dense;
+    the kept total is (1 - f) x all. On the 3x-factorized LeNet's shapes: conv2_lr2 (50 x 7 x 1 x 1) and
+    ip2 dense, conv1 34.6%, the big FC factors above 90%."""
+    from lrprune_caffe.transforms.prune import erk_fractions
+    shapes = {"conv1": (20, 1, 5, 5), "conv2_lr1": (7, 20, 5, 5), "conv2_lr2": (50, 7, 1, 1),
+              "ip1_lr1": (173, 800), "ip1_lr2": (500, 173), "ip2": (10, 500)}
+    f = erk_fractions(shapes, 0.9)
+    size = {n: int(np.prod(s)) for n, s in shapes.items()}
+    kept = sum((1 - f[n]) * size[n] for n in shapes)
+    assert kept == pytest.approx(0.1 * sum(size.values()))
+    assert f["conv2_lr2"] == 0.0 and f["ip2"] == 0.0
+    assert f["conv1"] == pytest.approx(0.346, abs=0.002) and f["ip1_lr1"] > 0.92
+    free = [n for n in shapes if f[n] > 0]  # the same scale eps for the rest
+    eps = {n: (1 - f[n]) * size[n] / sum(shapes[n]) for n in free}
+    assert max(eps.values()) == pytest.approx(min(eps.values()))
+    assert erk_fractions({"a": (10, 10)}, 0.5) == {"a": pytest.approx(0.5)}
+
+
+def test_compress_default_scope_is_erk_and_layer_keeps_its_meaning():
+    from lrprune_caffe.core.options import CompressOptions, prune_spec
+    assert prune_spec(CompressOptions.from_kwargs(prune=0.9)).scope == "erk"
+    assert prune_spec(CompressOptions.from_kwargs(prune=0.9, prune_structured=True)).scope == "layer"
+    assert prune_spec(CompressOptions.from_kwargs(prune_method="std", quality=1.0)).scope == "layer"
+    net, _ = golden_net("lenet_mnist")
+    masks, rows = prune_net(net.copy(), PruneSpec(fraction=0.9, scope="erk", per_layer={"ip2": 0.5}))
+    by = {r["name"]: r for r in rows}
+    assert by["ip2"]["scope"] == "layer" and by["ip2"]["target"] == 0.5  # an override is pruned on its own
+    assert by["conv1"].get("kept_dense") and "conv1/0" not in masks and not by["conv1"].get("pruned")
+    w = {n: net.layer(n).blobs[0].size for n in ("conv1", "conv2", "ip1")}
+    zeros = sum(int((~masks[f"{n}/0"]).sum()) for n in ("conv2", "ip1"))
+    assert zeros == pytest.approx(0.9 * sum(w.values()), abs=2)
+    with pytest.raises(UserError, match="erk"):
+        prune_net(net.copy(), PruneSpec(scope="erk", method="std", quality=1.0))

@@ -142,7 +142,7 @@ def prune_rows(prototxt, weights, sparsities, after, x, labels, engine):
     for label, fact in bases:
         for f in sparsities:
             kw = dict(scheme=fact[0], speedup=fact[1], cost="macs", measure_rounds=0) if fact else {}
-            report, net = compress(prototxt, weights, None, prune=f, verify=False, **kw)
+            report, net = compress(prototxt, weights, None, prune=f, prune_scope="layer", verify=False, **kw)
             t = report["totals"]
             rows.append({"method": label, "sparsity_target": f, "macs": t["macs_after"], "params": t["params_after"],
                          "nonzero_params": t["nonzero_params"], "csr_bytes": t["csr_bytes"],

@@ -192,9 +192,12 @@ def register(sub):
                    help="zero this fraction [0, 1) of the weights of every conv/FC layer ('0.9'), or per layer "
                         "('conv1=0.3,ip1=0.9', or '0.8,conv1=0.3'); a factorized layer's name means its new "
                         "layers. Biases, BatchNorm and Scale blobs are never pruned. Writes OUTDIR/masks.npz")
-    g.add_argument("--prune-scope", choices=["layer", "global"], default=None,
-                   help="layer: the fraction in each layer (default); global: one magnitude threshold over "
-                        "all layers")
+    g.add_argument("--prune-scope", choices=["layer", "global", "erk"], default=None,
+                   help="erk (default): the fraction over the net, allocated Erdos-Renyi-kernel style (Evci et "
+                        "al. 2020): small layers and layers with few weights per output keep more, the "
+                        "largest keep less (report.md lists each layer's share); layer: the fraction in each "
+                        "layer (the default with --prune-structured or --prune-method std); global: one "
+                        "magnitude threshold over all layers")
     g.add_argument("--prune-method", choices=["magnitude", "std", "sparsegpt"], default=None,
                    help="magnitude: smallest |w| (default; with --calib and --prune-scope global: smallest "
                         "data-aware saliency); std: Han et al. 2015, zero |w| < Q x std(W); sparsegpt (needs "

@@ -108,9 +108,11 @@ def _checkpoint_path(args):
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.checkpoint.pt")
 
 
-def solver_from_args(args):
-    from lrprune_caffe.train.solver import SolverSettings, read_solver
-    base = read_solver(args.solver) if args.solver else SolverSettings()
+def solver_from_args(args, finetune=False):
+    """Flags over --solver, else over the defaults: finetune's (``finetune_solver``) or the plain fields."""
+    from lrprune_caffe.train.solver import SolverSettings, finetune_solver, read_solver
+    base = read_solver(args.solver) if args.solver else \
+        finetune_solver(lr_policy=args.lr_policy, power=args.power) if finetune else SolverSettings()
     return base.with_overrides(base_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                lr_policy=args.lr_policy, gamma=args.gamma, power=args.power,
                                stepsize=args.stepsize, max_iter=args.max_iter, type=args.solver_type)
@@ -125,7 +127,7 @@ def cmd_finetune(args):
     from lrprune_caffe.train.finetune import finetune
     import os
 
-    solver = solver_from_args(args)
+    solver = solver_from_args(args, finetune=True)
     for note in solver.notes:
         _log(f"note: {note}")
     from lrprune_caffe.train.loop import check_device, process_rank
@@ -133,7 +135,8 @@ def cmd_finetune(args):
     if args.nproc_per_node and args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn_processes(args)
     main = process_rank() == 0
-    net, train, val, batch_size, notes = _net_and_data(args)
+    from lrprune_caffe.train.finetune import DEFAULT_BATCH_SIZE
+    net, train, val, batch_size, notes = _net_and_data(args, default_batch=DEFAULT_BATCH_SIZE)
     for note in notes:
         if main:
             _log(f"note: {note}")
@@ -255,7 +258,7 @@ def cmd_pipeline(args):
     return 0
 
 
-def _add_solver_args(p, default_lr, solver_help, max_iter_help):
+def _add_solver_args(p, default_lr, solver_help, max_iter_help, policy="fixed"):
     """The solver flags of finetune and pipeline (read by :func:`solver_from_args`);
     ``max_iter_help=None`` hides --max-iter (the pipeline ignores it)."""
     import argparse
@@ -264,9 +267,10 @@ def _add_solver_args(p, default_lr, solver_help, max_iter_help):
     p.add_argument("--momentum", type=float, default=None, help="momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 0.0005)")
     p.add_argument("--lr-policy", choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
-                   default=None, help="Caffe lr policy (default fixed)")
+                   default=None, help=f"Caffe lr policy (default {policy})")
     p.add_argument("--gamma", type=float, default=None, help="lr policy gamma")
-    p.add_argument("--power", type=float, default=None, help="lr policy power")
+    p.add_argument("--power", type=float, default=None,
+                   help="lr policy power" + (" (default 1 with poly, 0.75 otherwise)" if policy != "fixed" else ""))
     p.add_argument("--stepsize", type=int, default=None, help="lr policy stepsize")
     p.add_argument("--max-iter", type=int, default=None, help=max_iter_help or argparse.SUPPRESS)
     p.add_argument("--solver-type", choices=["SGD", "Nesterov", "Adam"], default=None,
@@ -334,13 +338,14 @@ def register(sub):
                    help="pruning masks (bool, True = keep, keys '<layer>/<blob idx>'): masked weights stay 0")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data (default 1)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="samples per iteration and process (default 64; a train_val's TRAIN data layer "
+                   help="samples per iteration and process (default 16; a train_val's TRAIN data layer "
                         "gives its own)")
     _add_run_args(p)
     _add_solver_args(p, default_lr=0.01,
                      solver_help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, "
                                  "max_iter...); flags below override it; max_iter overrides --epochs",
-                     max_iter_help="iterations (batches); overrides --epochs")
+                     max_iter_help="iterations (batches); overrides --epochs",
+                     policy="poly, power 1: the rate falls linearly to 0 over the run")
     p.add_argument("--seed", type=int, default=None, help="shuffling / dropout seed (default 0)")
     p.add_argument("--output-blob", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

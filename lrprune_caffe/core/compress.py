@@ -114,7 +114,19 @@ def prune_new(net: Net, new: Net, spec: PruneSpec, rows: dict) -> tuple:
                   if id(l) in originals else l for l in new.layers]
     masks, prune_rows = prune_net(new, spec)
     return masks, PruneRecord(spec, "masks.npz" if masks else None,
-                              [r for r in prune_rows if r.get("pruned") or "structured" in r])
+                              [r for r in prune_rows if r.get("pruned") or "structured" in r or r.get("kept_dense")])
+
+
+def allocation_notes(pruned) -> list:
+    """The console's word on what ``--prune-scope erk`` gave each layer (its fraction is the net's)."""
+    rows = [r for r in pruned.layers if r.get("scope") == "erk"]
+    if not rows:
+        return []
+    share = ", ".join(f"{r['name']} {'dense' if r.get('kept_dense') else format(r['target'], '.1%')}" for r in rows)
+    zero = sum(r["params"] - r["nonzero_params"] for r in rows) / max(1, sum(r["params"] for r in rows))
+    return [f"pruning: {rows[0]['net_target']:.0%} of these layers' weights over the net (--prune-scope erk, the "
+            f"default: small layers and few weights per output keep more; --prune-scope layer prunes each "
+            f"layer to it): {share}; {zero:.1%} of their params (biases too) zero"]
 
 
 def export_onnx(new: Net, o: CompressOptions, calib: Optional[dict] = None) -> tuple:
@@ -187,6 +199,7 @@ def _compress_steps(net, shapes, o, data, spec, fit, held, notes, run=None) -> t
     if spec is not None:
         dense = cb.dense_copy(new) if fit is not None else None
         masks, pruned = prune_new(net, new, spec, rp.rows)
+        notes += allocation_notes(pruned)
         if fit is not None and masks:
             calibration["pruned"], more = cb.fit_pruned(net, new, dense, masks, fit, o, run)
             notes += more

@@ -120,6 +120,7 @@ def count_storage(rows: dict, new, model, pruned: Optional[PruneRecord]) -> dict
     keys = ("params", "nonzero_params", "dense_bytes", "caffemodel_bytes", "csr_bytes") + \
         (("onnx_bytes",) if model is not None else ())
     touched = pruned.touched() if pruned else set()
+    dense = {r["name"] for r in pruned.layers if r.get("kept_dense")} if pruned else set()
     structured = pruned.structured() if pruned else set()
     excluded = set(pruned.spec.exclude) if pruned else set()
     for name, row in rows.items():
@@ -129,11 +130,11 @@ def count_storage(rows: dict, new, model, pruned: Optional[PruneRecord]) -> dict
         params = sums.pop("params")
         row.storage = {**sums, "sparsity": (1.0 - sums["nonzero_params"] / params) if params else 0.0}
         if pruned is not None:
-            _say_what_pruning_did(row, names, touched, structured, excluded, new)
+            _say_what_pruning_did(row, names, touched, structured, excluded, new, dense)
     return storage
 
 
-def _say_what_pruning_did(row, names, touched, structured, excluded, new):
+def _say_what_pruning_did(row, names, touched, structured, excluded, new, dense=frozenset()):
     reason, row.reason = row.reason, None
     if touched & set(names):
         row.action = "factorized+pruned" if row.factorized else "pruned"
@@ -142,6 +143,9 @@ def _say_what_pruning_did(row, names, touched, structured, excluded, new):
     elif not row.factorized and row.params_after != row.params_before:
         row.action = "shrunk"
         row.reason = "its inputs were removed by structured pruning of the layer before it"
+    elif not row.factorized and row.name in dense:
+        row.reason = ((f"not factorized: {reason}; " if reason else "")
+                      + "kept dense by --prune-scope erk (small, or few weights per output)")
     elif not row.factorized:
         why = ("excluded from pruning (--prune-exclude)" if row.name in excluded
                else "not selected for pruning (--prune names other layers, or LAYER=0)")

@@ -50,11 +50,14 @@ from lrprune_caffe.ir.analysis import validate
 from lrprune_caffe.data.datasets import as_dataset, check_against_net
 from lrprune_caffe.errors import BadFileError, UserError
 from lrprune_caffe.ir.masks import apply_masks, check_masks, split_key
-from .solver import CaffeOptimizer, SolverSettings
+from .solver import CaffeOptimizer, SolverSettings, finetune_solver
 
 UNLABELED = -1  # the label of a sample without one (training with a teacher only)
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_DISTILL_WEIGHT = 0.9
+#: samples per iteration: issue 10, chosen with the rate (train/solver.py FINETUNE_DEFAULTS): 3 epochs of a
+#: few thousand samples are 189 iterations at 64, 750 at 16; 64 recovered less (examples/lenet/FINETUNE.md)
+DEFAULT_BATCH_SIZE = 16
 
 
 # ---- pre-flight: torch vs an independent engine --------------------------------
@@ -176,7 +179,7 @@ def distill_loss(logits, yb, teacher_logits, temperature, weight):
 
 
 def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings = None, epochs: int = 1,
-             batch_size: int = 64, seed: int = 0, output: str = None, threads: int = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, output: str = None, threads: int = None,
              progress=None, log=None, check: bool = True, stop=None, workers: int = 0, device: str = "cpu",
              checkpoint=None, resume: bool = False, val_batch_size: int = 256, teacher=None,
              temperature: float = DEFAULT_TEMPERATURE, distill_weight: float = DEFAULT_DISTILL_WEIGHT,
@@ -186,7 +189,8 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     * ``train_data`` / ``val_data``: a :class:`~lrprune_caffe.data.stream.StreamDataset`
       (streamed), a Dataset, (x, y) or {'x', 'y'}; x N x C x H x W float32.
     * ``masks``: {"<layer>/<blob idx>": bool (keep=True)} or None.
-    * ``solver``: SolverSettings (default: SGD lr 0.01, momentum 0.9, weight decay 5e-4, fixed);
+    * ``solver``: SolverSettings (default :func:`~lrprune_caffe.train.solver.finetune_solver`: SGD, lr 0.01
+      decayed linearly to 0 over the run (Caffe's poly, power 1), momentum 0.9, weight decay 5e-4);
       its ``max_iter`` overrides ``epochs``; its ``random_seed`` is used when ``seed`` is None.
     * ``output``: the class-score blob (default: the net's single output).
     * ``log``: callable(str) for one line per epoch (default: none).
@@ -209,7 +213,7 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     from . import loop
     from .torch_model import build_torch_model
 
-    solver = solver or SolverSettings()
+    solver = solver or finetune_solver()
     if seed is None:
         seed = solver.random_seed if solver.random_seed is not None else 0
     if batch_size < 1:
@@ -394,4 +398,5 @@ def finetune(net, train_data, val_data=None, masks=None, solver: SolverSettings 
     return net, history
 
 
-__all__ = ["finetune", "preflight", "distill_loss", "UNLABELED", "DEFAULT_TEMPERATURE", "DEFAULT_DISTILL_WEIGHT"]
+__all__ = ["finetune", "preflight", "distill_loss", "UNLABELED", "DEFAULT_TEMPERATURE", "DEFAULT_DISTILL_WEIGHT",
+           "DEFAULT_BATCH_SIZE"]

@@ -24,6 +24,16 @@ without changing the net, then applied by :func:`lrprune_caffe.ir.masks.apply_ma
   that use the default fraction: the ``round(f * total)`` smallest ``|w|`` of
   their concatenation (layer order, then C order, for ties). Layers with a
   per-layer override are pruned on their own at their own fraction;
+* ``method="magnitude"``, ``scope="erk"`` (Erdos-Renyi-kernel allocation, Evci,
+  Gale, Menick, Castro & Elsen 2020, "Rigging the Lottery", sec. 3; RigL's
+  ``sparse_utils.get_sparsities``): the layers that use the default fraction
+  together keep ``(1 - f) * total`` weights, layer ``l`` a density
+  ``eps * sum(shape_l) / prod(shape_l)`` of its blob 0 (out, in, kh, kw: more
+  for small layers and few weights per output), ``eps`` shared; a layer whose
+  density would exceed 1 is left dense (the one with the largest ratio first,
+  then ``eps`` is solved again). Each layer is then pruned on its own to
+  ``round((1 - density) * size)`` weights of smallest ``|w|``. Overrides as for
+  global;
 * ``method="std"`` (Han, Pool, Tran & Dally 2015, "Learning both Weights and
   Connections for Efficient Neural Networks", NIPS, sec. 3: "the pruning
   threshold is chosen as a quality parameter multiplied by the standard
@@ -53,7 +63,7 @@ from . import PassResult, graph_pass, run_pass
 
 #: layer types whose blob 0 (the weights) may be pruned (``LayerSpec.prunable``)
 PRUNABLE_TYPES = prunable_types()
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "global", "erk")
 METHODS = ("magnitude", "std")
 
 
@@ -65,7 +75,7 @@ class PruneSpec:
     (``None``: only the layers named in ``per_layer``; with ``method="std"``,
     ``None`` means every prunable layer). ``per_layer``: {layer: fraction}
     overrides (0 leaves the layer out). ``exclude``: layers never pruned.
-    ``scope``: "layer" | "global". ``method``: "magnitude" | "std" (needs
+    ``scope``: "layer" | "global" | "erk". ``method``: "magnitude" | "std" (needs
     ``quality``). ``structured``: remove whole output filters / rank
     components instead of single weights (per layer, magnitude only).
     """
@@ -176,7 +186,10 @@ def check_spec(net, spec: PruneSpec) -> None:
                             "it cannot be combined with --prune-method std")
         if spec.scope != "layer":
             raise UserError("--prune-structured works per layer; it cannot be combined with "
-                            "--prune-scope global")
+                            f"--prune-scope {spec.scope}")
+    if spec.method == "std" and spec.scope == "erk":
+        raise UserError("--prune-scope erk allocates a fraction (--prune) over the layers; --prune-method std "
+                        "takes no fraction (use --prune-scope layer or global)")
 
 
 def resolve_targets(net, spec: PruneSpec) -> dict:
@@ -248,12 +261,49 @@ def plan_masks(net, spec: PruneSpec):
     return _compute(net, spec, resolve_targets(net, spec))
 
 
+def erk_fractions(shapes: dict, fraction: float) -> dict:
+    """{layer: fraction to prune} of the Erdos-Renyi-kernel allocation (module doc) of ``fraction`` over
+    layers with blob-0 ``shapes`` ({layer: shape}): ``(1 - fraction) x total`` weights kept in all."""
+    size = {n: int(np.prod(s)) for n, s in shapes.items()}
+    ratio = {n: float(sum(s)) / size[n] for n, s in shapes.items() if size[n]}
+    keep = (1.0 - float(fraction)) * sum(size.values())
+    dense = set()
+    while True:
+        rest = [n for n in ratio if n not in dense]
+        budget = keep - sum(size[n] for n in dense)
+        denom = sum(ratio[n] * size[n] for n in rest)
+        if not rest or budget <= 0 or denom <= 0:
+            eps = 0.0
+            break
+        eps = budget / denom
+        top = max(rest, key=lambda n: ratio[n])
+        if eps * ratio[top] <= 1.0:
+            break
+        dense.add(top)
+    return {n: 0.0 if n in dense else float(min(1.0, max(0.0, 1.0 - eps * ratio.get(n, 0.0)))) for n in shapes}
+
+
 def _compute(net, spec, targets):
     """(masks, {layer: {"threshold": t, "target": f}})."""
     masks, info = {}, {}
     if not targets:
         return masks, info
     weights = {name: net.layer(name).blobs[0] for name in targets}
+    if spec.scope == "erk" and spec.method == "magnitude":
+        pooled = [n for n in targets if n not in spec.per_layer]
+        alloc = erk_fractions({n: weights[n].shape for n in pooled}, float(spec.fraction or 0.0)) if pooled else {}
+        for n in targets:
+            f = alloc.get(n, targets[n])
+            k = int(round(f * weights[n].size))
+            if n in alloc and k == 0:  # the allocation leaves it dense: no mask, nothing to hold
+                info[n] = {"target": 0.0, "scope": "erk", "net_target": float(spec.fraction), "kept_dense": True}
+                continue
+            masks[mask_key(n, 0)] = smallest_k_masks([weights[n]], k)[0]
+            info[n] = {"target": f, "threshold": _threshold_of(weights, masks, [n]),
+                       "scope": "erk" if n in alloc else "layer"}
+            if n in alloc:
+                info[n]["net_target"] = float(spec.fraction)
+        return masks, info
     pooled = [n for n in targets if spec.scope == "global" and n not in spec.per_layer]
     single = [n for n in targets if n not in pooled]
     if spec.method == "magnitude":
@@ -324,7 +374,8 @@ def prune_net(net, spec: PruneSpec):
     masks, info = plan_masks(net, spec)
     prune(net, masks)
     for n in info:
-        info[n]["pruned"] = True
+        if mask_key(n, 0) in masks:
+            info[n]["pruned"] = True
     return masks, sparsity_rows(net, info)
 
 
@@ -338,4 +389,5 @@ def prune(net, masks: dict) -> PassResult:
 
 
 __all__ = ["PruneSpec", "PRUNABLE_TYPES", "parse_prune_arg", "parse_layer_list", "prunable_layers",
-           "check_spec", "resolve_targets", "compute_masks", "plan_masks", "smallest_k_masks", "prune_net", "prune"]
+           "check_spec", "resolve_targets", "compute_masks", "erk_fractions", "plan_masks", "smallest_k_masks",
+           "prune_net", "prune"]
