@@ -174,3 +174,21 @@ def test_onnxruntime_layer_runner_matches_the_numpy_forward(case):
                            run(layer, [b[x] for x in layer.bottoms])):
             a[t], b[t] = u, v
             np.testing.assert_allclose(v, u, atol=1e-5 * max(1.0, float(np.abs(u).max())), err_msg=layer.name)
+
+
+def test_check_hands_onnxruntime_the_weights_from_memory_with_the_files_outputs():
+    """compress's check runs the nets with their weights passed as external initializers (no 0.5 GB
+    protobuf per VGG-sized net); the outputs are those of the whole exported model."""
+    from lrprune_caffe.engines.runtime import ort_session, run_onnxruntime
+    from lrprune_caffe.export.onnx import EXTERNAL_LOCATION, export_model
+    from lrprune_caffe.io.caffe import load_net
+    d, proto, model = lenet_files()
+    net = load_net(proto, model)
+    x = load_npz(d / "inputs.npz")
+    external = {}
+    placeholder = export_model(net, external=external)
+    ext = [t for t in placeholder.graph.initializer if t.external_data]
+    assert ext and all(not t.raw_data and t.external_data[0].value == EXTERNAL_LOCATION for t in ext)
+    assert {t.name for t in ext} == set(external)
+    whole = ort_session(export_model(net, dynamic_batch=True).SerializeToString(), 1).run(["prob"], x)[0]
+    np.testing.assert_array_equal(run_onnxruntime(net, x, ["prob"], threads=1)["prob"], whole)

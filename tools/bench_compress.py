@@ -99,8 +99,9 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify, calib="", threa
     from lrprune_caffe import api
     from lrprune_caffe.core import calib as cb, compress as core
 
-    # the steps of compress_files / core.compress, timed where they are looked up
-    steps = {}
+    # the steps of compress_files / core.compress, timed where they are looked up; a thread samples the
+    # resident size every 50 ms to say which step holds the peak
+    steps, step_peak, current = {}, {}, ["-"]
     for mod, attr, name in ((api, "load_net", "load"), (core, "plan_ranks", "rank"),
                             (core, "factorize_net", "factorize"), (core, "prune_new", "prune"),
                             (core, "check_compressed", "check"), (core, "export_onnx", "onnx"),
@@ -108,12 +109,23 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify, calib="", threa
                             (cb, "layer_statistics", "calib_stats"), (cb, "fit_factorized", "calib_fit"),
                             (cb, "fit_pruned", "calib_prune")):
         def wrap(*a, fn=getattr(mod, attr), name=name, **k):
-            t = time.perf_counter()
+            t, outer = time.perf_counter(), current[0]
+            current[0] = name
             try:
                 return fn(*a, **k)
             finally:
+                current[0] = outer
                 steps[name] = steps.get(name, 0.0) + time.perf_counter() - t
         setattr(mod, attr, wrap)
+    import threading
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.05):
+            kb = _status_kb("VmRSS") or 0
+            step_peak[current[0]] = max(step_peak.get(current[0], 0), kb * 1024)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     base = _status_kb("VmRSS") or 0
     load0 = _loadavg()
     c0 = _cpu_seconds()
@@ -123,6 +135,8 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify, calib="", threa
                                    measure_rounds=0, threads=int(threads) if threads else None)
     seconds = time.perf_counter() - t0
     cpu = _cpu_seconds() - c0
+    stop.set()
+    sampler.join()
     peak = _peak_kb()
     fact = [r for r in report["layers"] if r["action"] == "factorized"]
     try:
@@ -131,7 +145,8 @@ def child(prototxt, caffemodel, outdir, speedup, scheme, verify, calib="", threa
     except Exception:
         blas = None
     ver = report.get("verification") or {}
-    return {"seconds": seconds, "cpu_seconds": cpu, "steps": steps, "peak_bytes": peak * 1024,
+    return {"seconds": seconds, "cpu_seconds": cpu, "steps": steps, "rss_peak_by_step": step_peak,
+            "peak_bytes": peak * 1024,
             "peak_extra_bytes": (peak - base) * 1024, "load_before": load0, "load_after": _loadavg(),
             "factorized": len(fact), "eligible": sum(1 for r in report["layers"] if r.get("scheme")),
             "macs_reduction": report["selected_totals"]["macs_reduction"], "blas": blas,
@@ -257,6 +272,8 @@ def main(argv=None) -> int:
     print("median run steps (wall): " + ", ".join(f"{k} {s:.2f}s" for k, s in med["steps"].items() if s >= 0.005))
     print(f"peak memory: {result['peak_bytes_max'] / 1e9:.2f} GB process high-water mark "
           f"({result['peak_extra_bytes_max'] / 1e9:.2f} GB above the resident size before compress)")
+    print("median run, resident size sampled every 50 ms, highest per step: " +
+          ", ".join(f"{k} {b / 1e9:.2f} GB" for k, b in med["rss_peak_by_step"].items()))
     print("load average (1/5/15 min) before -> after each run: " +
           "; ".join(f"{_load(a)} -> {_load(b)}" for a, b in result["load"]))
     return 0

@@ -152,12 +152,25 @@ def runner_for(net, total_macs, threads=None):
     return ort_runner(threads)
 
 
+def trim_memory() -> None:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim``; elsewhere nothing): after
+    the statistics walk ~0.35 GB of VGG-16's freed activations stayed resident, raising the peak of
+    the fits that follow."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def count(arrays) -> int:
     return int(next(iter(arrays.values())).shape[0]) if arrays else 0
 
 
 def fit_factorized(net, new, plan, fit: dict, o, run=None) -> tuple:
     """(record, notes): calibrate_factorized on ``new`` (in place)."""
+    trim_memory()
     res = run_pass(calibrate_factorized, new, original=net, plan=plan, calib_inputs=fit,
                    damping=float(o.calib_damping), seed=int(o.seed), run=run)
     if not res.changed:
@@ -169,6 +182,7 @@ def fit_factorized(net, new, plan, fit: dict, o, run=None) -> tuple:
 def fit_pruned(net, new, dense, masks: dict, fit: dict, o, run=None) -> tuple:
     """(record, notes): calibrate_pruned on ``new`` (in place; ``masks`` updated for sparsegpt)."""
     method = "sparsegpt" if o.prune_method == "sparsegpt" else "resolve"
+    trim_memory()
     res = run_pass(calibrate_pruned, new, original=net, masks=masks, calib_inputs=fit, dense=dense,
                    damping=float(o.calib_damping), seed=int(o.seed), prune_method=method, run=run)
     if not res.changed:

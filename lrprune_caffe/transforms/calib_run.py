@@ -240,9 +240,9 @@ def col_rel(chunks, predict) -> float:
     """``||predict(X) - Y|| / ||Y||`` over (X, Y) chunks (float64 sums)."""
     num = den = 0.0
     for X, Y in chunks:
-        Y = np.asarray(Y, np.float64)
-        num += float(np.sum((predict(X) - Y) ** 2))
-        den += float(np.sum(Y * Y))
+        d = predict(X) - Y
+        num += float(np.square(d, dtype=np.float64).sum())
+        den += float(np.square(Y, dtype=np.float64).sum())
     return float(np.sqrt(num / den)) if den else float(np.sqrt(num))
 
 
@@ -253,11 +253,18 @@ def grouped(W, X, group):
     return np.vstack([W[j * ng:(j + 1) * ng] @ X[j * kg:(j + 1) * kg] for j in range(group)])
 
 
-def affine(W, b, group=1):
-    """``X -> W X + b`` (block-diagonal over ``group``; ``b`` None: no bias), in float64."""
+def affine(*layers, group=1):
+    """``X -> W_k (... (W_1 X + b_1) ...) + b_k`` for ``layers`` = (W, b or None) pairs, block-diagonal
+    over ``group``, in float32 as the nets compute (for :func:`col_rel`'s error figures)."""
+    ws = [(np.asarray(W, np.float32), None if b is None else np.asarray(b, np.float32)[:, None]) for W, b in layers]
+
     def predict(X):
-        Y = grouped(W, np.asarray(X, np.float64), group)
-        return Y if b is None else Y + np.asarray(b, np.float64)[:, None]
+        Z = np.asarray(X, np.float32)
+        for W, b in ws:
+            Z = grouped(W, Z, group)
+            if b is not None:
+                Z += b
+        return Z
     return predict
 
 

@@ -68,23 +68,21 @@ def _pair_fit(first, last, W, b, x, y, opts, seed):
     cols = Cols(first, x, y, opts["max_positions"], seed)
     del x, y
     intercept = b is not None
-
-    def chain(A1, A2, c2):
-        return lambda X: affine(A2, c2, g)(grouped(A1, X, g))
-
-    before = col_rel(cols.chunks(), chain(W1, W2, b2))
+    before = col_rel(cols.chunks(), affine((W1, None), (W2, b2), group=g))
     if opts["zhang"]:
         m = df.Moments()
+        W32 = W.astype(np.float32)  # products in float32, as the nets compute them; the moments in float64
         for X, Y in cols.chunks():
-            Yh = grouped(W, X, g) + (b[:, None] if intercept else 0)
+            Yh = grouped(W32, X, g) + (b[:, None] if intercept else 0)
             m.add(Yh, Y)
         W1, W2, b2 = df.zhang_fit(W, b, m, r, opts["damping"], group=g, intercept=intercept)
     if opts["refit"]:
-        W2, b2 = _refit(((grouped(W1, X, g), Y) for X, Y in cols.chunks()), W2, g, intercept, opts)
+        W1_32 = W1.astype(np.float32)
+        W2, b2 = _refit(((grouped(W1_32, X, g), Y) for X, Y in cols.chunks()), W2, g, intercept, opts)
     W1, W2 = df.balance(W1, W2, g)
     set_weights(first, W1, None)
     set_weights(last, W2, b2 if intercept else None)
-    return before, col_rel(cols.chunks(), chain(weights(first)[0], *weights(last)))
+    return before, col_rel(cols.chunks(), affine(weights(first), weights(last), group=g))
 
 
 def _last_fit(prev_layers, last, x, y, opts, seed):
@@ -97,10 +95,10 @@ def _last_fit(prev_layers, last, x, y, opts, seed):
     g = conv_group(last)
     cols = Cols(last, z, y, opts["max_positions"], seed)
     del z, y
-    before = col_rel(cols.chunks(), affine(W2, b2, g))
+    before = col_rel(cols.chunks(), affine((W2, b2), group=g))
     A, c = _refit(cols.chunks(), W2, g, b2 is not None, opts)
     set_weights(last, A, c if b2 is not None else None)
-    return before, col_rel(cols.chunks(), affine(*weights(last), g))
+    return before, col_rel(cols.chunks(), affine(weights(last), group=g))
 
 
 def _refit(chunks, prior, g, intercept, opts):

@@ -102,11 +102,11 @@ def calibrate_pruned(net_new, *, original, masks: dict, calib_inputs: dict, dens
         M = (mask.T if transpose else mask).reshape(Wd.shape[0], -1)
         cols = Cols(layer, N.blobs[layer.bottoms[0]], R.blobs[layer.tops[0]], max_positions, seed + i)
         g = conv_group(layer)
-        before = col_rel(cols.chunks(), affine(*weights(layer), g))
+        before = col_rel(cols.chunks(), affine(weights(layer), group=g))
         W, c, M = _prune_fit(cols, M, Wd, bd, g, damping, prune_method, prior, relu_aware and feeds_relu(net_new, i))
         set_weights(layer, W, c)
         masks[key] = (M.T if transpose else M).reshape(mask.shape)
-        after = col_rel(cols.chunks(), affine(*weights(layer), g))
+        after = col_rel(cols.chunks(), affine(weights(layer), group=g))
         del cols
         N.step(i, layer)
         details.append({"name": layer.name, "calib_rel_l2_before": before, "calib_rel_l2_after": after,
