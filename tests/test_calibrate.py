@@ -179,3 +179,50 @@ def test_reference_targets_original_outputs_and_dense_inner_factors():
     assert ref["conv2_lr1"] is not dense.layer("conv2_lr1")  # a copy of the dense factor
     np.testing.assert_array_equal(ref["conv2_lr1"].blobs[0], dense.layer("conv2_lr1").blobs[0])
     assert ref["conv2_lr1"].bottoms == ["pool1"]
+
+
+def test_runner_writes_a_relu_in_place_only_where_nobody_else_sees_the_values():
+    from lrprune_caffe.ir.net import Layer
+    from lrprune_caffe.transforms.calib_run import Runner
+    x = np.array([[-1.0, 2.0, -3.0]], np.float32)
+    layers = [Layer("in", "Input", [], ["x"]), Layer("split", "Split", ["x"], ["a", "b"]),
+              Layer("relu_a", "ReLU", ["a"], ["a"]), Layer("scale", "Power", ["b"], ["c"]),
+              Layer("relu_c", "ReLU", ["c"], ["c"])]
+    R = Runner(layers, {"x": x})
+    N = Runner(layers, {"x": x}, peer=R)
+    for i in range(1, 5):
+        R.step(i)
+    np.testing.assert_array_equal(x, [[-1, 2, -3]])  # an input, and the split's other branch: not overwritten
+    np.testing.assert_array_equal(R.blobs["a"], [[0, 2, 0]])
+    c = R.blobs["c"]
+    assert R.step(4)[0] is c  # 'c' is R's own: rewritten in place
+    N.blobs["a"] = R.blobs["a"]
+    before = R.blobs["a"].copy()
+    N.step(2)  # shared with the peer: a new array
+    assert N.blobs["a"] is not R.blobs["a"]
+    np.testing.assert_array_equal(R.blobs["a"], before)
+
+
+def test_calibration_leaves_the_inputs_alone_and_reports_errors_at_sampled_positions(lenet):
+    orig, cal, _, _ = lenet
+    cal = {"data": cal["data"][:64]}
+    kept = cal["data"].copy()
+    new = copy.deepcopy(orig)
+    plan = {"conv2": LayerPlan("channel", (7,)), "ip1": LayerPlan("fc", (64,))}
+    run_pass(factorize, new, plan=plan)
+    res = run_pass(calibrate_factorized, new, original=orig, plan=plan, calib_inputs=cal)
+    np.testing.assert_array_equal(cal["data"], kept)
+    for d in res.details:
+        assert 0 < d["calib_rel_l2_after"] < d["calib_rel_l2_before"] < 1, d
+
+
+def test_response_energies_of_few_samples_come_from_their_gram_matrix():
+    from lrprune_caffe.core.calib import response_energies
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((300, 16)) * np.arange(1, 17)
+    m = Y.mean(axis=1)
+    cov = Y @ Y.T / 16 - np.outer(m, m)
+    small = response_energies({"l": {"cov": cov, "centered": Y - m[:, None]}})["l"]
+    full = response_energies({"l": {"cov": cov}})["l"]
+    assert small.shape == full.shape == (300,)
+    np.testing.assert_allclose(small, full, atol=1e-9 * full[0])

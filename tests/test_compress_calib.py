@@ -166,9 +166,28 @@ def test_onnxruntime_layer_runner_matches_the_numpy_forward(case):
     d = golden_case(case)
     net = load_net(str(d / "model.prototxt"), str(d / "model.caffemodel"))
     a = load_npz(d / "inputs.npz")
+    a = {k: np.concatenate([v] * (-(-11 // len(v))))[:11] for k, v in a.items()}  # 11: three ORT_BATCH calls
     b, run = dict(a), ort_runner()
     for layer in net.layers[1:]:
         for t, u, v in zip(layer.tops, run_layer(layer, [a[x] for x in layer.bottoms]),
                            run(layer, [b[x] for x in layer.bottoms])):
             a[t], b[t] = u, v
             np.testing.assert_allclose(v, u, atol=1e-5 * max(1.0, float(np.abs(u).max())), err_msg=layer.name)
+
+
+def test_check_hands_onnxruntime_the_weights_from_memory_with_the_files_outputs():
+    """compress's check runs the nets with their weights passed as external initializers (no 0.5 GB
+    protobuf per VGG-sized net); the outputs are those of the whole exported model."""
+    from lrprune_caffe.engines.runtime import ort_session, run_onnxruntime
+    from lrprune_caffe.export.onnx import EXTERNAL_LOCATION, export_model
+    from lrprune_caffe.io.caffe import load_net
+    d, proto, model = lenet_files()
+    net = load_net(proto, model)
+    x = load_npz(d / "inputs.npz")
+    external = {}
+    placeholder = export_model(net, external=external)
+    ext = [t for t in placeholder.graph.initializer if t.external_data]
+    assert ext and all(not t.raw_data and t.external_data[0].value == EXTERNAL_LOCATION for t in ext)
+    assert {t.name for t in ext} == set(external)
+    whole = ort_session(export_model(net, dynamic_batch=True).SerializeToString(), 1).run(["prob"], x)[0]
+    np.testing.assert_array_equal(run_onnxruntime(net, x, ["prob"], threads=1)["prob"], whole)

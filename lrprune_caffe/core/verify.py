@@ -197,6 +197,8 @@ def compare_nets(net_a, net_b, inputs, inputs_desc, engine="onnxruntime", thread
 def check_compressed(net, new, inputs, inputs_desc, engine, threads=None, labels=None) -> tuple:
     """compress's check of ``new`` against the original ``net``: (verification record, notes).
     When no engine can run the nets, the record says so and the files are still written."""
+    from .calib import trim_memory
+    trim_memory()  # what the calibration freed: not resident while both sessions hold the weights
     try:
         return compare_nets(net, new, inputs, inputs_desc, engine, threads, labels), []
     except EngineError as e:  # e.g. a layer type no engine knows

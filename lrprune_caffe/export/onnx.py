@@ -65,6 +65,22 @@ def _onnx_version() -> str:
     return onnx.__version__
 
 
+#: with ``external=``, weights of at least this many values are left out of the graph (see :func:`export_model`)
+EXTERNAL_MIN_SIZE = 1024
+#: the location an external placeholder names (no file: the caller hands the values to the runtime)
+EXTERNAL_LOCATION = "lrprune-caffe-in-memory"
+
+
+def _external_placeholder(name, arr):
+    """A TensorProto of ``arr``'s name, type and dims whose data is external (nothing stored)."""
+    from onnx import TensorProto, helper
+    t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+    t.data_location = TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", EXTERNAL_LOCATION
+    return t
+
+
 class OnnxContext:
     """The graph under construction, seen from the layer being lowered.
 
@@ -76,10 +92,11 @@ class OnnxContext:
     a lowering can tell which dims follow the batch.
     """
 
-    def __init__(self, opset: int, dynamic_batch: bool, sparse: bool = False):
+    def __init__(self, opset: int, dynamic_batch: bool, sparse: bool = False, external=None):
         self.opset = opset
         self.dynamic_batch = dynamic_batch
         self.sparse = sparse  # float weights smaller as sparse tensors become sparse initializers
+        self.external = external  # None, or {name: array}: large weights stay out of the graph (see export_model)
         self.nodes: list = []
         self.initializers: list = []
         self.sparse_initializers: list = []
@@ -173,6 +190,10 @@ class OnnxContext:
         from onnx import numpy_helper
         name = self.unique_value(f"{self.layer.name}/{suffix}")
         arr = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        if self.external is not None and not self.sparse and arr.size >= EXTERNAL_MIN_SIZE:
+            self.initializers.append(_external_placeholder(name, arr))
+            self.external[name] = arr
+            return name
         tensor = numpy_helper.from_array(arr, name)
         st = sparse_if_smaller(arr, tensor) if self.sparse else None
         if st is None:
@@ -286,7 +307,7 @@ def _shapes(net, batch_factor: int = 1):
 
 
 def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, extra_outputs=(), sparse=False,
-                outputs=None):
+                outputs=None, external=None):
     """(GraphProto, output names) of ``net``; no folding, no model wrapper. ``sparse``: float
     weights smaller as sparse tensors are written as sparse initializers. ``outputs``: the graph
     outputs instead of the net's (then ``extra_outputs`` are added to them)."""
@@ -305,7 +326,7 @@ def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, ex
             outputs.append(o)
     exposed = set(outputs)
 
-    ctx = OnnxContext(opset, dynamic_batch, sparse)
+    ctx = OnnxContext(opset, dynamic_batch, sparse, external)
     # every Caffe blob name is reserved for its plain version
     for layer in net.layers:
         ctx._used_values.update(layer.tops)
@@ -365,7 +386,7 @@ def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, ex
 
 
 def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, fold_bn: bool = False,
-                 extra_outputs=(), report: Optional[dict] = None, sparse: bool = False, cut=None):
+                 extra_outputs=(), report: Optional[dict] = None, sparse: bool = False, cut=None, external=None):
     """``net`` as an ``onnx.ModelProto`` (opset pinned, IR version matched to it).
 
     ``extra_outputs`` names intermediate Caffe blobs to expose as graph
@@ -378,6 +399,12 @@ def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, f
     ``cut`` (blob names): export up to those blobs only (``export-onnx --cut``, for runtimes
     with their own post-processing): they become the graph outputs, and the layers they do not
     need are dropped (:meth:`lrprune_caffe.ir.net.Net.cut`).
+    ``external`` (a dict, for a runtime in this process, never for a file): every weight of at
+    least :data:`EXTERNAL_MIN_SIZE` values is put there ({initializer name: array}, the blob
+    itself when it is already contiguous float32) and the graph holds a placeholder with external
+    data in its place, so that a VGG-sized model is not copied into protobuf several times
+    (onnxruntime: ``SessionOptions.add_external_initializers``, see
+    :func:`lrprune_caffe.engines.runtime.ort_session`).
     """
     from onnx import helper
     from lrprune_caffe.version import __version__
@@ -392,7 +419,7 @@ def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, f
     if cut:
         net = net.cut(cut)
     graph, outputs = build_graph(net, opset, dynamic_batch, extra_outputs, sparse=sparse,
-                                 outputs=list(dict.fromkeys(cut)) if cut else None)
+                                 outputs=list(dict.fromkeys(cut)) if cut else None, external=external)
     opsets = [helper.make_opsetid("", opset)]
     ir_version = helper.find_min_ir_version_for(opsets)
     if len(graph.sparse_initializer):

@@ -100,21 +100,33 @@ def im2col(x: np.ndarray, kernel, stride=1, pad=0, dilation=1, positions=None) -
     ho, wo = conv_out_size(H, kh, sh, ph, dh), conv_out_size(W, kw, sw, pw, dw)
     if ho <= 0 or wo <= 0:
         raise ValueError(f"kernel {kh}x{kw} (dilation {dh}x{dw}) does not fit a padded {H}x{W} input")
+    if positions is not None:
+        return _im2col_at(x, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ho, wo, positions)
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-    if positions is None:
-        cols = np.empty((C, kh, kw, B, ho, wo), dtype=x.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                y0, x0 = i * dh, j * dw
-                tap = xp[:, :, y0:y0 + sh * (ho - 1) + 1:sh, x0:x0 + sw * (wo - 1) + 1:sw]
-                cols[:, i, j] = tap.transpose(1, 0, 2, 3)
-        return cols.reshape(C * kh * kw, B * ho * wo)
+    cols = np.empty((C, kh, kw, B, ho, wo), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            y0, x0 = i * dh, j * dw
+            tap = xp[:, :, y0:y0 + sh * (ho - 1) + 1:sh, x0:x0 + sw * (wo - 1) + 1:sw]
+            cols[:, i, j] = tap.transpose(1, 0, 2, 3)
+    return cols.reshape(C * kh * kw, B * ho * wo)
+
+
+def _im2col_at(x, kernel, stride, pad, dilation, ho, wo, positions):
+    """im2col's columns at ``positions`` only, read from the unpadded input (taps in the padding are 0):
+    the cost and the memory follow the number of positions, not the size of the input."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, pad, dilation
+    B, C, H, W = x.shape
     pos = np.asarray(positions, dtype=np.int64)
     b, rem = np.divmod(pos, ho * wo)
     oy, ox = np.divmod(rem, wo)
-    rows = (oy * sh)[:, None] + (np.arange(kh) * dh)[None, :]  # (n, kh)
-    cols_ = (ox * sw)[:, None] + (np.arange(kw) * dw)[None, :]  # (n, kw)
-    patches = xp[b[:, None, None], :, rows[:, :, None], cols_[:, None, :]]  # (n, kh, kw, C)
+    rows = (oy * sh - ph)[:, None] + (np.arange(kh) * dh)[None, :]  # (n, kh), in input coordinates
+    cols_ = (ox * sw - pw)[:, None] + (np.arange(kw) * dw)[None, :]  # (n, kw)
+    rin, cin = (rows >= 0) & (rows < H), (cols_ >= 0) & (cols_ < W)
+    patches = x[b[:, None, None], :, np.clip(rows, 0, H - 1)[:, :, None],
+                np.clip(cols_, 0, W - 1)[:, None, :]]  # (n, kh, kw, C)
+    if not (rin.all() and cin.all()):
+        patches = np.where((rin[:, :, None] & cin[:, None, :])[..., None], patches, np.zeros((), patches.dtype))
     return np.ascontiguousarray(patches.transpose(3, 1, 2, 0)).reshape(C * kh * kw, pos.size)
 
 
@@ -382,14 +394,27 @@ def relu_targets(Y: np.ndarray, P: np.ndarray, mu: float) -> np.ndarray:
     output is cut by the ReLU and the prediction is too, z = p: the fit is
     not spent on values the ReLU discards.
     """
-    Y = np.asarray(Y, np.float64)
     P = np.asarray(P, np.float64)
-    t = np.maximum(Y, 0.0)
-    z0 = np.maximum((t + mu * P) / (1.0 + mu), 0.0)  # branch z >= 0
-    f0 = (t - z0) ** 2 + mu * (z0 - P) ** 2
+    t = np.maximum(np.asarray(Y), 0.0, dtype=np.float64)
+    # the same arithmetic as the formulas' direct form, in place (these are the calibration's largest arrays)
+    z0 = np.multiply(P, mu)
+    z0 += t
+    z0 /= 1.0 + mu
+    np.maximum(z0, 0.0, out=z0)  # branch z >= 0: z0 = max((t + mu p) / (1 + mu), 0)
+    f0 = np.subtract(t, z0)
+    np.square(f0, out=f0)
+    d = np.subtract(z0, P)
+    np.square(d, out=d)
+    d *= mu
+    f0 += d  # f0 = (t - z0)^2 + mu (z0 - p)^2
     z1 = np.minimum(P, 0.0)  # branch z < 0 (its limit 0 when p >= 0)
-    f1 = t ** 2 + mu * (z1 - P) ** 2
-    return np.where(f0 <= f1, z0, z1)
+    np.subtract(z1, P, out=d)
+    np.square(d, out=d)
+    d *= mu
+    np.square(t, out=t)
+    t += d  # f1 = t^2 + mu (z1 - p)^2
+    np.copyto(z0, z1, where=f0 > t)
+    return z0
 
 
 def retarget(m: Moments, X: np.ndarray, Z: np.ndarray) -> Moments:

@@ -155,6 +155,13 @@ def _power(pp, x):
     return (float(pp.shift) + float(pp.scale) * x) ** float(pp.power)
 
 
+def _relu(slope, x, out=None):
+    """Caffe's ReLU ``max(x, 0) + slope min(x, 0)``; one pass and no temporaries at slope 0 (``out``: in place)."""
+    if slope == 0.0:
+        return np.maximum(x, np.zeros((), x.dtype), out=out)
+    return np.where(x > 0, x, slope * x)
+
+
 def _prelu(layer, x):
     a = np.asarray(layer.blobs[0]).reshape(-1)
     a = a.reshape((1, -1) + (1,) * (x.ndim - 2)) if a.size > 1 else a[0]
@@ -164,7 +171,7 @@ def _prelu(layer, x):
 UNARY = {
     "Convolution": _conv, "InnerProduct": _ip, "Pooling": _pool, "LRN": _lrn, "Softmax": _softmax,
     "LogSoftmax": _softmax, "BatchNorm": _bn, "Flatten": _flatten, "PReLU": _prelu,
-    "ReLU": lambda layer, x: np.where(x > 0, x, float(layer.param_msg("relu_param").negative_slope) * x),
+    "ReLU": lambda layer, x: _relu(float(layer.param_msg("relu_param").negative_slope), x),
     "Sigmoid": lambda layer, x: 1.0 / (1.0 + np.exp(-x)),
     "TanH": lambda layer, x: np.tanh(x),
     "Dropout": lambda layer, x: x,
