@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, run_cli
+from conftest import GOLDEN, require_shared, run_cli
 from lrprune_caffe.errors import UserError
 
 torch = pytest.importorskip("torch")
@@ -50,8 +50,7 @@ def test_cuda_without_a_gpu_is_one_line(monkeypatch, capsys, tmp_path):
         loop.check_device("cuda")
     assert loop.check_device("cpu") == "cpu"
     net = GOLDEN / "lenet_mnist"
-    if not (net / "model.caffemodel").exists():
-        pytest.skip("golden LeNet not present")
+    require_shared(net / "model.caffemodel")
     x = np.zeros((4, 1, 28, 28), np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=np.zeros(4, np.int64))
     for cmd in (["finetune"], ["pipeline", "--val", tmp_path / "d.npz"]):
@@ -114,8 +113,7 @@ def test_a_bad_input_under_several_processes_is_one_line(tmp_path):
     import sys
     from conftest import ROOT
     net = GOLDEN / "lenet_mnist"
-    if not (net / "model.caffemodel").exists():
-        pytest.skip("golden LeNet not present")
+    require_shared(net / "model.caffemodel")
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "lrprune_caffe", "pipeline", str(net / "model.prototxt"),

@@ -246,10 +246,11 @@ def launch_local(argv, nproc: int, poll_s: float = 0.1) -> int:
             return 0
         if failed != 0:  # rank 0 may be failing on the same input: its message is the one shown
             try:
-                procs[0].wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
-            if procs[0].returncode not in (None, 0):
+                procs[0].wait(timeout=5)
+            except subprocess.TimeoutExpired:  # waiting for the failed rank at a collective: stop it first,
+                procs[0].terminate()            # so that nothing it prints can follow the failed rank's lines
+                procs[0].wait()
+            if procs[0].returncode > 0:
                 failed = 0
         if failed != 0 and logs[failed] is not None:
             logs[failed].seek(0)
