@@ -127,7 +127,7 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
         if min_net_ms is not None:
             _check_net_ms(net, infos, target, min_net_ms)
         tables = L.layer_tables(infos, scheme, target, net=net, progress=progress, time_budget_s=time_budget_s)
-    except EngineError as e:
+    except (EngineError, UserError) as e:  # UserError: a layer with no ONNX lowering (a train_val's Data layer)
         raise NoLatency(f"the net could not be timed on {target.runtime} ({e})") from None
     if not tables.complete:
         raise NoLatency(f"its tables were not measured within {time_budget_s:.0f} s ({len(tables.tables)} of "
@@ -385,7 +385,7 @@ def report_speed(net, new, o, report: dict) -> None:
     budget = report.get("budget") or {}
     try:
         m = measure(net, new, o.engine, o.threads, o.batch, rounds)
-    except EngineError as e:
+    except (EngineError, UserError) as e:  # UserError: the net cannot be exported to time it (no lowering)
         report.setdefault("notes", []).append(f"speed-up not measured: {e}")
         return
     requested = float(o.speedup)
