@@ -265,3 +265,15 @@ def test_with_calib_the_latency_budget_spends_by_response_eigenvalues(files, fak
     b = report["budget"]
     assert b["cost"] == "latency" and b["data_aware"]["layers"] == ["conv1", "ip1"]
     assert b["structured_options"] == []  # a data-aware error is not comparable with filter energies
+
+
+def test_rows_the_budget_did_not_prune_do_not_blame_a_prune_flag_never_given(files, fake, tmp_path):
+    """Audit: with structured pruning bought by the budget (no --prune), a layer left as it was said
+    "not selected for pruning (--prune names other layers, or LAYER=0)"."""
+    from conftest import lenet_files
+    _, proto, model = lenet_files()  # ip2 is left alone (under 1% of the MACs)
+    report, _ = compress(proto, model, tmp_path / "out", speedup=1.5, cost="latency", verify=False)
+    assert any(v.get("structured") for v in report["budget"]["layers"].values())
+    reasons = [r.get("reason") or "" for r in report["layers"]]
+    assert not any("--prune" in why for why in reasons), reasons
+    assert any("the --speedup budget did not prune it" in why for why in reasons), reasons
