@@ -285,9 +285,13 @@ def test_a_latency_budget_much_deeper_than_macs_says_so(files, fake, tmp_path, m
     """Audit: GoogLeNet at 112 (per-op overhead a large share) got rank 1 on 8 layers by default (summed
     error 13.5 against the MAC budget's 0.44; 0.91 against 0.19 relative L2 on the logits) and no word
     of it. Here the rest of the net takes as long as its layers, so S = 1.8 needs deep cuts in ms; the
-    note says so, and OpenCV running both written nets confirms the latency one is further off."""
+    note says so, and OpenCV running both written nets confirms the latency one is further off. (A net of
+    two layers cannot lose 5x the MAC budget's error: the thresholds are lowered to what it can.)"""
     cv2 = pytest.importorskip("cv2")
+    from lrprune_caffe.core import ranks
     from lrprune_caffe.engines import latency_prune
+    monkeypatch.setattr(ranks, "MUCH_WORSE_RATIO", 3.0)
+    monkeypatch.setattr(ranks, "MUCH_WORSE_BY", 1.0)
     monkeypatch.setattr(latency_prune, "PRUNE_SHARES", ())
     real = L.profile_net
 
@@ -314,4 +318,4 @@ def test_a_latency_budget_much_deeper_than_macs_says_so(files, fake, tmp_path, m
                     / np.linalg.norm(ref)) for k in ("lat", "macs")}
     assert err["lat"] > err["macs"], err
     mild, _ = compress(*files, tmp_path / "mild", speedup=1.3, verify=False)
-    assert not any("cut much deeper" in n for n in mild["notes"])
+    assert not any("cut much deeper" in n for n in mild["notes"]), mild["budget"].get("versus_macs")
