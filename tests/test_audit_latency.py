@@ -23,3 +23,21 @@ def test_speedup_on_a_train_val_net_falls_back_and_notes_it(capsys, tmp_path):
         if not extra:
             assert "the latency cost was not used, the net could not be timed" in notes
         assert "speed" not in report
+
+
+def test_measured_speedup_says_it_timed_the_fp32_net_when_model_onnx_is_int8(capsys, tmp_path):
+    """Audit: with --quantize int8 the outcome line read "1.71x measured" while what was timed is the
+    fp32 written net, not the int8 model.onnx next to it."""
+    onnx = __import__("pytest").importorskip("onnx")
+    lenet = golden_case("lenet_mnist")
+    out = tmp_path / "o"
+    rc, stdout, err = run_cli(capsys, "compress", lenet / "model.prototxt", lenet / "model.caffemodel", "-o", out,
+                              "--speedup", "2", "--onnx", "--quantize", "int8", "--no-verify",
+                              "--inputs", lenet / "inputs.npz")
+    assert rc == 0, err
+    model = onnx.load(str(out / "model.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)  # model.onnx really is int8
+    report = json.loads((out / "report.json").read_text())
+    assert "of the fp32 net (model.onnx is int8, not timed)" in report["outcome"]["summary"]
+    assert "int8" in report["speed"]["measured_net"]
+    assert "of the fp32 net" in " ".join(stdout.split())
