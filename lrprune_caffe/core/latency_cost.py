@@ -127,7 +127,7 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
         if min_net_ms is not None:
             _check_net_ms(net, infos, target, min_net_ms)
         tables = L.layer_tables(infos, scheme, target, net=net, progress=progress, time_budget_s=time_budget_s)
-    except EngineError as e:
+    except (EngineError, UserError) as e:  # UserError: a layer with no ONNX lowering (a train_val's Data layer)
         raise NoLatency(f"the net could not be timed on {target.runtime} ({e})") from None
     if not tables.complete:
         raise NoLatency(f"its tables were not measured within {time_budget_s:.0f} s ({len(tables.tables)} of "
@@ -385,17 +385,21 @@ def report_speed(net, new, o, report: dict) -> None:
     budget = report.get("budget") or {}
     try:
         m = measure(net, new, o.engine, o.threads, o.batch, rounds)
-    except EngineError as e:
+    except (EngineError, UserError) as e:  # UserError: the net cannot be exported to time it (no lowering)
         report.setdefault("notes", []).append(f"speed-up not measured: {e}")
         return
     requested = float(o.speedup)
     met = m["speedup"] >= requested
     m.update({"requested": requested, "cost": budget.get("cost", "macs"), "met": met,
               "predicted": budget.get("predicted_speedup")})
+    lowered = "int8" if o.quantize else ("fp16" if o.precision not in (None, "fp32") else None)
+    if lowered:  # what was timed is the written net in fp32, not model.onnx
+        m["measured_net"] = f"fp32 (model.onnx is {lowered} and was not timed)"
     report["speed"] = m
     spread = f"p10-p90 {m['p10']:.2f}-{m['p90']:.2f}x, " if m.get("p10") is not None else ""
-    line = (f"speed-up {'met' if met else 'MISSED'}: {m['speedup']:.2f}x measured ({spread}{rounds} interleaved "
-            f"rounds on {m['engine']}) against {requested:.2f}x requested ({m['cost']} budget"
+    what = f" of the fp32 net (model.onnx is {lowered}, not timed)" if lowered else ""
+    line = (f"speed-up {'met' if met else 'MISSED'}: {m['speedup']:.2f}x measured{what} ({spread}{rounds} "
+            f"interleaved rounds on {m['engine']}) against {requested:.2f}x requested ({m['cost']} budget"
             + (f", {m['predicted']:.2f}x predicted" if m.get("predicted") else "") + ")"
             + (f"; in CPU time {m['cpu_speedup']:.2f}x" if m.get("cpu_speedup") else ""))
     out = report.get("outcome")

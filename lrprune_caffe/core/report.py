@@ -109,12 +109,13 @@ def count_after(rows: dict, new) -> list:
     return new_stats
 
 
-def count_storage(rows: dict, new, model, pruned: Optional[PruneRecord]) -> dict:
+def count_storage(rows: dict, new, model, pruned: Optional[PruneRecord], by_budget: bool = False) -> dict:
     """What the written files hold, per row (a factorized layer: summed over its new layers):
     ``nonzero_params``, ``sparsity``, ``dense_bytes`` (4 per param), ``caffemodel_bytes`` (its
     share of the written caffemodel), ``onnx_bytes`` (its initializers in ``model``, when given)
     and ``csr_bytes`` (Han et al.'s CSR with 8-bit relative indices). With pruning, each row's
-    action and reason say what pruning did to it. Returns the storage table (report["storage"])."""
+    action and reason say what pruning did to it (``by_budget``: the --speedup budget chose
+    the structured pruning; no --prune was given). Returns the storage table (report["storage"])."""
     storage = storage_report(new, model)
     by_layer = {r["name"]: r for r in storage["layers"]}
     keys = ("params", "nonzero_params", "dense_bytes", "caffemodel_bytes", "csr_bytes") + \
@@ -130,11 +131,11 @@ def count_storage(rows: dict, new, model, pruned: Optional[PruneRecord]) -> dict
         params = sums.pop("params")
         row.storage = {**sums, "sparsity": (1.0 - sums["nonzero_params"] / params) if params else 0.0}
         if pruned is not None:
-            _say_what_pruning_did(row, names, touched, structured, excluded, new, dense)
+            _say_what_pruning_did(row, names, touched, structured, excluded, new, dense, by_budget)
     return storage
 
 
-def _say_what_pruning_did(row, names, touched, structured, excluded, new, dense=frozenset()):
+def _say_what_pruning_did(row, names, touched, structured, excluded, new, dense=frozenset(), by_budget=False):
     reason, row.reason = row.reason, None
     if touched & set(names):
         row.action = "factorized+pruned" if row.factorized else "pruned"
@@ -147,7 +148,8 @@ def _say_what_pruning_did(row, names, touched, structured, excluded, new, dense=
         row.reason = ((f"not factorized: {reason}; " if reason else "")
                       + "kept dense by --prune-scope erk (small, or few weights per output)")
     elif not row.factorized:
-        why = ("excluded from pruning (--prune-exclude)" if row.name in excluded
+        why = ("the --speedup budget did not prune it" if by_budget
+               else "excluded from pruning (--prune-exclude)" if row.name in excluded
                else "not selected for pruning (--prune names other layers, or LAYER=0)")
         row.reason = f"not factorized: {reason}; {why}" if reason else why
     else:
@@ -198,7 +200,8 @@ def build_report(*, net, new, shapes, options, rows: dict, selected: list, budge
                  onnx_model=None, onnx_bytes: Optional[int] = None, original_bytes: Optional[int] = None) -> dict:
     """report.json's dict from the steps' records (every number counted on the nets themselves)."""
     new_stats = count_after(rows, new)
-    storage = count_storage(rows, new, onnx_model, pruned)
+    by_budget = any("structured" in v for v in ((budget or {}).get("layers") or {}).values())  # not --prune
+    storage = count_storage(rows, new, onnx_model, pruned, by_budget=by_budget)
     before = totals(layer_stats(net, shapes))
     after = totals(new_stats)
     chosen = set(selected)
