@@ -73,7 +73,10 @@ def factorize_net(net: Net, rp: RankPlan, o: CompressOptions, train_net: Optiona
     the unchanged layers are shared with ``net``. ``train_net`` is rewritten the same way, in place."""
     new = Net(net.name, list(net.layers), clone_msg(net.header), net.source, net.weights_source, list(net.notes))
     if not rp.plan:
-        return new, (["no layer was factorized (see each layer's reason)"] if o.factorizing else [])
+        structured = any("structured" in v for v in ((rp.budget or {}).get("layers") or {}).values())
+        why = ("no layer was factorized: the --speedup budget pruned filters instead (see each layer's reason)"
+               if structured else "no layer was factorized (see each layer's reason)")
+        return new, ([why] if o.factorizing else [])
     with progress_bar(len(rp.plan), "factorize", o.progress) as bar:
         res = run_pass(factorize, new, plan=rp.plan, method=o.svd, seed=o.seed, hooi_iters=o.hooi,
                        caches=rp.caches, progress=lambda name: bar.update(1))
@@ -301,6 +304,9 @@ def compress(net: Net, options: CompressOptions = None, data: CompressData = Non
         report["notes"] += [f"model.onnx: {n}" for n in notes_of]
     report_speed(net, new, o, report)  # --speedup: measured against the original on the target
     report["warnings"] = warnings_of(verification) if o.verify else []
+    if o.quantize and data.calib is None and data.inputs is None and precision is not None:
+        report["warnings"].append("model.onnx: int8 scales were calibrated on random inputs, not on images of the "
+                                  "kind the net sees: its accuracy may fall (give --calib)")
     passed = True
     if any(getattr(o, k) is not None for k in ("max_drop", "min_agree", "max_rel_l2")):
         report["gate"] = gate(verification, o.max_drop, o.min_agree, o.max_rel_l2)
