@@ -230,7 +230,8 @@ def _measure_layer(geo, scheme, info, cache: Cache, counter: list, overhead: flo
     """The layer's table (what is measured is stored before ``overhead`` is subtracted); its grid is
     :func:`rank_grid` at :func:`grid_points` of the layer left alone.
 
-    Left alone is timed before and after its chains and the faster median kept:
+    Left alone is timed before its chains, and again after them (the faster kept)
+    unless its two fastest runs agreed the first time (:data:`latency_graphs.AGREE`):
     noise only adds time, and a left-alone time inflated by a neighbour's burst
     would make every chain look like a saving. Ranks rise along each grid row;
     after two chains in a row no faster than the layer left alone, the larger
@@ -242,12 +243,15 @@ def _measure_layer(geo, scheme, info, cache: Cache, counter: list, overhead: flo
     cold = bool(cache.key.get("cold"))
     orig = cache.get("layers", sig, "orig")
 
-    def timed(model_feeds):
+    def timed(model_feeds, full=False):
         counter[0] += 1
-        return measure_model(*model_feeds, target, cold=cold)["ms"]
+        res = measure_model(*model_feeds, target, cold=cold)
+        return res if full else res["ms"]
 
+    settled = orig is not None  # cached: taken as it is
     if orig is None:
-        orig = timed(layer_model(geo))
+        res = timed(layer_model(geo), full=True)
+        orig, settled = res["ms"], bool(res.get("agreed"))
     axes = rank_grid(info, scheme, *grid_points(orig))
     part = f"{scheme}:" + ";".join(",".join(str(r) for r in a) for a in axes)
     stored = cache.get("layers", sig, part)
@@ -265,7 +269,8 @@ def _measure_layer(geo, scheme, info, cache: Cache, counter: list, overhead: flo
             ms = timed(layer_model(geo, scheme, ranks))
             stored.append(ms)
             slow_run = slow_run + 1 if ms >= orig else 0
-        orig = min(orig, timed(layer_model(geo)))
+        if not settled:
+            orig = min(orig, timed(layer_model(geo)))
         cache.put("layers", sig, stored, part)
     cache.put("layers", sig, orig, "orig")
     ms = np.asarray([np.nan if v is None else v for v in stored], dtype=np.float64)
