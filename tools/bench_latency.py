@@ -185,7 +185,8 @@ def variants_of(name, proto, model, net, infos, tables, args):
     return out, errors
 
 
-def run(args) -> dict:
+def run(args, write=None) -> dict:
+    """The benchmark; ``write(result)``, when given, is called after each net with what is done so far."""
     from lrprune_caffe.engines import latency as L
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_latency_")
@@ -230,10 +231,27 @@ def run(args) -> dict:
                           file=sys.stderr)
         del variants
         mnn_dir.cleanup()
-    result.update({"versions": M.versions(engines), "engines": engines, "input": args.input, "scheme": args.scheme,
-                   "rounds": args.rounds, "batch": 1, "threads": args.threads, "tables": tables_time,
-                   "rows": rows, "notes": notes, "uptime_end": M.uptime()})
+        result.update({"versions": M.versions(engines), "engines": engines, "input": args.input,
+                       "scheme": args.scheme, "rounds": args.rounds, "batch": 1, "threads": args.threads,
+                       "tables": tables_time, "rows": rows, "notes": notes, "uptime_end": M.uptime()})
+        if write is not None:
+            write(result)
     return result
+
+
+def write_outputs(result, out, plot=True) -> list:
+    """RESULTS.md, results.json (and speedup_vs_macs.png) into ``out``, each replaced atomically."""
+    os.makedirs(out, exist_ok=True)
+    files = {"RESULTS.md": M.markdown(result, plot="speedup_vs_macs.png" if plot else None).encode(),
+             "results.json": json.dumps(result, indent=1, default=str).encode()}
+    if plot:
+        files["speedup_vs_macs.png"] = M.plot_png(result)
+    for fname, data in files.items():
+        tmp = os.path.join(out, f".{fname}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, os.path.join(out, fname))
+    return [os.path.join(out, f) for f in files]
 
 
 def main(argv=None) -> int:
@@ -272,19 +290,10 @@ def main(argv=None) -> int:
     if not args.no_plot:
         import lrprune_caffe.core.plots as plots
         plots._plt()  # matplotlib missing: say so before the work
-    result = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    md = M.markdown(result, plot=None if args.no_plot else "speedup_vs_macs.png")
-    files = {"RESULTS.md": md.encode(), "results.json": json.dumps(result, indent=1, default=str).encode()}
-    if not args.no_plot:
-        files["speedup_vs_macs.png"] = M.plot_png(result)
-    for fname, data in files.items():
-        tmp = os.path.join(args.out, f".{fname}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, os.path.join(args.out, fname))
-    print(md)
-    print(f"written: {', '.join(os.path.join(args.out, f) for f in files)}", file=sys.stderr)
+    result = run(args, write=lambda res: write_outputs(res, args.out, plot=not args.no_plot))
+    print(M.markdown(result))
+    print(f"written into {args.out}: RESULTS.md, results.json" + ("" if args.no_plot else ", speedup_vs_macs.png"),
+          file=sys.stderr)
     return 0
 
 

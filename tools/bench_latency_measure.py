@@ -45,7 +45,7 @@ def versions(engines) -> dict:
     from lrprune_caffe.version import __version__
     v = {"lrprune_caffe": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
          "numpy": np.__version__, "python": platform.python_version(), "cpu": cpu_model(), "cores": os.cpu_count(),
-         "platform": platform.platform()}
+         "platform": platform.platform(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
     if "mnn" in engines:
         import MNN
         v["mnn"] = MNN.version()
@@ -168,7 +168,8 @@ def markdown(result: dict, plot: str = None) -> str:
              "original / variant (p10-p90 beside it); CPU = the same in CPU time (1 thread only).", "",
              f"- onnxruntime {v['onnxruntime']}" + (f", MNN {v['mnn']}" if "mnn" in v else "")
              + f", numpy {v['numpy']}, onnx {v['onnx']}, Python {v['python']}, lrprune-caffe {v['lrprune_caffe']}",
-             f"- {v['cpu']}, {v['cores']} cores; threads {', '.join(map(str, result['threads']))}",
+             f"- {v['cpu']}, {v['cores']} cores; engine threads {', '.join(map(str, result['threads']))} "
+             f"(onnxruntime intra-op, MNN numThread); OMP_NUM_THREADS {v.get('OMP_NUM_THREADS')} (numpy's SVDs)",
              f"- `uptime` at start: {result['uptime_start']}", f"- `uptime` at end: {result['uptime_end']}"]
     lines += [f"- note: {n}" for n in result.get("notes", [])]
     lines += ["", "## Latency tables, first time (empty cache)", "",
