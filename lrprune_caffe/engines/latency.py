@@ -16,10 +16,13 @@ Each candidate is a tiny ONNX graph (:mod:`lrprune_caffe.engines.latency_graphs`
 seeded weights of the right shapes: the time does not depend on their values)
 run by onnxruntime with the target's session options (``intra_op_num_threads`` =
 threads, ``inter_op_num_threads`` 1, sequential, ``ORT_ENABLE_ALL``, as the
-exported net runs). Time = the median of repeated runs after warm-up (up to 12
-runs for small layers, 3 for big ones; their lower quartile, in CPU time with
-one thread: :func:`lrprune_caffe.engines.latency_graphs.cpu_clock`), minus the
-per-run cost of any graph.
+exported net runs). Time = the lower quartile of 2 to 12 runs after warm-up,
+stopping once the two fastest agree within 3% (in CPU time with one thread:
+:func:`lrprune_caffe.engines.latency_graphs.cpu_clock`), minus the per-run cost
+of any graph. The whole net is exported for timing with its large weights in an
+external-data file (:mod:`lrprune_caffe.engines.latency_net`). VGG-16 at 224,
+1 thread, an empty cache: ~100 graphs, 10 s CPU, 21-31 s wall at load 9-10 on
+the shared 2-core machine (it was 19 s CPU, 28-31 s wall at load 2-3).
 
 A layer timed alone is not the layer inside the net (hot caches, no fusion,
 layout reorders around it). So by default (``timing="profile"``) the tables
