@@ -179,12 +179,12 @@ def test_check_hands_onnxruntime_the_weights_from_memory_with_the_files_outputs(
     """compress's check runs the nets with their weights passed as external initializers (no 0.5 GB
     protobuf per VGG-sized net); the outputs are those of the whole exported model."""
     from lrprune_caffe.engines.runtime import ort_session, run_onnxruntime
-    from lrprune_caffe.export.onnx import EXTERNAL_LOCATION, export_model
+    from lrprune_caffe.export.onnx import EXTERNAL_LOCATION, InMemoryWeights, export_model
     from lrprune_caffe.io.caffe import load_net
     d, proto, model = lenet_files()
     net = load_net(proto, model)
     x = load_npz(d / "inputs.npz")
-    external = {}
+    external = InMemoryWeights()
     placeholder = export_model(net, external=external)
     ext = [t for t in placeholder.graph.initializer if t.external_data]
     assert ext and all(not t.raw_data and t.external_data[0].value == EXTERNAL_LOCATION for t in ext)

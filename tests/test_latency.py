@@ -70,7 +70,7 @@ def test_second_call_measures_nothing(tmp_path, fake_timer):
         np.testing.assert_array_equal(a.axes[0], b.axes[0])
     # another scheme for the same geometry reuses the layer's left-alone time, measures only its chains
     L.layer_tables({"conv1": infos["conv1"]}, "spatial", target, directory=tmp_path)
-    assert len(fake_timer) == n_first + len(L.rank_grid(infos["conv1"], "spatial")[0]) + 1  # + left alone again
+    assert len(fake_timer) == n_first + len(L.rank_grid(infos["conv1"], "spatial")[0])  # left alone is cached
 
 
 def test_cache_keys_differ_by_threads_and_batch(tmp_path):
@@ -276,3 +276,41 @@ def test_correct_chains_scales_the_factorized_entries_only():
     np.testing.assert_allclose(c.ms, [1.2, 3.6])
     np.testing.assert_allclose(lb.correct_chains(t, 9.0).ms, [2.0, 6.0])  # clipped to 2x
     np.testing.assert_allclose(lb.correct_chains(t, float("nan")).ms, t.ms)
+
+
+def test_time_runs_stops_once_the_two_fastest_runs_agree():
+    ticks = iter([0, 50, 50, 60, 60, 80, 80, 90.2, 90.2, 100.2] + list(range(200, 400)))  # ms, one pair per run
+    clock = lambda: next(ticks) / 1e3  # noqa: E731
+    res = L.time_runs(lambda: None, clock=clock, min_runs=2, max_runs=12, warmups=0, agree=0.03, budget_s=1.0)
+    # first run 50 ms (a warm-up), then 10, 20, 10.2 ms: 10 and 10.2 agree within 3%, so it stops at 3 runs
+    assert res["runs"] == 3 and res["agreed"] and res["low"] == pytest.approx(10.0)
+    ticks = iter(range(0, 10000, 7))  # every run 7 ms: agreement after the minimum
+    res = L.time_runs(lambda: None, clock=lambda: next(ticks) / 1e3, min_runs=2, warmups=0, agree=0.03)
+    assert res["runs"] == 2 and res["agreed"]
+
+
+def test_left_alone_is_timed_again_only_when_its_runs_did_not_agree(tmp_path, monkeypatch):
+    infos, _ = L.net_infos(small_net())
+    for agreed, extra in ((True, 0), (False, 1)):
+        calls = []
+
+        def fake(model_bytes, feeds, target, external=True, cold=False, agreed=agreed):
+            calls.append(external)
+            return {"ms": 0.0 if not external else 10.0 - len(calls) * 0.01, "agreed": agreed}
+
+        monkeypatch.setattr(L, "measure_model", fake)
+        L.layer_tables({"conv1": infos["conv1"]}, "channel", L.Target(), directory=tmp_path / str(agreed),
+                       timing="hot")
+        grid = len(L.rank_grid(infos["conv1"], "channel", *L.grid_points(10.0))[0])
+        assert sum(calls) == 1 + grid + extra  # left alone, its chains (all faster), left alone again or not
+
+
+def test_net_runner_reads_large_weights_from_a_file_and_computes_the_same():
+    from lrprune_caffe.engines.runtime import default_inputs, run_onnxruntime
+    from lrprune_caffe.engines.latency_net import _ExternalWeights
+    net = small_net()
+    assert net.layer("ip1").blobs[0].nbytes >= _ExternalWeights.MIN_BYTES  # so ip1's weight goes to the file
+    target = L.Target()
+    out = L.net_runner(net, target)()[0]
+    ref = run_onnxruntime(net, default_inputs(net, seed=0, batch=1))
+    np.testing.assert_allclose(out, list(ref.values())[0], rtol=1e-5, atol=1e-6)

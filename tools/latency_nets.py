@@ -6,6 +6,7 @@
 - ``googlenet``: GoogLeNet / Inception v1 (Szegedy et al. 2015, Table 1): 9 inception modules
   (1x1, 3x3 reduce + 3x3, 5x5 reduce + 5x5, 3x3 max pool + 1x1 projection, Concat); no LRN.
 - ``mobilenet``: MobileNet v1 (Howard et al. 2017, Table 1): 3x3 depthwise + 1x1 pointwise, BatchNorm.
+- ``tiny``: two 3x3 convs, a pool and two FCs (input 32 by default): the bench's quick mode and its test.
 
 The golden corpus (../shared/golden/resnet_mini, inception_mini, mobilenet_mini) holds the same
 structures at small scale, run by real Caffe. ``input`` sets the input's height and width (224 for the
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-NETS = ("vgg16", "resnet50", "googlenet", "mobilenet")
+NETS = ("vgg16", "resnet50", "googlenet", "mobilenet", "tiny")
 
 
 class Proto:
@@ -158,7 +159,16 @@ def mobilenet(size=224) -> str:
     return P.text()
 
 
-BUILDERS = {"vgg16": vgg16, "resnet50": resnet50, "googlenet": googlenet, "mobilenet": mobilenet}
+def tiny(size=32) -> str:
+    P = Proto("Tiny", size)
+    x = P.conv("conv1", "data", 32, 3)
+    x = P.pool("pool1", P.conv("conv2", x, 64, 3))
+    x = P.ip("fc1", x, 128)
+    P.softmax(P.ip("fc2", x, 10, relu=False))
+    return P.text()
+
+
+BUILDERS = {"vgg16": vgg16, "resnet50": resnet50, "googlenet": googlenet, "mobilenet": mobilenet, "tiny": tiny}
 
 
 def _spectral(rng, shape, group, decay=0.7, noise=0.01, max_rank=512):

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 OPSET = 13
+#: two fastest timed runs of a table graph within this fraction of each other: its time is known
+AGREE = 0.03
 
 
 # ---------------------------------------------------------------------------
@@ -286,16 +288,19 @@ def cpu_clock(threads: int):
 
 
 def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40, flush=None,
-              clock=time.perf_counter) -> dict:
+              clock=time.perf_counter, warmups: int = 3, agree: float = None) -> dict:
     """Median ms of ``run()`` after warm-up; about ``budget_s`` of timed runs (``min_runs``..``max_runs``).
 
-    ``flush``: called (untimed) before each timed run, e.g. :class:`Flush`; ``clock``: e.g.
-    :func:`cpu_clock`."""
+    The first run allocates and may pack weights; a run under 20 ms gets ``warmups`` more (untimed).
+    ``agree``: stop early, after ``min_runs``, once the two fastest runs are within that fraction of
+    each other (noise only adds time, so two agreeing fastest runs are the run's time; on a busy
+    machine this halves the runs of the latency tables). ``flush``: called (untimed) before each
+    timed run, e.g. :class:`Flush`; ``clock``: e.g. :func:`cpu_clock`."""
     t0 = clock()
     run()  # the first run allocates and may pack weights
     first = clock() - t0
     if first < 0.02:  # small layers: a few more warm-up runs, the last one estimates the cost
-        for _ in range(3):
+        for _ in range(int(warmups)):
             if flush is not None:
                 flush()
             t0 = clock()
@@ -309,8 +314,14 @@ def time_runs(run, budget_s: float = 0.05, min_runs: int = 3, max_runs: int = 40
         t0 = clock()
         run()
         times.append(clock() - t0)
+        if agree is not None and len(times) >= min_runs:
+            a, b = sorted(times)[:2]
+            if b <= a * (1.0 + agree):
+                break
     ms = sorted(t * 1e3 for t in times)
-    return {"ms": statistics.median(ms), "low": low(ms), "runs": n, "min": ms[0], "max": ms[-1]}
+    agreed = agree is not None and len(ms) >= 2 and ms[1] <= ms[0] * (1.0 + agree)
+    return {"ms": statistics.median(ms), "low": low(ms), "runs": len(ms), "min": ms[0], "max": ms[-1],
+            "agreed": agreed}
 
 
 def low(values) -> float:
@@ -334,13 +345,15 @@ def overhead_model():
 def measure_model(model_bytes: bytes, feeds: dict, target, external: bool = True, cold: bool = False) -> dict:
     """Time one ONNX model (by default a :func:`layer_model`, which may point into the weight file).
 
-    ``ms`` is the lower quartile of the runs (:func:`low`) by :func:`cpu_clock`. Hot by default (the
+    ``ms`` is the lower quartile of the runs (:func:`low`) by :func:`cpu_clock`: one extra warm-up
+    under 20 ms, then 2 to 12 timed runs, stopping once the two fastest agree within
+    :data:`AGREE` (the table of VGG-16 at 224: 101 graphs, ~4 runs each). Hot by default (the
     tables are calibrated against the profiled net, :mod:`lrprune_caffe.engines.latency_net`);
     ``cold``: each run after a :class:`Flush`."""
     sess = session(model_bytes, target, external)
     outs = [o.name for o in sess.get_outputs()]
-    res = time_runs(lambda: sess.run(outs, feeds), max_runs=12, flush=_flush() if cold else None,
-                    clock=cpu_clock(target.threads))
+    res = time_runs(lambda: sess.run(outs, feeds), min_runs=2, max_runs=12, flush=_flush() if cold else None,
+                    clock=cpu_clock(target.threads), warmups=1, agree=AGREE)
     return {**res, "ms": res["low"]}
 
 

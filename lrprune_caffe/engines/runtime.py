@@ -100,10 +100,10 @@ def run_onnxruntime(net, inputs: dict, outputs=None, threads: int = None) -> dic
     memory (external initializers), not through a serialized ModelProto: VGG-16's check of both
     nets (export + sessions) fell from 33 s to ~4 s and its peak by ~0.8 GB (tools/bench_compress.py).
     Files (``compress --onnx``, ``export-onnx``) are still exported whole."""
-    from lrprune_caffe.export.onnx import export_model
+    from lrprune_caffe.export.onnx import InMemoryWeights, export_model
     outputs = list(outputs or net.outputs())
     batch = {k: int(v.shape[0]) for k, v in inputs.items()}
-    external = {} if _external_weights() else None
+    external = InMemoryWeights() if _external_weights() else None
     model = export_model(net, extra_outputs=[o for o in outputs if o not in net.outputs()],
                          dynamic_batch=any(b != 1 for b in batch.values()), external=external)
     data = model.SerializeToString()

@@ -81,6 +81,19 @@ def _external_placeholder(name, arr):
     return t
 
 
+class InMemoryWeights(dict):
+    """``export_model(external=InMemoryWeights())``: every weight of at least
+    :data:`EXTERNAL_MIN_SIZE` values is kept here ({initializer name: array}, the blob itself when it
+    is already contiguous float32) and the graph holds a placeholder in its place; the runtime in
+    this process is handed the arrays (:func:`lrprune_caffe.engines.runtime.ort_session`)."""
+
+    def __call__(self, name, arr):
+        if arr.size < EXTERNAL_MIN_SIZE:
+            return None
+        self[name] = arr
+        return _external_placeholder(name, arr)
+
+
 class OnnxContext:
     """The graph under construction, seen from the layer being lowered.
 
@@ -96,7 +109,7 @@ class OnnxContext:
         self.opset = opset
         self.dynamic_batch = dynamic_batch
         self.sparse = sparse  # float weights smaller as sparse tensors become sparse initializers
-        self.external = external  # None, or {name: array}: large weights stay out of the graph (see export_model)
+        self.external = external  # (name, array) -> TensorProto with external data, or None (export_model)
         self.nodes: list = []
         self.initializers: list = []
         self.sparse_initializers: list = []
@@ -190,9 +203,9 @@ class OnnxContext:
         from onnx import numpy_helper
         name = self.unique_value(f"{self.layer.name}/{suffix}")
         arr = np.ascontiguousarray(np.asarray(array, dtype=dtype))
-        if self.external is not None and not self.sparse and arr.size >= EXTERNAL_MIN_SIZE:
-            self.initializers.append(_external_placeholder(name, arr))
-            self.external[name] = arr
+        tensor = self.external(name, arr) if self.external is not None and not self.sparse else None
+        if tensor is not None:  # written elsewhere: no copy of the values in the graph
+            self.initializers.append(tensor)
             return name
         tensor = numpy_helper.from_array(arr, name)
         st = sparse_if_smaller(arr, tensor) if self.sparse else None
@@ -310,7 +323,9 @@ def build_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, ex
                 outputs=None, external=None):
     """(GraphProto, output names) of ``net``; no folding, no model wrapper. ``sparse``: float
     weights smaller as sparse tensors are written as sparse initializers. ``outputs``: the graph
-    outputs instead of the net's (then ``extra_outputs`` are added to them)."""
+    outputs instead of the net's (then ``extra_outputs`` are added to them). ``external``:
+    ``(name, array) -> TensorProto or None``, a weight written as external data (see
+    :func:`export_model`)."""
     from onnx import helper
     from lrprune_caffe.ir.layers import NoLowering, ShapeError, get_spec
 
@@ -399,12 +414,12 @@ def export_model(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, f
     ``cut`` (blob names): export up to those blobs only (``export-onnx --cut``, for runtimes
     with their own post-processing): they become the graph outputs, and the layers they do not
     need are dropped (:meth:`lrprune_caffe.ir.net.Net.cut`).
-    ``external`` (a dict, for a runtime in this process, never for a file): every weight of at
-    least :data:`EXTERNAL_MIN_SIZE` values is put there ({initializer name: array}, the blob
-    itself when it is already contiguous float32) and the graph holds a placeholder with external
-    data in its place, so that a VGG-sized model is not copied into protobuf several times
-    (onnxruntime: ``SessionOptions.add_external_initializers``, see
-    :func:`lrprune_caffe.engines.runtime.ort_session`).
+    ``external``: ``(name, array) -> TensorProto or None``; where it returns a tensor (one whose
+    data is external), that tensor is the initializer instead of a copy of the array, so that a
+    VGG-sized model is not copied into protobuf several times. Two kinds: :class:`InMemoryWeights`
+    (for a runtime in this process, never for a file: onnxruntime gets the arrays through
+    ``SessionOptions.add_external_initializers``, see :func:`lrprune_caffe.engines.runtime.ort_session`)
+    and the latency tools' side file (:mod:`lrprune_caffe.engines.latency_net`). Not with ``sparse``.
     """
     from onnx import helper
     from lrprune_caffe.version import __version__
