@@ -231,13 +231,14 @@ def data_aware_names(infos, names, scheme) -> list:
 
 
 def _budget_ranks(net, rp: RankPlan, infos, names, o: CompressOptions):
-    spectra = _spectra(net, infos, names, o, rp.caches)
     macs_before = sum(rp.rows[n].macs_before for n in rp.selected if n in rp.rows)
     small = {n: negligible(infos[n], macs_before) for n in names}
     for n, why in small.items():
         if why:
             rp.rows[n].reason = why
     names = [n for n in names if not small[n]]
+    # spectra only of the layers the budget may cut (VGG-16's fc6-fc8, 4096^2 eigenproblems, are left alone)
+    spectra = _spectra(net, infos, names, o, rp.caches)
     data = rp.data_energies or {}
     from . import latency_cost
     if latency_cost.cost_of(o) != "macs":
