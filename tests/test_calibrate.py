@@ -226,3 +226,58 @@ def test_response_energies_of_few_samples_come_from_their_gram_matrix():
     full = response_energies({"l": {"cov": cov}})["l"]
     assert small.shape == full.shape == (300,)
     np.testing.assert_allclose(small, full, atol=1e-9 * full[0])
+
+
+@pytest.mark.parametrize("case,plan", [
+    ("lenet_mnist", {"conv2": LayerPlan("channel", (7,)), "ip1": LayerPlan("fc", (64,))}),
+    ("alexnet_mini", {"conv2": LayerPlan("spatial", (12,)), "conv3": LayerPlan("tucker2", (8, 12))}),
+])
+def test_fused_reference_chunks_give_the_whole_batch_fit(case, plan, monkeypatch):
+    """A large target computed a few images at a time with the ReLU / pooling after it, kept at the sampled
+    positions only (fused_reference): the same fit as the whole-batch forward."""
+    from lrprune_caffe.transforms import calib_run
+    d = golden_case(case)
+    orig = load_net(str(d / "model.prototxt"), str(d / "model.caffemodel"))
+    x = load_npz(d / "inputs.npz")["data"]
+    g = np.random.default_rng(1)
+    cal = {"data": (g.standard_normal((11, *x.shape[1:])) * x.std() + x.mean()).astype(np.float32)}
+    fits, calls = [], []
+    real = calib_run.fused_reference
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr("lrprune_caffe.transforms.calibrate.fused_reference", counted)
+    for fuse in (False, True):
+        monkeypatch.setattr(calib_run, "FUSE_BYTES", 0 if fuse else 1 << 40)
+        monkeypatch.setattr(calib_run, "FUSE_CHUNK_BYTES", 1)  # one image per chunk
+        new = copy.deepcopy(orig)
+        run_pass(factorize, new, plan=plan)
+        res = run_pass(calibrate_factorized, new, original=orig, plan=plan, calib_inputs=cal, max_positions=32)
+        out = forward(new, cal)
+        fits.append((res.details, out[new.layers[-1].tops[0]]))
+    assert any(calls) and not all(calls)
+    (d0, y0), (d1, y1) = fits
+    for a, b in zip(d0, d1):  # float rounding apart (an under-determined fit's weights may differ, not its outputs)
+        assert a["name"] == b["name"]
+        assert a["calib_rel_l2_after"] == pytest.approx(b["calib_rel_l2_after"], rel=1e-3, abs=1e-6)
+    assert np.linalg.norm(y1 - y0) <= 1e-4 * np.linalg.norm(y0)
+
+
+def test_lockstep_rewrites_a_shared_relu_in_place_once():
+    from lrprune_caffe.ir.net import Layer
+    from lrprune_caffe.transforms.calib_run import Runner, lockstep
+    from lrprune_caffe.ir.net import Net
+    x = np.array([[-1.0, 2.0, -3.0]], np.float32)
+    layers = [Layer("in", "Input", [], ["x"]), Layer("p", "Power", ["x"], ["a"]), Layer("relu", "ReLU", ["a"], ["a"])]
+    net = Net("n", layers)
+    R = Runner(layers, {"x": x})
+    N = Runner(layers, {"x": x}, peer=R)
+    lockstep(R, N, layers, net, 1)
+    a = R.blobs["a"]
+    assert N.blobs["a"] is a
+    lockstep(R, N, layers, net, 2)
+    assert R.blobs["a"] is a and N.blobs["a"] is a  # both nets' blob, rewritten once, no copy
+    np.testing.assert_array_equal(a, [[0, 2, 0]])
+    np.testing.assert_array_equal(x, [[-1, 2, -3]])

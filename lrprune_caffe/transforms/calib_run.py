@@ -54,6 +54,7 @@ class Runner:
         self.peer = peer
         if peer is not None:
             peer.peer = self
+        self.done = set()  # layers already run (by fused_reference)
         self.last = {}
         for i, layer in enumerate(layers):
             if layer is None:
@@ -61,20 +62,22 @@ class Runner:
             for b in layer.bottoms:
                 self.last[b] = i
 
-    def _exclusive(self, name) -> bool:
-        """True when no blob but ``name`` (of this runner or its peer) nor an input shares its memory."""
+    def _exclusive(self, name, shared=False) -> bool:
+        """True when no blob but ``name`` (of this runner or its peer) nor an input shares its memory.
+        ``shared``: the peer's blob ``name`` is this one and takes the result too (:func:`lockstep`)."""
         arr = self.blobs[name]
         if not isinstance(arr, np.ndarray) or not arr.flags.writeable or not arr.flags.owndata:
             return False
+        peer = {} if self.peer is None else self.peer.blobs
         others = [v for k, v in self.blobs.items() if k != name] + self.inputs + \
-            (list(self.peer.blobs.values()) if self.peer is not None else [])
+            [v for k, v in peer.items() if not (shared and k == name and v is arr)]
         return not any(isinstance(v, np.ndarray) and np.may_share_memory(v, arr) for v in others)
 
-    def step(self, i, layer=None):
+    def step(self, i, layer=None, shared=False):
         layer = layer or self.layers[i]
         if layer is None or layer.type == "Input":
             return None
-        if _plain_relu(layer) and layer.tops == layer.bottoms and self._exclusive(layer.bottoms[0]):
+        if _plain_relu(layer) and layer.tops == layer.bottoms and self._exclusive(layer.bottoms[0], shared):
             x = self.blobs[layer.bottoms[0]]
             np.maximum(x, np.zeros((), x.dtype), out=x)  # what run_layer computes, without a second copy
             outs = [x]
@@ -97,8 +100,11 @@ class Runner:
 def lockstep(R, N, ref, net_new, i):
     """Step both runners over layer i (not fit); a layer both nets share on the same inputs runs once."""
     layer = net_new.layers[i]
+    if i in R.done:  # run already (fused_reference)
+        N.step(i, layer)
+        return
     shared = ref[i] is layer and all(N.blobs.get(b) is R.blobs.get(b) for b in layer.bottoms)
-    R.step(i)
+    R.step(i, shared=shared)
     if shared and layer.type != "Input":
         for t in layer.tops:
             N.blobs[t] = R.blobs[t]
@@ -179,6 +185,97 @@ def relu_refine(m, X, Y, fit, predict):
     return A, c
 
 
+#: a reference convolution whose output over the fit set would take more than this many bytes runs a chunk
+#: of images at a time, fused with the per-image layers right after it (:func:`fused_reference`)
+FUSE_BYTES = 256 << 20
+#: bytes of the reference convolution's output per chunk of images there
+FUSE_CHUNK_BYTES = 96 << 20
+#: layer types that act on each image alone and may run in a fused chunk
+PER_IMAGE = ("ReLU", "Pooling", "Dropout")
+
+
+class Tapped:
+    """A conv layer's output over the fit set, kept only at sampled positions: ``shape`` (the whole
+    output's), ``pos`` (:func:`sampled_positions`), ``cols`` = ``responses(y, pos)`` (N, n)."""
+
+    def __init__(self, shape, pos, cols):
+        self.shape, self.pos, self.cols = tuple(shape), pos, cols
+
+
+def sampled_positions(y_shape, max_positions, seed, max_columns=None):
+    """The output positions a conv layer's fit samples (flat indices into (images, height, width))."""
+    max_columns = MAX_COLUMNS if max_columns is None else int(max_columns)
+    per_image = max(1, min(int(max_positions), max_columns // max(1, y_shape[0])))
+    return df.sample_positions(y_shape[0], y_shape[2], y_shape[3], per_image, seed)
+
+
+def _out_bytes(layer, x) -> int:
+    g = conv_geometry(layer)
+    hw = [df.conv_out_size(s, k, st, p, d) for s, k, st, p, d in zip(x.shape[2:], g.kernel, g.stride, g.pad,
+                                                                      g.dilation)]
+    return int(x.shape[0]) * int(g.num_output) * int(np.prod(hw)) * np.dtype(x.dtype).itemsize
+
+
+def fusable(R, layers, k, blocked=()):
+    """The indices after ``k`` that :func:`fused_reference` may run with layer k of ``R`` (each a per-image
+    layer both nets share, reading the previous one's output only, not in ``blocked``)."""
+    out, t = [], R.layers[k].tops[0]
+    for j in range(k + 1, len(layers)):
+        layer = layers[j]
+        if (j in blocked or R.layers[j] is not layer or layer.type not in PER_IMAGE or layer.bottoms != [t]
+                or len(layer.tops) != 1 or (layer.tops[0] != t and R.last.get(t) != j)):
+            break
+        if layer.type == "ReLU" and layer.tops[0] != t:
+            break
+        out.append(j)
+        t = layer.tops[0]
+    return out
+
+
+def fused_reference(R, k, follow, max_positions, seed):
+    """Run layer k of ``R`` (a convolution) and the layers ``follow`` after it a chunk of images at a time,
+    keeping layer k's output only at the fit's sampled positions. Returns that output as a :class:`Tapped`
+    (None, nothing run: the output is small enough to hold whole, or k is not a convolution); the last
+    layer's output is stored in ``R`` and the layers are marked done (:func:`lockstep` skips them there).
+    The values are those of the whole-batch forward (the same layers, per image)."""
+    layer = R.layers[k]
+    if layer is None or layer.type != "Convolution" or len(layer.bottoms) != 1:
+        return None
+    x = R.blobs[layer.bottoms[0]]
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or _out_bytes(layer, x) <= FUSE_BYTES:
+        return None
+    n = int(x.shape[0])
+    per = max(1, _out_bytes(layer, x) // n)
+    step = max(1, FUSE_CHUNK_BYTES // per)
+    step = step - step % 4 if step >= 8 else step  # whole batches of the onnxruntime runner
+    out = tapped = None
+    for a in range(0, n, step):
+        y = R.run(layer, [x[a:a + step]])[0]
+        if tapped is None:
+            shape = (n, *y.shape[1:])
+            pos = sampled_positions(shape, max_positions, seed)
+            tapped = Tapped(shape, pos, np.empty((shape[1], pos.size), y.dtype))
+            hw = int(np.prod(shape[2:]))
+        lo, hi = np.searchsorted(pos, [a * hw, min(n, a + step) * hw])
+        tapped.cols[:, lo:hi] = df.responses(y, pos[lo:hi] - a * hw)
+        for j in follow:
+            f = R.layers[j]
+            if f.type == "ReLU" and not float(f.param_msg("relu_param").negative_slope):
+                np.maximum(y, np.zeros((), y.dtype), out=y)  # y is this chunk's own array
+            elif f.type != "Dropout":
+                y = R.run(f, [y])[0]
+        if out is None:
+            out = np.empty((n, *y.shape[1:]), y.dtype)
+        out[a:a + step] = y
+        del y
+    last = R.layers[follow[-1]] if follow else layer
+    R.blobs[last.tops[0]] = out
+    for j in [k, *follow]:
+        R.free(j)
+        R.done.add(j)
+    return tapped
+
+
 # ---------------------------------------------------------------------------
 # columns: (inputs, targets) as (K, n), (N, n) matrices
 
@@ -191,8 +288,7 @@ class Cols:
         if self.conv:
             g = conv_geometry(layer)
             self.geo = (g.kernel, g.stride, g.pad, g.dilation)
-            per_image = max(1, min(int(max_positions), max_columns // max(1, y.shape[0])))
-            self.pos = df.sample_positions(y.shape[0], y.shape[2], y.shape[3], per_image, seed)
+            self.pos = y.pos if isinstance(y, Tapped) else sampled_positions(y.shape, max_positions, seed, max_columns)
             k = int(np.prod(g.kernel)) * x.shape[1]
         else:
             ip = layer.param_msg("inner_product_param")
@@ -211,7 +307,8 @@ class Cols:
         for i in range(0, self.pos.size, CHUNK):
             p = self.pos[i:i + CHUNK]
             if self.conv:
-                yield df.im2col(self.x, *self.geo, positions=p), df.responses(self.y, p)
+                Y = self.y.cols[:, i:i + CHUNK] if isinstance(self.y, Tapped) else df.responses(self.y, p)
+                yield df.im2col(self.x, *self.geo, positions=p), Y
             else:
                 yield self.xm[p].T, self.y.reshape(self.xm.shape[0], -1)[p].T
 
@@ -289,6 +386,6 @@ def set_weights(layer, W, b):
         ([np.asarray(b, np.float32).reshape(layer.blobs[1].shape)] if b is not None and len(layer.blobs) > 1 else [])
 
 
-__all__ = ["Runner", "lockstep", "check_nets", "reference", "own", "feeds_relu", "relu_refine", "Cols", "col_rel",
+__all__ = ["Runner", "lockstep", "fused_reference", "fusable", "Tapped", "sampled_positions", "check_nets", "reference", "own", "feeds_relu", "relu_refine", "Cols", "col_rel",
            "grouped", "affine", "conv_group", "weights", "set_weights", "CHUNK", "MAX_COLUMNS", "CACHE_BYTES",
            "RELU_MUS"]
