@@ -5,7 +5,12 @@ side on the calibration data, a layer at a time, and the sampled columns a layer
   freeing each blob after its last reader; a plain in-place ReLU (slope 0)
   overwrites its input when no other live blob of either net (nor an input)
   shares that memory, so that the original net's and the new net's
-  activations at the current layer are all that is held;
+  activations at the current layer are all that is held (a ReLU both nets
+  share, on the same array, is rewritten once for both: :func:`lockstep`);
+* :func:`fused_reference`: a reference convolution whose whole output would be
+  large (VGG-16's conv1_2 on 52 images: 0.67 GB) runs a chunk of images at a
+  time with the per-image layers after it (ReLU, pooling) and keeps only the
+  fit's sampled target columns (:class:`Tapped`);
 * :class:`Cols`: the inputs (im2col) and outputs of one conv / InnerProduct
   layer at sampled positions, as ``(K, n)``, ``(N, n)`` matrices, gathered once
   (kept when they fit in :data:`CACHE_BYTES`) and handed out in chunks;
@@ -386,6 +391,7 @@ def set_weights(layer, W, b):
         ([np.asarray(b, np.float32).reshape(layer.blobs[1].shape)] if b is not None and len(layer.blobs) > 1 else [])
 
 
-__all__ = ["Runner", "lockstep", "fused_reference", "fusable", "Tapped", "sampled_positions", "check_nets", "reference", "own", "feeds_relu", "relu_refine", "Cols", "col_rel",
-           "grouped", "affine", "conv_group", "weights", "set_weights", "CHUNK", "MAX_COLUMNS", "CACHE_BYTES",
+__all__ = ["Runner", "lockstep", "fused_reference", "fusable", "Tapped", "sampled_positions", "check_nets",
+           "reference", "own", "feeds_relu", "relu_refine", "Cols", "col_rel", "grouped", "affine", "conv_group",
+           "weights", "set_weights", "CHUNK", "MAX_COLUMNS", "CACHE_BYTES", "FUSE_BYTES", "FUSE_CHUNK_BYTES",
            "RELU_MUS"]
