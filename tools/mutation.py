@@ -77,7 +77,8 @@ GROUPS = {
                "tests/test_finetune.py", "tests/test_sparse.py"]),
     "export.sparse": (["lrprune_caffe/export/sparse.py"], ["tests/test_sparse.py"]),
     "fileutil": (["lrprune_caffe/fileutil.py"],
-                 ["tests/test_fileutil.py", "tests/test_cli_robustness.py", "tests/test_bad_input.py"]),
+                 ["tests/test_fileutil.py", "tests/test_fileutil_mutants.py", "tests/test_cli_robustness.py",
+                  "tests/test_bad_input.py"]),
 }
 
 #: mutant id -> why it changes no behaviour (ids as printed by this tool); judged by hand
@@ -120,6 +121,16 @@ EQUIVALENT: dict[str, str] = {
         "_created is empty until a folder is made, so the rmdir loop has nothing to remove",
     "lrprune_caffe/fileutil.py::OutputSet.__exit__::return False -> return None":
         "None is falsy: the exception propagates",
+    "lrprune_caffe/fileutil.py::_check_not_input::not same and path.exists() -> not same or path.exists()":
+        "the extra calls are when same already holds (realpaths equal, inp exists, so path exists and "
+        "samefile is True) or when path does not exist (samefile raises OSError, suppressed)",
+    "lrprune_caffe/fileutil.py::_alive::0 -> -1":
+        "kill(pid, -1): a gone pid still gives ESRCH (looked up before the signal number), a live one "
+        "EINVAL or EPERM, an OSError: alive, as kill(pid, 0) says",
+    "lrprune_caffe/fileutil.py::OutputSet._abort::self._signals.__exit__(None, None, None) -> pass":
+        "the next line drops the only reference to the generator context manager; CPython closes the "
+        "generator at once and its finally restores the SIGTERM handler (test_output_set_restores_the_"
+        "sigterm_handler passes either way)",
 }
 
 _CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
