@@ -66,7 +66,8 @@ GROUPS = {
                  ["tests/test_caffemodel_codec.py", "tests/test_io_golden.py", "tests/test_bad_input.py",
                   "tests/test_bad_input_classes.py", "tests/test_proto.py", "tests/test_cli_io.py"]),
     "ir.layers": (["lrprune_caffe/ir/layers/*.py"],
-                  ["tests/test_layer_shapes.py", "tests/test_layers_mutants.py", "tests/test_registry.py", "tests/test_onnx_activations.py",
+                  ["tests/test_layer_shapes.py", "tests/test_layers_mutants.py", "tests/test_registry.py",
+                   "tests/test_onnx_activations.py",
                    "tests/test_ssd.py", "tests/test_onnx.py", "tests/test_io_golden.py",
                    "tests/test_torch_model.py", "tests/test_prune.py"]),  # to_torch, channel shrinking
     "lowrank": (["lrprune_caffe/lowrank/*.py"],
