@@ -71,7 +71,7 @@ GROUPS = {
                    "tests/test_ssd.py", "tests/test_onnx.py", "tests/test_io_golden.py",
                    "tests/test_torch_model.py", "tests/test_prune.py"]),  # to_torch, channel shrinking
     "lowrank": (["lrprune_caffe/lowrank/*.py"],
-                ["tests/test_decompose.py", "tests/test_datafit.py", "tests/test_latency.py",
+                ["tests/test_lowrank_mutants.py", "tests/test_decompose.py", "tests/test_datafit.py", "tests/test_latency.py",
                  "tests/test_factorize.py", "tests/test_calibrate.py"]),
     "masks": (["lrprune_caffe/transforms/prune.py", "lrprune_caffe/ir/masks.py"],
               ["tests/test_masks.py", "tests/test_prune.py", "tests/test_compress_prune.py", "tests/test_calibrate.py",
