@@ -103,3 +103,42 @@ def test_noop_crop_passes_the_first_bottom_through(tmp_path):
     (c,) = ort_session(export_model(read_net(p), opset=13).SerializeToString()).run(
         ["c"], {"x": x, "r": np.zeros_like(x)})
     np.testing.assert_array_equal(c, x)
+
+
+def test_structured_prune_through_a_flatten_layer(tmp_path):
+    """Conv -> Flatten -> InnerProduct: removing a filter removes its whole H*W block of the
+    IP's columns (channel c = columns c*H*W ... (c+1)*H*W - 1); OpenCV's output of the pruned
+    net equals the dense net with those filters zeroed."""
+    from lrprune_caffe.engines.runtime import run_net
+    from lrprune_caffe.ir.analysis import expected_weight_shapes
+    from lrprune_caffe.transforms import run_pass
+    from lrprune_caffe.transforms.prune import PruneSpec
+    from lrprune_caffe.transforms.structured_prune import prune_structured
+    p = _net_file(tmp_path,
+                  'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 2 dim: 3 dim: 4 } } }\n'
+                  'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+                  'convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n'
+                  'layer { name: "f" type: "Flatten" bottom: "c" top: "f" }\n'
+                  'layer { name: "ip" type: "InnerProduct" bottom: "f" top: "ip" inner_product_param { num_output: 3 } }\n',
+                  "flat.prototxt")
+    net = read_net(p)
+    shapes = infer_shapes(net)
+    rng = np.random.default_rng(2)
+    for layer in net.layers:
+        layer.blobs = [rng.standard_normal(s).astype(np.float32) for s in (expected_weight_shapes(net, layer, shapes) or [])]
+    dense = net.copy()
+    result = run_pass(prune_structured, net, spec=PruneSpec(per_layer={"c": 0.5}, structured=True))
+    (d,) = [x for x in result.details if x["layer"] == "c"]
+    removed = sorted(d["removed"])
+    keep = [c for c in range(4) if c not in removed]
+    assert len(keep) == 2
+    ip_w = np.asarray(dense.layer("ip").blobs[0]).reshape(3, 4, 12)  # (out, channel, H*W)
+    np.testing.assert_array_equal(net.layer("ip").blobs[0], ip_w[:, keep].reshape(3, 24))
+    ref = dense.copy()
+    w, b = np.array(ref.layer("c").blobs[0]), np.array(ref.layer("c").blobs[1])
+    w[removed], b[removed] = 0, 0
+    ref.layer("c").blobs = [w, b]
+    x = {"data": rng.standard_normal((2, 2, 3, 4)).astype(np.float32)}
+    got = run_net(net, x, outputs=["ip"], engine="opencv")["ip"]
+    want = run_net(ref, x, outputs=["ip"], engine="opencv")["ip"]
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -64,3 +64,15 @@ def test_full_rank_factors_of_a_rank_deficient_matrix_are_finite(shape):
     A, B = low_rank_factors(M, r, res=res)
     assert np.isfinite(A).all() and np.isfinite(B).all()
     np.testing.assert_allclose(A @ B, M, atol=1e-12)
+
+
+def test_two_factor_layer_choices_by_hand():
+    """A two-factor layer (Tucker-2): each configuration's error is the discarded energy share of
+    each factor at its rank, added: e1 = 4,2,1,1 (of 8), e2 = 6,1,1 (of 8), ranks up to 2 each."""
+    from lrprune_caffe.lowrank.budget import BudgetLayer, layer_choices
+    layer = BudgetLayer("t", 1000, (np.array([4.0, 2, 1, 1]), np.array([6.0, 1, 1])), (2, 2),
+                        lambda rs: 10 * np.asarray(rs[0]) + 100 * np.asarray(rs[1]))
+    ch = layer_choices(layer, "energy")
+    got = {tuple(int(v) for v in r): (float(m), float(e)) for r, m, e in zip(ch.ranks, ch.macs, ch.err)}
+    assert got == {(1, 1): (110.0, 4 / 8 + 2 / 8), (1, 2): (210.0, 4 / 8 + 1 / 8),
+                   (2, 1): (120.0, 2 / 8 + 2 / 8), (2, 2): (220.0, 2 / 8 + 1 / 8)}

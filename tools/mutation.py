@@ -71,8 +71,8 @@ GROUPS = {
                    "tests/test_ssd.py", "tests/test_onnx.py", "tests/test_io_golden.py",
                    "tests/test_torch_model.py", "tests/test_prune.py"]),  # to_torch, channel shrinking
     "lowrank": (["lrprune_caffe/lowrank/*.py"],
-                ["tests/test_lowrank_mutants.py", "tests/test_decompose.py", "tests/test_datafit.py", "tests/test_latency.py",
-                 "tests/test_factorize.py", "tests/test_calibrate.py"]),
+                ["tests/test_lowrank_mutants.py", "tests/test_decompose.py", "tests/test_datafit.py",
+                 "tests/test_latency.py", "tests/test_factorize.py", "tests/test_calibrate.py"]),
     "masks": (["lrprune_caffe/transforms/prune.py", "lrprune_caffe/ir/masks.py"],
               ["tests/test_masks.py", "tests/test_prune.py", "tests/test_compress_prune.py", "tests/test_calibrate.py",
                "tests/test_finetune.py", "tests/test_sparse.py"]),
@@ -95,6 +95,15 @@ EQUIVALENT: dict[str, str] = {
     "lrprune_caffe/ir/layers/normalization.py::LRNSpec.to_torch::1 -> 0":
         "pre = n // 2 equals (n - 1) // 2 for the odd local_size Caffe requires (even ones are refused above)",
     "lrprune_caffe/lowrank/decompose.py::svd::0 -> 1 #2": "G.shape[1] == G.shape[0]: a Gram matrix is square",
+    "lrprune_caffe/lowrank/svd_methods.py::svd::0 -> -1 #2": "G.shape[-1] == G.shape[0]: a Gram matrix is square",
+    "lrprune_caffe/lowrank/svd_methods.py::svd::0 -> 1": "default seed of the randomized route: any seed is as valid",
+    "lrprune_caffe/lowrank/latency_budget.py::interp_2d::0 -> -1 #10":
+        "u < 0 only for x2 < g2[0], which is outside the grid and masked to NaN (inside: x2 >= g2[j])",
+    "lrprune_caffe/lowrank/datafit.py::<module>::128 -> 129": "the im2col buffer size: memory only, same result",
+    "lrprune_caffe/ir/layers/structure.py::SoftmaxSpec.to_onnx::ctx.opset >= 13 -> ctx.opset > 13":
+        "at opset 13 the Transpose-Softmax(last axis)-Transpose route computes the same softmax over the axis",
+    "lrprune_caffe/ir/layers/pooling.py::caffe_pool2d::w + 2 * pw -> w - 2 * pw":
+        "only more -inf / 0 padding on the right: the extra windows lie past ow and are cut by [:, :, :oh, :ow]",
     "lrprune_caffe/lowrank/decompose.py::_ensure_vectors::res.side == 'left' -> res.side != 'left'":
         "only which vectors count as already there: the other side is None, so they are recomputed, same result",
     "lrprune_caffe/lowrank/decompose.py::left_vectors::0 -> 1":
