@@ -76,3 +76,31 @@ def test_two_factor_layer_choices_by_hand():
     got = {tuple(int(v) for v in r): (float(m), float(e)) for r, m, e in zip(ch.ranks, ch.macs, ch.err)}
     assert got == {(1, 1): (110.0, 4 / 8 + 2 / 8), (1, 2): (210.0, 4 / 8 + 1 / 8),
                    (2, 1): (120.0, 2 / 8 + 2 / 8), (2, 2): (220.0, 2 / 8 + 1 / 8)}
+
+
+def test_rank_candidates_of_a_two_factor_table_by_hand():
+    """Two rank axes: ``points_2d`` ranks per axis from 1 to the table's largest (rounded, unique),
+    every pair, errors the discarded energy shares added (e1 = 4,2,1,1 of 8; e2 = 6,1,1 of 8)."""
+    from types import SimpleNamespace
+
+    from lrprune_caffe.lowrank.latency_budget import rank_candidates
+    table = SimpleNamespace(axes=[np.array([1, 2, 4]), np.array([1, 3])])
+    e1, e2 = np.array([4.0, 2, 1, 1]), np.array([6.0, 1, 1])
+    ranks, err = rank_candidates([e1, e2], table, "energy")
+    tail1, tail2 = {1: 4 / 8, 2: 2 / 8, 3: 1 / 8, 4: 0.0}, {1: 2 / 8, 2: 1 / 8, 3: 0.0}
+    want = {(a, b): tail1[a] + tail2[b] for a in (1, 2, 3, 4) for b in (1, 2, 3)}
+    assert {tuple(int(v) for v in r): float(e) for r, e in zip(ranks, err)} == want
+    table = SimpleNamespace(axes=[np.array([1, 10]), np.array([1, 3])])
+    ranks, _ = rank_candidates([np.ones(10), e2], table, "energy", points_2d=4)
+    assert sorted({int(r) for r in ranks[:, 0]}) == [1, 4, 7, 10]  # linspace(1, 10, 4)
+    table = SimpleNamespace(axes=[np.array([1, 2, 3])])  # one axis: every rank 1..3
+    ranks, err = rank_candidates([e1], table, "energy")
+    assert ranks.ravel().tolist() == [1, 2, 3] and err.tolist() == [4 / 8, 2 / 8, 1 / 8]
+
+
+def test_svd_energies_are_the_squared_singular_values():
+    rng = np.random.default_rng(3)
+    M = rng.standard_normal((30, 7))
+    s = np.linalg.svd(M, compute_uv=False)
+    for method in ("exact", "gram"):
+        np.testing.assert_allclose(svd(M, method=method).energies, s ** 2, rtol=1e-9)

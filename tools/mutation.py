@@ -100,6 +100,9 @@ EQUIVALENT: dict[str, str] = {
     "lrprune_caffe/lowrank/latency_budget.py::interp_2d::0 -> -1 #10":
         "u < 0 only for x2 < g2[0], which is outside the grid and masked to NaN (inside: x2 >= g2[j])",
     "lrprune_caffe/lowrank/datafit.py::<module>::128 -> 129": "the im2col buffer size: memory only, same result",
+    "lrprune_caffe/lowrank/datafit.py::relu_targets::f0 > t -> f0 >= t":
+        "only on an exact tie f0 == f1, where z0 and z1 both minimize the same objective (and are equal, 0, "
+        "unless p < 0 < z0 with mu (t - p)^2 / (1 + mu) == t^2 exactly)",
     "lrprune_caffe/ir/layers/structure.py::SoftmaxSpec.to_onnx::ctx.opset >= 13 -> ctx.opset > 13":
         "at opset 13 the Transpose-Softmax(last axis)-Transpose route computes the same softmax over the axis",
     "lrprune_caffe/ir/layers/pooling.py::caffe_pool2d::w + 2 * pw -> w - 2 * pw":
