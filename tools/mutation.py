@@ -94,7 +94,7 @@ EQUIVALENT: dict[str, str] = {
         "in_shapes[-1] is in_shapes[0]: one bottom",
     "lrprune_caffe/ir/layers/normalization.py::LRNSpec.to_torch::1 -> 0":
         "pre = n // 2 equals (n - 1) // 2 for the odd local_size Caffe requires (even ones are refused above)",
-    "lrprune_caffe/lowrank/decompose.py::svd::0 -> 1 #2": "G.shape[1] == G.shape[0]: a Gram matrix is square",
+    "lrprune_caffe/lowrank/svd_methods.py::svd::0 -> 1 #2": "G.shape[1] == G.shape[0]: a Gram matrix is square",
     "lrprune_caffe/lowrank/svd_methods.py::svd::0 -> -1 #2": "G.shape[-1] == G.shape[0]: a Gram matrix is square",
     "lrprune_caffe/lowrank/svd_methods.py::svd::0 -> 1": "default seed of the randomized route: any seed is as valid",
     "lrprune_caffe/lowrank/latency_budget.py::interp_2d::0 -> -1 #10":
@@ -107,9 +107,9 @@ EQUIVALENT: dict[str, str] = {
         "at opset 13 the Transpose-Softmax(last axis)-Transpose route computes the same softmax over the axis",
     "lrprune_caffe/ir/layers/pooling.py::caffe_pool2d::w + 2 * pw -> w - 2 * pw":
         "only more -inf / 0 padding on the right: the extra windows lie past ow and are cut by [:, :, :oh, :ow]",
-    "lrprune_caffe/lowrank/decompose.py::_ensure_vectors::res.side == 'left' -> res.side != 'left'":
+    "lrprune_caffe/lowrank/svd_methods.py::_ensure_vectors::res.side == 'left' -> res.side != 'left'":
         "only which vectors count as already there: the other side is None, so they are recomputed, same result",
-    "lrprune_caffe/lowrank/decompose.py::left_vectors::0 -> 1":
+    "lrprune_caffe/lowrank/svd_methods.py::left_vectors::0 -> 1":
         "default seed of the randomized route: any seed is as valid",
     "lrprune_caffe/transforms/prune.py::smallest_k_masks::1 -> 2 #3":
         "keep.reshape(-2) is keep.reshape(-1): numpy takes any negative size as the unknown one",
