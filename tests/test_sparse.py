@@ -261,3 +261,67 @@ def test_onnx_layer_bytes_by_owner():
         "conv1_1": size["conv1_1/weight"] + sp.ByteSize(),
         "fc": fc.ByteSize(),  # sparse only
         "": size["shape_const"]}
+
+
+# ---- what the mutation run (tools/mutation.py) found untested ------------------------------
+
+def test_sparsify_a_1d_initializer_and_never_a_0d_one():
+    """A 1-D tensor (a bias) mostly zeros is stored sparse too: checker and onnxruntime agree with
+    numpy's x W^T + b; a 0-d tensor stays dense (no SparseTensorProto of a scalar)."""
+    from lrprune_caffe.export.sparse import sparse_if_smaller
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((500, 10)).astype(np.float32)
+    b = sparse_array(rng, (500,), 0.9)
+    sp = sparsify_model(gemm_model(w, b))
+    assert [t.name for t in sp.graph.initializer] == ["W"]
+    (st,) = sp.graph.sparse_initializer
+    assert st.values.name == "b" and list(st.dims) == [500]
+    assert numpy_helper.to_array(st.indices).tolist() == np.flatnonzero(b).tolist()
+    onnx.checker.check_model(sp)
+    x = rng.standard_normal((3, 10)).astype(np.float32)
+    (y,) = run(sp, {"x": x})
+    assert np.abs(y - (x @ w.T + b)).max() < 1e-4
+    for v in (0.0, 1.5):
+        scalar = np.array(v, np.float32)
+        assert sparse_if_smaller(scalar, numpy_helper.from_array(scalar, "s")) is None
+
+
+def _runs_matrix(cols, zero_runs, dtype=np.float32):
+    a = np.ones((len(zero_runs), cols), dtype)
+    for r, runs in enumerate(zero_runs):
+        for s, e in runs:
+            a[r, s:e] = 0
+    return a
+
+
+def test_csr_mostly_nonzero_with_long_zero_runs():
+    """More than half nonzero (the zero-walking count): a run of L zeros before a nonzero costs
+    L // 255 fillers; a run ending its row costs none, and does not join the next row's run."""
+    zero_runs = [
+        [(100, 400), (1700, 2000)],  # 300 zeros -> gap 301: 1 filler; trailing 300: none
+        [(0, 255), (500, 754)],      # 255 from the row start -> gap 256: 1 filler; 254 -> gap 255: none
+        [(10, 520), (1700, 2000)],   # 510 -> gap 511: 2 fillers; trailing: none
+    ]
+    a = _runs_matrix(2000, zero_runs)
+    nnz = 2000 * 3 - (300 + 300) - (255 + 254) - (510 + 300)
+    assert int(np.count_nonzero(a)) == nnz == 4081 and 2 * nnz > a.size
+    entries = nnz + 1 + 1 + 2
+    want = -(-entries * 40 // 8) + 4 * (3 + 1)
+    assert csr_reference_bytes(a) == want == 20441
+    assert csr_relative_bytes(a) == want
+    # 2-bit indices (m = 3): a run of L zeros before a nonzero costs L // 3 fillers
+    b = _runs_matrix(12, [[(0, 3)], [(2, 4), (9, 12)], [(1, 8)]])  # 3 -> 1, 2 -> 0 (+ trailing), 7 -> 2
+    nnz_b = 9 + 7 + 5
+    assert 2 * nnz_b > b.size
+    assert csr_relative_bytes(b, index_bits=2, value_bytes=1) == -(-(nnz_b + 3) * 10 // 8) + 4 * 4
+    assert csr_reference_bytes(b, 2, 1) == csr_relative_bytes(b, 2, 1)
+
+
+def test_storage_report_layers_absent_from_the_onnx_model_take_no_bytes(lenet90):
+    """An ONNX model holding none of the net's initializers: every layer's onnx_bytes is 0 and
+    the total is the (tiny) model's size."""
+    net, _, _, _ = lenet90
+    empty = helper.make_model(helper.make_graph([], "g", [], []))
+    rep = storage_report(net, empty)
+    assert rep["layers"] and all(r["onnx_bytes"] == 0 for r in rep["layers"])
+    assert rep["totals"]["onnx_bytes"] == empty.ByteSize()

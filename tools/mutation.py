@@ -66,18 +66,20 @@ GROUPS = {
                  ["tests/test_caffemodel_codec.py", "tests/test_io_golden.py", "tests/test_bad_input.py",
                   "tests/test_bad_input_classes.py", "tests/test_proto.py", "tests/test_cli_io.py"]),
     "ir.layers": (["lrprune_caffe/ir/layers/*.py"],
-                  ["tests/test_layer_shapes.py", "tests/test_registry.py", "tests/test_onnx_activations.py",
+                  ["tests/test_layer_shapes.py", "tests/test_layers_mutants.py", "tests/test_registry.py",
+                   "tests/test_onnx_activations.py",
                    "tests/test_ssd.py", "tests/test_onnx.py", "tests/test_io_golden.py",
                    "tests/test_torch_model.py", "tests/test_prune.py"]),  # to_torch, channel shrinking
     "lowrank": (["lrprune_caffe/lowrank/*.py"],
-                ["tests/test_decompose.py", "tests/test_datafit.py", "tests/test_latency.py",
-                 "tests/test_factorize.py", "tests/test_calibrate.py"]),
+                ["tests/test_lowrank_mutants.py", "tests/test_decompose.py", "tests/test_datafit.py",
+                 "tests/test_latency.py", "tests/test_factorize.py", "tests/test_calibrate.py"]),
     "masks": (["lrprune_caffe/transforms/prune.py", "lrprune_caffe/ir/masks.py"],
               ["tests/test_masks.py", "tests/test_prune.py", "tests/test_compress_prune.py", "tests/test_calibrate.py",
                "tests/test_finetune.py", "tests/test_sparse.py"]),
     "export.sparse": (["lrprune_caffe/export/sparse.py"], ["tests/test_sparse.py"]),
     "fileutil": (["lrprune_caffe/fileutil.py"],
-                 ["tests/test_fileutil.py", "tests/test_cli_robustness.py", "tests/test_bad_input.py"]),
+                 ["tests/test_fileutil.py", "tests/test_fileutil_mutants.py", "tests/test_cli_robustness.py",
+                  "tests/test_bad_input.py"]),
 }
 
 #: mutant id -> why it changes no behaviour (ids as printed by this tool); judged by hand
@@ -92,10 +94,22 @@ EQUIVALENT: dict[str, str] = {
         "in_shapes[-1] is in_shapes[0]: one bottom",
     "lrprune_caffe/ir/layers/normalization.py::LRNSpec.to_torch::1 -> 0":
         "pre = n // 2 equals (n - 1) // 2 for the odd local_size Caffe requires (even ones are refused above)",
-    "lrprune_caffe/lowrank/decompose.py::svd::0 -> 1 #2": "G.shape[1] == G.shape[0]: a Gram matrix is square",
-    "lrprune_caffe/lowrank/decompose.py::_ensure_vectors::res.side == 'left' -> res.side != 'left'":
+    "lrprune_caffe/lowrank/svd_methods.py::svd::0 -> 1 #2": "G.shape[1] == G.shape[0]: a Gram matrix is square",
+    "lrprune_caffe/lowrank/svd_methods.py::svd::0 -> -1 #2": "G.shape[-1] == G.shape[0]: a Gram matrix is square",
+    "lrprune_caffe/lowrank/svd_methods.py::svd::0 -> 1": "default seed of the randomized route: any seed is as valid",
+    "lrprune_caffe/lowrank/latency_budget.py::interp_2d::0 -> -1 #10":
+        "u < 0 only for x2 < g2[0], which is outside the grid and masked to NaN (inside: x2 >= g2[j])",
+    "lrprune_caffe/lowrank/datafit.py::<module>::128 -> 129": "the im2col buffer size: memory only, same result",
+    "lrprune_caffe/lowrank/datafit.py::relu_targets::f0 > t -> f0 >= t":
+        "only on an exact tie f0 == f1, where z0 and z1 both minimize the same objective (and are equal, 0, "
+        "unless p < 0 < z0 with mu (t - p)^2 / (1 + mu) == t^2 exactly)",
+    "lrprune_caffe/ir/layers/structure.py::SoftmaxSpec.to_onnx::ctx.opset >= 13 -> ctx.opset > 13":
+        "at opset 13 the Transpose-Softmax(last axis)-Transpose route computes the same softmax over the axis",
+    "lrprune_caffe/ir/layers/pooling.py::caffe_pool2d::w + 2 * pw -> w - 2 * pw":
+        "only more -inf / 0 padding on the right: the extra windows lie past ow and are cut by [:, :, :oh, :ow]",
+    "lrprune_caffe/lowrank/svd_methods.py::_ensure_vectors::res.side == 'left' -> res.side != 'left'":
         "only which vectors count as already there: the other side is None, so they are recomputed, same result",
-    "lrprune_caffe/lowrank/decompose.py::left_vectors::0 -> 1":
+    "lrprune_caffe/lowrank/svd_methods.py::left_vectors::0 -> 1":
         "default seed of the randomized route: any seed is as valid",
     "lrprune_caffe/transforms/prune.py::smallest_k_masks::1 -> 2 #3":
         "keep.reshape(-2) is keep.reshape(-1): numpy takes any negative size as the unknown one",
@@ -120,6 +134,16 @@ EQUIVALENT: dict[str, str] = {
         "_created is empty until a folder is made, so the rmdir loop has nothing to remove",
     "lrprune_caffe/fileutil.py::OutputSet.__exit__::return False -> return None":
         "None is falsy: the exception propagates",
+    "lrprune_caffe/fileutil.py::_check_not_input::not same and path.exists() -> not same or path.exists()":
+        "the extra calls are when same already holds (realpaths equal, inp exists, so path exists and "
+        "samefile is True) or when path does not exist (samefile raises OSError, suppressed)",
+    "lrprune_caffe/fileutil.py::_alive::0 -> -1":
+        "kill(pid, -1): a gone pid still gives ESRCH (looked up before the signal number), a live one "
+        "EINVAL or EPERM, an OSError: alive, as kill(pid, 0) says",
+    "lrprune_caffe/fileutil.py::OutputSet._abort::self._signals.__exit__(None, None, None) -> pass":
+        "the next line drops the only reference to the generator context manager; CPython closes the "
+        "generator at once and its finally restores the SIGTERM handler (test_output_set_restores_the_"
+        "sigterm_handler passes either way)",
 }
 
 _CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
