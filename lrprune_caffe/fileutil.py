@@ -356,6 +356,9 @@ class OutputSet:
         self._signals = None
 
     def __enter__(self):
+        # a killed run's old OUTDIR goes back in place first, so that the check below sees it (and
+        # refuses to replace it without --force) instead of the swap replacing it unasked
+        _remove_stale(self.outdir.absolute().parent, self.outdir.name)
         missing = check_outdir(self.outdir, self.force)
         parents = missing[1:]  # the folders above OUTDIR that do not exist yet, deepest first
         if parents:
@@ -365,7 +368,6 @@ class OutputSet:
                 raise UserError(f"{self.outdir}: cannot create the output folder ({e.strerror})") from None
             self._created = parents
         parent = self.outdir.absolute().parent
-        _remove_stale(parent, self.outdir.name)
         self._signals = _terminate_raises()
         self._signals.__enter__()
         try:

@@ -202,6 +202,22 @@ def test_killed_between_moving_away_and_in_puts_the_old_folder_back(tmp_path):
     assert (tmp_path / "out" / "model.caffemodel").read_bytes() == b"old"
 
 
+def test_a_recovered_old_folder_is_not_replaced_without_force(tmp_path):
+    """The old OUTDIR that a killed run had moved away is put back before OUTDIR is checked: a new
+    run without --force is refused (and the old files are intact) instead of replacing it."""
+    dead = _dead_pid()
+    old = tmp_path / f".out.lrprune-{dead}-old-q1"
+    (old / "d").mkdir(parents=True)
+    (old / "d" / "model.caffemodel").write_bytes(b"old")
+    with pytest.raises(UserError):
+        with OutputSet(tmp_path / "out") as outs:
+            outs.write_bytes("model.caffemodel", b"new")
+    assert (tmp_path / "out" / "model.caffemodel").read_bytes() == b"old"
+    with OutputSet(tmp_path / "out", force=True) as outs:  # with --force it is replaced
+        outs.write_bytes("model.caffemodel", b"new")
+    assert (tmp_path / "out" / "model.caffemodel").read_bytes() == b"new"
+
+
 def test_temporaries_of_live_processes_are_kept(tmp_path, monkeypatch):
     """Our own pid, a running process's, and one we may not signal (EPERM: another user's)."""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
