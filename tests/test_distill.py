@@ -127,7 +127,7 @@ def test_default_solver_and_what_overrides_it(tmp_path):
     import argparse
     from lrprune_caffe.cli.train import solver_from_args
     flags = dict(solver=None, lr=None, momentum=None, weight_decay=None, lr_policy=None, gamma=None, power=None,
-                 stepsize=None, max_iter=None, solver_type=None)
+                 stepsize=None, max_iter=None, solver_type=None, clip_gradients=None)
     d = solver_from_args(argparse.Namespace(**flags), finetune=True)  # finetune's: poly, power 1 (linear to 0)
     assert (d.base_lr, d.momentum, d.weight_decay, d.lr_policy, d.power, d.type) == \
         (0.01, 0.9, 0.0005, "poly", 1.0, "SGD")

@@ -9,7 +9,8 @@ held-out digits (numpy forward, checked against real Caffe in tests/test_calibra
 A row is ``SCOPE:POLICY:LR`` with an optional ``:t`` (distill from the original net,
 ``finetune --teacher``, T 4, weight 0.9): SCOPE is compress's ``--prune-scope`` (``erk``, the
 default, or ``layer``, the default before issue 10), POLICY ``poly`` (power 1: linear decay to 0,
-finetune's default) or ``fixed``; ``:bN`` a batch size other than finetune's 16; SGD, momentum 0.9,
+finetune's default) or ``fixed``; ``:bN`` a batch size other than finetune's 16;
+``:cN`` a gradient clip (``--clip-gradients N``, Caffe's global L2 norm); SGD, momentum 0.9,
 weight decay 5e-4 throughout.
 ``default`` is compress's and finetune's defaults (``default:t`` with the teacher).
 
@@ -25,6 +26,7 @@ that way; the held-out table (``--rows``) reports them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -43,18 +45,22 @@ VAL_ROWS = "default,default:t,erk:poly:0.02,erk:poly:0.01:b8,erk:fixed:0.01:b64,
 
 
 def parse_row(row):
-    """'erk:poly:0.02:b64:t' -> (scope, policy, lr, batch, teacher); 'default[:t]' -> (None, None, None, None,
-    teacher). The batch part is optional (finetune's default)."""
+    """'erk:poly:0.02:b64:c10:t' -> (scope, policy, lr, batch, clip, teacher); 'default[:t]' -> (None, None,
+    None, None, None, teacher). The batch and clip parts are optional (finetune's defaults)."""
     parts = row.split(":")
     teach = parts[-1] == "t"
     parts = parts[:-1] if teach else parts
-    batch = None
-    if parts[-1].startswith("b"):
-        batch, parts = int(parts[-1][1:]), parts[:-1]
+    batch = clip = None
+    while parts[-1][:1] in ("b", "c") and parts[-1][1:2].isdigit():
+        if parts[-1].startswith("b"):
+            batch = int(parts[-1][1:])
+        else:
+            clip = float(parts[-1][1:])
+        parts = parts[:-1]
     if parts == ["default"]:
-        return None, None, None, batch, teach
+        return None, None, None, batch, clip, teach
     scope, policy, lr = parts
-    return scope, policy, float(lr), batch, teach
+    return scope, policy, float(lr), batch, clip, teach
 
 
 def shifted(x, rs):
@@ -88,7 +94,7 @@ def main(argv=None) -> int:
     from lrprune_caffe.data.datasets import Dataset, load_mnist_split
     from lrprune_caffe.io.caffe import load_net
     from lrprune_caffe.train.finetune import DEFAULT_BATCH_SIZE, DEFAULT_DISTILL_WEIGHT, DEFAULT_TEMPERATURE, finetune
-    from lrprune_caffe.train.solver import FINETUNE_DEFAULTS, SolverSettings
+    from lrprune_caffe.train.solver import FINETUNE_DEFAULTS, SolverSettings, finetune_solver
     from lrprune_caffe.transforms.forward import forward
 
     orig = load_net(str(GOLDEN / "model.prototxt"), str(GOLDEN / "model.caffemodel"))
@@ -116,9 +122,11 @@ def main(argv=None) -> int:
                  "| --- | --- | --- |" + " --- |" * (len(seeds) + 1)]
         t0 = time.perf_counter()
         for row in [r.strip() for r in rows.split(",") if r.strip()]:
-            scope, policy, lr, batch, teach = parse_row(row)
+            scope, policy, lr, batch, clip, teach = parse_row(row)
             res = compressed(scope)
             solver = None if policy is None else SolverSettings(base_lr=lr, lr_policy=policy, power=1.0)
+            if clip is not None:
+                solver = dataclasses.replace(solver or finetune_solver(), clip_gradients=clip)
             accs = []
             for seed in seeds:
                 net, _ = finetune(res.net, train, masks=res.masks, solver=solver, epochs=args.epochs,
@@ -129,6 +137,8 @@ def main(argv=None) -> int:
             what = ("defaults: lr {base_lr:g}, {lr_policy} (power {power:g})".format(**FINETUNE_DEFAULTS)
                     if policy is None else f"lr {lr:g}, {policy}" + (" (power 1)" if policy == "poly" else ""))
             what += f", batch {batch or DEFAULT_BATCH_SIZE}"
+            if clip is not None:
+                what += f", clip {clip:g}"
             lines.append(f"| {'defaults (erk)' if scope is None else '--prune-scope ' + scope} "
                          f"({100 * top1(res.net, test):.1f}%) | {what} | {'yes' if teach else 'no'} | "
                          + " | ".join(f"{100 * a:.1f}%" for a in accs) + f" | {100 * statistics.mean(accs):.1f}% |")

@@ -115,7 +115,8 @@ def solver_from_args(args, finetune=False):
         finetune_solver(lr_policy=args.lr_policy, power=args.power) if finetune else SolverSettings()
     return base.with_overrides(base_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                lr_policy=args.lr_policy, gamma=args.gamma, power=args.power,
-                               stepsize=args.stepsize, max_iter=args.max_iter, type=args.solver_type)
+                               stepsize=args.stepsize, max_iter=args.max_iter, type=args.solver_type,
+                               clip_gradients=args.clip_gradients)
 
 
 def cmd_finetune(args):
@@ -258,7 +259,7 @@ def cmd_pipeline(args):
     return 0
 
 
-def _add_solver_args(p, default_lr, solver_help, max_iter_help, policy="fixed"):
+def _add_solver_args(p, default_lr, solver_help, max_iter_help, policy="fixed", clip=-1.0):
     """The solver flags of finetune and pipeline (read by :func:`solver_from_args`);
     ``max_iter_help=None`` hides --max-iter (the pipeline ignores it)."""
     import argparse
@@ -275,6 +276,9 @@ def _add_solver_args(p, default_lr, solver_help, max_iter_help, policy="fixed"):
     p.add_argument("--max-iter", type=int, default=None, help=max_iter_help or argparse.SUPPRESS)
     p.add_argument("--solver-type", choices=["SGD", "Nesterov", "Adam"], default=None,
                    help="update rule (default SGD)")
+    p.add_argument("--clip-gradients", type=float, default=None, metavar="N",
+                   help=f"scale the gradients down to a global L2 norm of N when above it, as Caffe's "
+                        f"clip_gradients (-1: off; default {clip:g})")
 
 
 def _add_teacher_args(p, pipeline=False):
