@@ -129,14 +129,16 @@ def test_default_solver_and_what_overrides_it(tmp_path):
     flags = dict(solver=None, lr=None, momentum=None, weight_decay=None, lr_policy=None, gamma=None, power=None,
                  stepsize=None, max_iter=None, solver_type=None, clip_gradients=None)
     d = solver_from_args(argparse.Namespace(**flags), finetune=True)  # finetune's: poly, power 1 (linear to 0)
-    assert (d.base_lr, d.momentum, d.weight_decay, d.lr_policy, d.power, d.type) == \
-        (0.01, 0.9, 0.0005, "poly", 1.0, "SGD")
+    assert (d.base_lr, d.momentum, d.weight_decay, d.lr_policy, d.power, d.type, d.clip_gradients) == \
+        (0.01, 0.9, 0.0005, "poly", 1.0, "SGD", -1.0)
     assert d.lr_at(0, 100) == 0.01 and d.lr_at(50, 100) == pytest.approx(0.005)
     inv = solver_from_args(argparse.Namespace(**{**flags, "lr_policy": "inv", "gamma": 1e-4}), finetune=True)
     assert (inv.base_lr, inv.power) == (0.01, 0.75)  # Caffe's power for inv, not poly's 1
-    p = solver_from_args(argparse.Namespace(**flags))  # the pipeline's base: the fields' defaults, fixed
-    assert (p.base_lr, p.lr_policy) == (0.01, "fixed")
+    p = solver_from_args(argparse.Namespace(**flags))  # the pipeline's base: the fields' defaults, fixed, no clip
+    assert (p.base_lr, p.lr_policy, p.clip_gradients) == (0.01, "fixed", -1.0)
     assert solver_from_args(argparse.Namespace(**{**flags, "lr": 0.001}), finetune=True).base_lr == 0.001
+    clip = solver_from_args(argparse.Namespace(**{**flags, "clip_gradients": 10.0}), finetune=True)
+    assert clip.clip_gradients == 10.0 and clip.base_lr == 0.01  # --clip-gradients N over the defaults
     sp = tmp_path / "solver.prototxt"
     sp.write_text('base_lr: 0.002 momentum: 0.8 lr_policy: "step" stepsize: 10 gamma: 0.5')
     s = solver_from_args(argparse.Namespace(**{**flags, "solver": str(sp)}))

@@ -40,8 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GOLDEN = ROOT.parent / "shared" / "golden" / "lenet_mnist"
 SPLIT = ROOT.parent / "shared" / "data" / "mnist5k_split.npz"
-ROWS = "default,default:t,erk:poly:0.01:b64,layer:fixed:0.01:b64,layer:fixed:0.001:b64"
-VAL_ROWS = "default,default:t,erk:poly:0.02,erk:poly:0.01:b8,erk:fixed:0.01:b64,layer:fixed:0.01:b64"
+ROWS = ("default,default:t,erk:poly:0.01:b64,layer:fixed:0.01:b64,layer:fixed:0.001:b64,"
+        "erk:poly:0.02:b8:c10,erk:poly:0.02:b8:c10:t")
+VAL_ROWS = ("default,default:t,erk:poly:0.02,erk:poly:0.01:b8,erk:fixed:0.01:b64,layer:fixed:0.01:b64,"
+            "erk:poly:0.02:c10,erk:poly:0.02:c10:t,erk:poly:0.01:b8:c10,erk:poly:0.01:b8:c10:t,erk:poly:0.02:b8:c10,"
+            "erk:poly:0.02:b8:c10:t,erk:poly:0.04:b8:c10,erk:poly:0.04:b8:c10:t,erk:poly:0.08:b8:c10")
 
 
 def parse_row(row):
@@ -137,6 +140,8 @@ def main(argv=None) -> int:
             what = ("defaults: lr {base_lr:g}, {lr_policy} (power {power:g})".format(**FINETUNE_DEFAULTS)
                     if policy is None else f"lr {lr:g}, {policy}" + (" (power 1)" if policy == "poly" else ""))
             what += f", batch {batch or DEFAULT_BATCH_SIZE}"
+            if clip is None and policy is None and FINETUNE_DEFAULTS.get("clip_gradients", -1) >= 0:
+                clip = FINETUNE_DEFAULTS["clip_gradients"]
             if clip is not None:
                 what += f", clip {clip:g}"
             lines.append(f"| {'defaults (erk)' if scope is None else '--prune-scope ' + scope} "
