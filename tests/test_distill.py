@@ -55,6 +55,19 @@ def test_distill_loss_is_hintons_mix():
     assert float(alone) == pytest.approx(soft, rel=1e-10)  # no label in the batch: the soft term alone
     assert float(distill_loss(torch.tensor(t), torch.tensor(y), torch.tensor(t), T, 1.0)) == pytest.approx(0, abs=1e-12)
 
+    e = 0.1  # label smoothing on the hard term: target (1 - e) one-hot + e / K
+    q = np.full((has.sum(), 10), e / 10)
+    q[np.arange(has.sum()), y[has]] += 1 - e
+    smooth = -np.mean(np.sum(q * _log_softmax(s)[has], 1))
+    got = distill_loss(torch.tensor(s), torch.tensor(y), torch.tensor(t), T, w, label_smoothing=e)
+    assert float(got) == pytest.approx(w * soft + (1 - w) * smooth, rel=1e-10)
+
+
+def test_label_smoothing_out_of_range_is_refused(lenet, digits):
+    train, _ = digits
+    with pytest.raises(UserError, match="label smoothing must be in"):
+        finetune(load_net(*lenet), train, label_smoothing=1.0, check=False, progress=False)
+
 
 def _damaged(net, seed=0):
     """LeNet with noise on ip1 and half of ip2's weights masked to zero."""

@@ -157,7 +157,7 @@ def cmd_finetune(args):
                                 log=None if (args.quiet or args.json) else _log,
                                 workers=args.workers, device=args.device, checkpoint=ckpt, resume=args.resume,
                                 teacher=teacher, temperature=args.temperature, distill_weight=args.distill_weight,
-                                use_labels=not args.unlabeled)
+                                use_labels=not args.unlabeled, label_smoothing=args.label_smoothing)
     if not main:
         return 0  # only rank 0 writes
     if val is not None and not args.no_final_eval:
@@ -332,6 +332,7 @@ def _add_run_args(p, pipeline=False):
 
 
 def register(sub):
+    from lrprune_caffe.train.finetune import DEFAULT_LABEL_SMOOTHING
 
     p = sub.add_parser("finetune", help="train the net with PyTorch (pruning masks held at zero)")
     _add_net_args(p, weights_required=True)
@@ -350,6 +351,9 @@ def register(sub):
                                  "max_iter...); flags below override it; max_iter overrides --epochs",
                      max_iter_help="iterations (batches); overrides --epochs",
                      policy="poly, power 1: the rate falls linearly to 0 over the run")
+    p.add_argument("--label-smoothing", type=float, default=DEFAULT_LABEL_SMOOTHING, metavar="E",
+                   help="cross-entropy target (1 - E) on the label + E / classes on each class "
+                        f"(default {DEFAULT_LABEL_SMOOTHING:g})")
     p.add_argument("--seed", type=int, default=None, help="shuffling / dropout seed (default 0)")
     p.add_argument("--output-blob", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
