@@ -343,10 +343,10 @@ def register(sub):
                    help="pruning masks (bool, True = keep, keys '<layer>/<blob idx>'): masked weights stay 0")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data (default 1)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="samples per iteration and process (default 16; a train_val's TRAIN data layer "
+                   help="samples per iteration and process (default 8; a train_val's TRAIN data layer "
                         "gives its own)")
     _add_run_args(p)
-    _add_solver_args(p, default_lr=0.01,
+    _add_solver_args(p, default_lr=0.02, clip=10.0,
                      solver_help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, "
                                  "max_iter...); flags below override it; max_iter overrides --epochs",
                      max_iter_help="iterations (batches); overrides --epochs",
