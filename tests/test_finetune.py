@@ -125,6 +125,24 @@ def test_caffe_sgd_update_math():
     assert torch.equal(frozen.detach(), torch.ones(2))
 
 
+
+def test_clip_gradients_bounds_the_global_norm():
+    """Caffe's clip_gradients: all blobs' gradients scaled together to a global L2 norm of N when above it
+    (before weight decay); below it they are untouched."""
+    s = SolverSettings(base_lr=1.0, momentum=0.0, weight_decay=0.0, clip_gradients=10.0)
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    opt = CaffeOptimizer([(a, 1.0, 1.0), (b, 1.0, 1.0)], s)
+    a.grad, b.grad = torch.tensor([30.0, 0.0]), torch.tensor([40.0])  # global norm 50 -> scaled by 10 / 50
+    opt.step(0)
+    np.testing.assert_allclose(a.detach().numpy(), [-6.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(b.detach().numpy(), [-8.0], rtol=1e-6)
+    step = math.sqrt(float((a.detach() ** 2).sum() + (b.detach() ** 2).sum()))
+    assert step == pytest.approx(10.0)
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # norm 5 <= 10: as is
+    opt.step(1)
+    np.testing.assert_allclose(a.detach().numpy(), [-9.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(b.detach().numpy(), [-12.0], rtol=1e-6)
+
 def test_adam_and_nesterov_follow_caffe():
     g = np.array([0.5, -1.0], np.float32)
     w0 = np.array([1.0, 1.0], np.float32)

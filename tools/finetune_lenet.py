@@ -9,7 +9,9 @@ held-out digits (numpy forward, checked against real Caffe in tests/test_calibra
 A row is ``SCOPE:POLICY:LR`` with an optional ``:t`` (distill from the original net,
 ``finetune --teacher``, T 4, weight 0.9): SCOPE is compress's ``--prune-scope`` (``erk``, the
 default, or ``layer``, the default before issue 10), POLICY ``poly`` (power 1: linear decay to 0,
-finetune's default) or ``fixed``; ``:bN`` a batch size other than finetune's 16; SGD, momentum 0.9,
+finetune's default) or ``fixed``; ``:bN`` a batch size other than finetune's 16;
+``:cN`` a gradient clip (``--clip-gradients N``, Caffe's global L2 norm); ``:sE`` label smoothing E
+(``--label-smoothing``; explicit rows have none unless given, ``default`` rows finetune's); SGD, momentum 0.9,
 weight decay 5e-4 throughout.
 ``default`` is compress's and finetune's defaults (``default:t`` with the teacher).
 
@@ -25,6 +27,7 @@ that way; the held-out table (``--rows``) reports them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -38,23 +41,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GOLDEN = ROOT.parent / "shared" / "golden" / "lenet_mnist"
 SPLIT = ROOT.parent / "shared" / "data" / "mnist5k_split.npz"
-ROWS = "default,default:t,erk:poly:0.01:b64,layer:fixed:0.01:b64,layer:fixed:0.001:b64"
-VAL_ROWS = "default,default:t,erk:poly:0.02,erk:poly:0.01:b8,erk:fixed:0.01:b64,layer:fixed:0.01:b64"
+ROWS = ("default,default:t,erk:poly:0.01:b16,erk:poly:0.01:b16:t,erk:poly:0.01:b64,layer:fixed:0.01:b64,"
+        "layer:fixed:0.001:b64,erk:poly:0.02:b8:c10,erk:poly:0.02:b8:c10:t")
+VAL_ROWS = ("default,default:t,erk:poly:0.01:b16,erk:poly:0.01:b16:t,erk:poly:0.02,erk:poly:0.01:b8,"
+            "erk:fixed:0.01:b64,layer:fixed:0.01:b64,"
+            "erk:poly:0.02:c10,erk:poly:0.02:c10:t,erk:poly:0.01:b8:c10,erk:poly:0.01:b8:c10:t,erk:poly:0.02:b8:c10,"
+            "erk:poly:0.02:b8:c10:t,erk:poly:0.04:b8:c10,erk:poly:0.04:b8:c10:t,erk:poly:0.08:b8:c10")
 
 
 def parse_row(row):
-    """'erk:poly:0.02:b64:t' -> (scope, policy, lr, batch, teacher); 'default[:t]' -> (None, None, None, None,
-    teacher). The batch part is optional (finetune's default)."""
+    """'erk:poly:0.02:b64:c10:s0.1:t' -> (scope, policy, lr, batch, clip, smoothing, teacher); 'default[:t]' ->
+    (None, None, None, None, None, None, teacher). The batch, clip and smoothing parts are optional."""
     parts = row.split(":")
     teach = parts[-1] == "t"
     parts = parts[:-1] if teach else parts
-    batch = None
-    if parts[-1].startswith("b"):
-        batch, parts = int(parts[-1][1:]), parts[:-1]
+    batch = clip = smooth = None
+    while parts[-1][:1] in ("b", "c", "s") and parts[-1][1:2].isdigit():
+        if parts[-1].startswith("b"):
+            batch = int(parts[-1][1:])
+        elif parts[-1].startswith("c"):
+            clip = float(parts[-1][1:])
+        else:
+            smooth = float(parts[-1][1:])
+        parts = parts[:-1]
     if parts == ["default"]:
-        return None, None, None, batch, teach
+        return None, None, None, batch, clip, smooth, teach
     scope, policy, lr = parts
-    return scope, policy, float(lr), batch, teach
+    return scope, policy, float(lr), batch, clip, smooth, teach
 
 
 def shifted(x, rs):
@@ -87,8 +100,9 @@ def main(argv=None) -> int:
     from lrprune_caffe.core.compress import CompressData, CompressOptions, compress
     from lrprune_caffe.data.datasets import Dataset, load_mnist_split
     from lrprune_caffe.io.caffe import load_net
-    from lrprune_caffe.train.finetune import DEFAULT_BATCH_SIZE, DEFAULT_DISTILL_WEIGHT, DEFAULT_TEMPERATURE, finetune
-    from lrprune_caffe.train.solver import FINETUNE_DEFAULTS, SolverSettings
+    from lrprune_caffe.train.finetune import (DEFAULT_BATCH_SIZE, DEFAULT_DISTILL_WEIGHT, DEFAULT_LABEL_SMOOTHING,
+                                              DEFAULT_TEMPERATURE, finetune)
+    from lrprune_caffe.train.solver import FINETUNE_DEFAULTS, SolverSettings, finetune_solver
     from lrprune_caffe.transforms.forward import forward
 
     orig = load_net(str(GOLDEN / "model.prototxt"), str(GOLDEN / "model.caffemodel"))
@@ -116,19 +130,30 @@ def main(argv=None) -> int:
                  "| --- | --- | --- |" + " --- |" * (len(seeds) + 1)]
         t0 = time.perf_counter()
         for row in [r.strip() for r in rows.split(",") if r.strip()]:
-            scope, policy, lr, batch, teach = parse_row(row)
+            scope, policy, lr, batch, clip, smooth, teach = parse_row(row)
+            if smooth is None:  # explicit rows: none unless asked (the rows before finetune's default had none)
+                smooth = DEFAULT_LABEL_SMOOTHING if policy is None else 0.0
             res = compressed(scope)
             solver = None if policy is None else SolverSettings(base_lr=lr, lr_policy=policy, power=1.0)
+            if clip is not None:
+                solver = dataclasses.replace(solver or finetune_solver(), clip_gradients=clip)
             accs = []
             for seed in seeds:
                 net, _ = finetune(res.net, train, masks=res.masks, solver=solver, epochs=args.epochs,
                                   batch_size=batch or DEFAULT_BATCH_SIZE, seed=seed, threads=args.threads,
-                                  check=False, progress=False, teacher=orig if teach else None)
+                                  check=False, progress=False, teacher=orig if teach else None,
+                                  label_smoothing=smooth)
                 accs.append(top1(net, test))
                 print(f"{'val' if val else 'held-out'} {row} seed {seed}: {accs[-1]:.3f}", file=sys.stderr, flush=True)
             what = ("defaults: lr {base_lr:g}, {lr_policy} (power {power:g})".format(**FINETUNE_DEFAULTS)
                     if policy is None else f"lr {lr:g}, {policy}" + (" (power 1)" if policy == "poly" else ""))
             what += f", batch {batch or DEFAULT_BATCH_SIZE}"
+            if clip is None and policy is None and FINETUNE_DEFAULTS.get("clip_gradients", -1) >= 0:
+                clip = FINETUNE_DEFAULTS["clip_gradients"]
+            if clip is not None:
+                what += f", clip {clip:g}"
+            if smooth:
+                what += f", label smoothing {smooth:g}"
             lines.append(f"| {'defaults (erk)' if scope is None else '--prune-scope ' + scope} "
                          f"({100 * top1(res.net, test):.1f}%) | {what} | {'yes' if teach else 'no'} | "
                          + " | ".join(f"{100 * a:.1f}%" for a in accs) + f" | {100 * statistics.mean(accs):.1f}% |")

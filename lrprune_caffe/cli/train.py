@@ -115,7 +115,8 @@ def solver_from_args(args, finetune=False):
         finetune_solver(lr_policy=args.lr_policy, power=args.power) if finetune else SolverSettings()
     return base.with_overrides(base_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                lr_policy=args.lr_policy, gamma=args.gamma, power=args.power,
-                               stepsize=args.stepsize, max_iter=args.max_iter, type=args.solver_type)
+                               stepsize=args.stepsize, max_iter=args.max_iter, type=args.solver_type,
+                               clip_gradients=args.clip_gradients)
 
 
 def cmd_finetune(args):
@@ -156,7 +157,7 @@ def cmd_finetune(args):
                                 log=None if (args.quiet or args.json) else _log,
                                 workers=args.workers, device=args.device, checkpoint=ckpt, resume=args.resume,
                                 teacher=teacher, temperature=args.temperature, distill_weight=args.distill_weight,
-                                use_labels=not args.unlabeled)
+                                use_labels=not args.unlabeled, label_smoothing=args.label_smoothing)
     if not main:
         return 0  # only rank 0 writes
     if val is not None and not args.no_final_eval:
@@ -258,7 +259,7 @@ def cmd_pipeline(args):
     return 0
 
 
-def _add_solver_args(p, default_lr, solver_help, max_iter_help, policy="fixed"):
+def _add_solver_args(p, default_lr, solver_help, max_iter_help, policy="fixed", clip=-1.0):
     """The solver flags of finetune and pipeline (read by :func:`solver_from_args`);
     ``max_iter_help=None`` hides --max-iter (the pipeline ignores it)."""
     import argparse
@@ -275,6 +276,9 @@ def _add_solver_args(p, default_lr, solver_help, max_iter_help, policy="fixed"):
     p.add_argument("--max-iter", type=int, default=None, help=max_iter_help or argparse.SUPPRESS)
     p.add_argument("--solver-type", choices=["SGD", "Nesterov", "Adam"], default=None,
                    help="update rule (default SGD)")
+    p.add_argument("--clip-gradients", type=float, default=None, metavar="N",
+                   help=f"scale the gradients down to a global L2 norm of N when above it, as Caffe's "
+                        f"clip_gradients (-1: off; default {clip:g})")
 
 
 def _add_teacher_args(p, pipeline=False):
@@ -328,6 +332,7 @@ def _add_run_args(p, pipeline=False):
 
 
 def register(sub):
+    from lrprune_caffe.train.finetune import DEFAULT_LABEL_SMOOTHING
 
     p = sub.add_parser("finetune", help="train the net with PyTorch (pruning masks held at zero)")
     _add_net_args(p, weights_required=True)
@@ -338,14 +343,17 @@ def register(sub):
                    help="pruning masks (bool, True = keep, keys '<layer>/<blob idx>'): masked weights stay 0")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data (default 1)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="samples per iteration and process (default 16; a train_val's TRAIN data layer "
+                   help="samples per iteration and process (default 8; a train_val's TRAIN data layer "
                         "gives its own)")
     _add_run_args(p)
-    _add_solver_args(p, default_lr=0.01,
+    _add_solver_args(p, default_lr=0.02, clip=10.0,
                      solver_help="Caffe solver settings (base_lr, momentum, weight_decay, lr_policy, "
                                  "max_iter...); flags below override it; max_iter overrides --epochs",
                      max_iter_help="iterations (batches); overrides --epochs",
                      policy="poly, power 1: the rate falls linearly to 0 over the run")
+    p.add_argument("--label-smoothing", type=float, default=DEFAULT_LABEL_SMOOTHING, metavar="E",
+                   help="cross-entropy target (1 - E) on the label + E / classes on each class "
+                        f"(default {DEFAULT_LABEL_SMOOTHING:g})")
     p.add_argument("--seed", type=int, default=None, help="shuffling / dropout seed (default 0)")
     p.add_argument("--output-blob", metavar="BLOB", help="blob holding the class scores (default: the net's output)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

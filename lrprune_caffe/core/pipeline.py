@@ -233,7 +233,7 @@ def run_pipeline(net, train, val, opts: PipelineOptions, log=None):
                                          progress=progress, log=None, check=(i == 1), workers=int(opts.workers),
                                          device=opts.device, stop=stop, checkpoint=ck, resume=ft_state is not None,
                                          teacher=net if opts.distill else None, temperature=opts.temperature,
-                                         distill_weight=opts.distill_weight)
+                                         distill_weight=opts.distill_weight, label_smoothing=0.0)
             cur = trained
             rec["epochs"] = len(hist["epochs"])
             rec["iterations"] = int(hist["iterations"])
