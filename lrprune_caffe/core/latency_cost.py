@@ -53,6 +53,8 @@ MIN_NET_MS = 1.0
 #: profiled choices the least-error one whose profile met the target is kept (else the fastest)
 REFINE_STEPS = 3
 REFINE_TOL = 0.05
+#: the refinement's correction of the tables' savings is kept within these factors
+SAVING_LIMITS = (0.25, 2.0)
 
 
 def cost_of(o):
@@ -150,26 +152,33 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
         choice, pruned = _split(alloc.choice)
         if not choice and not pruned:
             break
-        observed = refine(choice, pruned)
-        if not observed:
+        measured = refine(choice, pruned)
+        if not measured:
             break
+        # the measured speed-up read as the net's ms on the tables' scale (the original's profiled total)
+        observed = alloc.total_ms / float(measured)
         steps.append({"predicted_ms": alloc.predicted_ms, "observed_ms": float(observed),
-                      "chain_correction": correction})
+                      "measured_speedup": float(measured), "saving_correction": correction})
         tried.append((float(observed), _total_error(options, alloc), alloc, options, dropped, reasons, tables.tables))
-        chains = sum(float(tables.tables[n].predict([r])[0]) for n, r in choice.items())
-        if (not chains > 0 or abs(float(observed) - alloc.predicted_ms) <= REFINE_TOL * alloc.predicted_ms
-                or step == rounds - 1):  # no re-allocation that no profile would check
+        saving = alloc.total_ms - alloc.predicted_ms  # what the tables say the choice saves
+        met = float(measured) >= speedup
+        if (not saving > 0 or (met and abs(float(observed) - alloc.predicted_ms) <= REFINE_TOL * alloc.predicted_ms)
+                or step == rounds - 1):  # no re-allocation that no measurement would check
             break
-        correction = float(np.clip(correction * (observed - (alloc.predicted_ms - chains)) / chains, 0.5, 2.0))
-        tables.tables = {n: lb.correct_chains(t, correction) for n, t in base.items()}
-        options, dropped, reasons = _allocate(tables, infos, energies, criterion, prune_tabs)
-        alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
+        correction = float(np.clip(correction * (alloc.total_ms - observed) / saving, *SAVING_LIMITS))
+        tables.tables = {n: lb.correct_savings(t, correction, SAVING_LIMITS) for n, t in base.items()}
+        options, dropped, reasons = _allocate(tables, infos, energies, criterion,
+                                              _corrected_prune(prune_tabs, base, correction))
+        try:
+            alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
+        except lb.Unreachable as e:  # corrected, S is out of the tables' reach: measure the nearest they reach
+            alloc = lb.allocate(options, tables.total_ms, 0.999 * e.best_speedup, dropped_slower=dropped)
     if tried:  # of the profiled choices, the least error among those that met the target, else the fastest
-        met = [t for t in tried if t[0] <= alloc.target_ms * (1 + REFINE_TOL)]
+        met = [t for t in tried if t[0] <= tables.total_ms / speedup * (1 + 1e-9)]  # measured >= S, no tolerance
         best = min(met, key=lambda t: t[1]) if met else min(tried, key=lambda t: t[0])
         _, _, alloc, options, dropped, reasons, tables.tables = best
         chosen = tried.index(best)
-        correction = steps[chosen]["chain_correction"]
+        correction = steps[chosen]["saving_correction"]
     choice, pruned = _split(alloc.choice)
     for o in options:
         if alloc.choice[o.name] is None:
@@ -188,17 +197,28 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
     section = {"cost": "latency", "speedup": float(speedup), "target": target.describe(),
                "timing": tables.timing, "total_ms": alloc.total_ms, "fixed_ms": alloc.fixed_ms,
                "target_ms": alloc.target_ms, "predicted_ms": alloc.predicted_ms,
-               "predicted_speedup": alloc.predicted_speedup, "criterion": criterion,
+               "predicted_speedup": (alloc.predicted_speedup if not steps else steps[chosen]["measured_speedup"]),
+               "tables_speedup": alloc.predicted_speedup, "criterion": criterion,
                "error": float(sum(err.values())),
                "tables": {"seconds": tables.seconds, "cpu_seconds": tables.cpu_seconds,
                           "graphs_timed": tables.measured, "cache": tables.cache_path,
                           "wall_ms": tables.wall_ms},
-               "refined": None if not steps else {"chain_correction": correction, "first": steps[0],
+               "refined": None if not steps else {"saving_correction": correction, "first": steps[0],
                                                   "steps": steps, "chosen_step": chosen},
                "structured_options": sorted(prune_tabs), "layers": layers}
     return {"choice": {**choice, **{n: None for n in pruned}, **{n: None for n, r in alloc.choice.items()
                                                                if r is None}},
             "prune": pruned, "reasons": reasons, "section": section, "notes": list(tables.notes)}
+
+
+def _corrected_prune(prune_tabs: dict, base: dict, factor: float) -> dict:
+    """The structured options with their savings against the layer left alone times ``factor``."""
+    import dataclasses
+    out = {}
+    for n, pt in prune_tabs.items():
+        left = float(base[n].left_alone_ms)
+        out[n] = dataclasses.replace(pt, ms=left - factor * (left - np.asarray(pt.ms, np.float64)))
+    return out
 
 
 def _total_error(options, alloc) -> float:
@@ -277,10 +297,9 @@ def _outputs(layer) -> int:
     return int(layer.param_msg("convolution_param").num_output)
 
 
-def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: dict, pruned=None):
-    """ms of ``net`` factorized at ``choice`` (and structurally pruned as ``pruned`` says), profiled like
-    the original (cached like the tables; the SVDs in ``caches`` are reused and kept for the real
-    factorization), or None."""
+def factorized_net(net, infos, choice: dict, o, caches: dict, pruned=None):
+    """``net`` factorized at ``choice`` (and structurally pruned as ``pruned`` says; the SVDs in ``caches``
+    are reused and kept for the real factorization), or None when nothing changed."""
     from lrprune_caffe.ir.net import Layer, Net, clone_msg
     from lrprune_caffe.transforms import run_pass
     from lrprune_caffe.transforms.factorize import factorize
@@ -301,16 +320,35 @@ def profile_factorized(net, infos, choice: dict, target: L.Target, o, caches: di
             changed = True
         except UserError:
             pass
-    if not changed:
-        return None
-    cache, counter = L.Cache(target), [0]
-    try:
-        prof = L.net_profile(new, target, cache, counter)
-    except EngineError:
-        return None
-    if counter[0]:
-        cache.save()
-    return L.profile_total(prof)
+    return new if changed else None
+
+
+class Checker:
+    """``refine`` of :func:`plan`: the speed-up of the net factorized at a choice over the original,
+    measured like the report measures it (:func:`lrprune_caffe.engines.latency_net.checked_speedup`:
+    both warmed up alike, interleaved rounds, the median ratio). Not cached: a reading taken under
+    other load must not decide a later run. The original's runner is built once."""
+
+    def __init__(self, net, infos, target: L.Target, o, caches: dict, budget_s: float = 3.0):
+        self.net, self.infos, self.target, self.o, self.caches, self.budget_s = net, infos, target, o, caches, budget_s
+        self.base, self.seconds, self.readings = None, 0.0, []
+
+    def __call__(self, choice, pruned=None):
+        t0 = time.perf_counter()
+        try:
+            new = factorized_net(self.net, self.infos, choice, self.o, self.caches, pruned)
+            if new is None:
+                return None
+            if self.base is None:
+                self.base = L.net_runner(self.net, self.target)
+            m = L.checked_speedup(self.base, L.net_runner(new, self.target), self.target, budget_s=self.budget_s)
+        except EngineError:
+            return None
+        finally:
+            self.seconds += time.perf_counter() - t0
+        self.readings.append({k: m.get(k) for k in ("paired_median", "paired_p10", "paired_p90",
+                                                     "cpu_paired_median", "rounds")})
+        return m["speedup_checked"]
 
 
 def budget_latency(net, rp, infos: dict, names: list, energies: dict, o, prunable=()) -> bool:
@@ -323,8 +361,7 @@ def budget_latency(net, rp, infos: dict, names: list, energies: dict, o, prunabl
         budget = float(o.table_time) if o.table_time is not None else (None if explicit else TABLE_TIME_S)
         res = plan(net, {n: infos[n] for n in names}, energies, speedup=float(o.speedup), scheme=o.scheme,
                    criterion=o.criterion, target=target, time_budget_s=budget, progress=o.progress,
-                   refine=lambda choice, pruned: profile_factorized(net, infos, choice, target, o, rp.caches,
-                                                                    pruned),
+                   refine=(checker := Checker(net, infos, target, o, rp.caches)),
                    min_net_ms=None if explicit else MIN_NET_MS, prunable=prunable)
     except NoLatency as e:
         if explicit:
@@ -339,6 +376,8 @@ def budget_latency(net, rp, infos: dict, names: list, energies: dict, o, prunabl
         rp.notes.append(f"--speedup counts multiply-adds (--cost macs): {msg}")
         return False
     rp.notes.extend(res["notes"])
+    if res["section"].get("refined"):
+        res["section"]["refined"].update(seconds=checker.seconds, readings=checker.readings)
     for name, ranks in res["choice"].items():
         if ranks is not None:
             info = infos[name]

@@ -151,6 +151,19 @@ def correct_chains(table: LayerTable, factor: float, limits=(0.5, 2.0)) -> Layer
                       np.asarray(table.ms, np.float64) * f, table.scale)
 
 
+def correct_savings(table: LayerTable, factor: float, limits=(0.25, 2.0)) -> LayerTable:
+    """The table with what each factorized entry saves against the layer left alone times ``factor``
+    (clipped to ``limits``): ``left - factor * (left - ms)``. The net factorized as first chosen,
+    measured against the original, saved ``factor`` times what the tables predicted (a chain's two ops
+    and its intermediate tensor need not cost in the net what the layer's in-net / alone ratio says).
+    On savings rather than ms, so it applies alike to a structured-pruning option, whose ms books the
+    consumers' saving and may be negative."""
+    f = float(np.clip(float(factor), *limits)) if np.isfinite(factor) and factor > 0 else 1.0
+    left = float(table.left_alone_ms)
+    return LayerTable(table.name, table.left_alone_ms, table.scheme, table.axes,
+                      left - f * (left - np.asarray(table.ms, np.float64)), table.scale)
+
+
 # ---------------------------------------------------------------------------
 # options and allocation
 
@@ -262,5 +275,5 @@ def allocate(options: list, total_ms: float, speedup: float, fixed_ms: float = N
                       dict(dropped_slower or {}))
 
 
-__all__ = ["LayerTable", "calibrate", "correct_chains", "interp_1d", "interp_2d", "latency_options",
+__all__ = ["LayerTable", "calibrate", "correct_chains", "correct_savings", "interp_1d", "interp_2d", "latency_options",
            "rank_candidates", "Allocation", "Unreachable", "fixed_part", "allocate"]
