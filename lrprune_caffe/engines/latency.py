@@ -62,8 +62,8 @@ from lrprune_caffe.lowrank.latency_budget import LayerTable, calibrate
 from .latency_graphs import (Flush, layer_model, measure_model, ort_options, overhead_model, session,  # noqa: F401
                              time_runs)
 from .latency_graphs import break_even, cpu_clock, geometry, grid_points, rank_grid, signature  # noqa: F401
-from .latency_net import (checked_speedup, in_net_ms, measured_speedup, net_runner, net_signature, profile_net,  # noqa: F401
-                          profile_total)
+from .latency_net import (checked_speedup, in_net_ms, measured_speedup, net_runner,  # noqa: F401
+                          net_signature, profile_net, profile_total)
 
 RUNTIMES = ("onnxruntime",)
 GRID_VERSION = 5  # bump when the grid or the timing method changes: old cache entries are ignored
@@ -421,4 +421,5 @@ def net_profile(net, target: Target, cache: Cache, counter: list) -> dict:
 
 __all__ = ["Target", "Cache", "Tables", "RUNTIMES", "geometry", "signature", "rank_grid", "break_even",
            "layer_model", "time_runs", "measure_model", "layer_tables", "net_ms", "net_runner",
-           "measured_speedup", "checked_speedup", "cache_dir", "ort_options", "net_infos", "net_profile", "TIMINGS", "grid_points"]
+           "measured_speedup", "checked_speedup", "cache_dir", "ort_options", "net_infos", "net_profile", "TIMINGS",
+           "grid_points"]

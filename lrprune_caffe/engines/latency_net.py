@@ -275,5 +275,6 @@ def profile_total(profile: dict) -> float:
     return float(sum(profile["layers"].values()) + profile.get("other_ms", 0.0))
 
 
-__all__ = ["net_signature", "net_runner", "measured_speedup", "checked_speedup", "owner", "parse_profile", "profile_net", "in_net_ms",
+__all__ = ["net_signature", "net_runner", "measured_speedup", "checked_speedup", "owner",
+           "parse_profile", "profile_net", "in_net_ms",
            "profile_total"]
