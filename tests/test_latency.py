@@ -314,3 +314,30 @@ def test_net_runner_reads_large_weights_from_a_file_and_computes_the_same():
     out = L.net_runner(net, target)()[0]
     ref = run_onnxruntime(net, default_inputs(net, seed=0, batch=1))
     np.testing.assert_allclose(out, list(ref.values())[0], rtol=1e-5, atol=1e-6)
+
+
+def test_correct_savings_scales_what_each_entry_saves_against_left_alone():
+    t = lb.LayerTable("c", 4.0, "channel", (np.array([1, 2]),), np.array([1.0, 3.0]))
+    np.testing.assert_allclose(lb.correct_savings(t, 0.5).ms, [2.5, 3.5])  # saved 3 and 1: now 1.5 and 0.5
+    np.testing.assert_allclose(lb.correct_savings(t, 0.01).ms, [3.25, 3.75])  # clipped to 0.25
+    assert lb.correct_savings(t, 0.5).left_alone_ms == 4.0
+
+
+def test_checked_speedup_warms_both_alike_and_takes_the_lower_median():
+    """Both runners are warmed up before any timed round (a cold first run would flatter the one timed
+    second), rounds are interleaved, and with one thread the check is the lower of wall and CPU medians."""
+    import time as _t
+    calls = {"a": 0, "b": 0}
+
+    def spin(ms, key):
+        def run():
+            calls[key] += 1
+            t0 = _t.process_time()
+            while _t.process_time() - t0 < ms / 1e3:
+                pass
+        return run
+    m = L.checked_speedup(spin(2.0, "a"), spin(1.0, "b"), L.Target(), budget_s=0.03, min_rounds=4,
+                          max_rounds=6, warmup_s=0.005)
+    assert 4 <= m["rounds"] <= 6 and min(calls.values()) >= 3 + m["rounds"]
+    assert m["speedup_checked"] == min(m["paired_median"], m["cpu_paired_median"])
+    assert 1.3 < m["speedup_checked"] < 2.6

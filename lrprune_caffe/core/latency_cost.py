@@ -48,9 +48,10 @@ DEFAULT_COST = None
 #: layers of 5-50 us) got tables whose chains' ms were not even monotone in the rank, and spending
 #: README's --speedup 2 by them cut 6x the MACs (2.85x measured, 37% top-1; macs keeps 95.4%)
 MIN_NET_MS = 1.0
-#: the net factorized as chosen is profiled at most this many times to correct the chains' ms (NetAdapt's
-#: measure-and-adjust loop), and not again once the profile is within REFINE_TOL of the prediction; of the
-#: profiled choices the least-error one whose profile met the target is kept (else the fastest)
+#: the net factorized as chosen is measured against the original (interleaved) at most this many times to
+#: correct the tables' savings (NetAdapt's measure-and-adjust loop), and not again once a check met S within
+#: REFINE_TOL of the prediction; of the checked choices the least-error one measured at S or more is kept
+#: (else the fastest)
 REFINE_STEPS = 3
 REFINE_TOL = 0.05
 #: the refinement's correction of the tables' savings is kept within these factors
@@ -107,17 +108,20 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
     (:func:`lrprune_caffe.core.ranks.budget_energies`, as the MAC budget does: a cut's error is the
     same number under either cost; only what it saves is counted in ms instead of MACs).
 
-    ``refine(choice)``: the ms of the whole net factorized at ``choice``, profiled like the original
-    (or None). The chains' predicted ms are then corrected by one factor, (that ms - the part no chain
-    is in) / the chains' predicted ms, on every table
-    (:func:`lrprune_caffe.lowrank.latency_budget.correct_chains`), and the allocation is made again:
-    NetAdapt's measure-and-adjust loop, at most :data:`REFINE_STEPS` profiles, stopping once one is
-    within :data:`REFINE_TOL` of its prediction; the choice kept is the least-error profiled one whose
-    profile met the target (else the fastest profiled), never an unchecked re-allocation (so the cut
-    stops at the requested speed-up instead of overshooting it by what the tables got wrong). One factor
-    from whole-net totals, not one per layer,
-    because onnxruntime fuses differently around a chain (ResNet's residual Add joins the original conv
-    but may stay apart from a chain), so per-layer attributions do not compare.
+    ``refine(choice, prune)``: the measured speed-up of the whole net factorized at ``choice`` over the
+    original (:class:`Checker`: interleaved rounds, both warmed up alike, the median ratio, as the
+    report measures it), or None. Read as ms on the tables' scale (total / speed-up), it corrects what
+    every option saves against its layer left alone by one factor, the measured saving / the predicted
+    one (:func:`lrprune_caffe.lowrank.latency_budget.correct_savings`, on the structured options too),
+    and the allocation is made again: NetAdapt's measure-and-adjust loop, at most :data:`REFINE_STEPS`
+    checks, stopping once one met S and is within :data:`REFINE_TOL` of its prediction. The choice kept
+    is the least-error checked one whose measured speed-up is at least S (no tolerance; else the fastest
+    checked), never an unchecked re-allocation, and its measured speed-up is the section's
+    ``predicted_speedup`` (the tables' own is ``tables_speedup``). One factor from whole-net totals, not
+    one per layer, because onnxruntime fuses differently around a chain (ResNet's residual Add joins the
+    original conv but may stay apart from a chain), so per-layer attributions do not compare. (Before,
+    the factorized net was profiled alone, at another time than the original's cached profile, and its
+    lower quartile compared with the original's: ResNet-50 at 112 "met" 1.5x and measured 1.24x.)
 
     ``prunable``: layers that may also be structurally pruned (keep ``k`` of ``n`` outputs and shrink
     the consumers, :mod:`lrprune_caffe.engines.latency_prune`) instead of factorized. Their error is
