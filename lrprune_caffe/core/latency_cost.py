@@ -49,11 +49,15 @@ DEFAULT_COST = None
 #: README's --speedup 2 by them cut 6x the MACs (2.85x measured, 37% top-1; macs keeps 95.4%)
 MIN_NET_MS = 1.0
 #: the net factorized as chosen is measured against the original (interleaved) at most this many times to
-#: correct the tables' savings (NetAdapt's measure-and-adjust loop), and not again once a check met S within
-#: REFINE_TOL of the prediction; of the checked choices the least-error one measured at S or more is kept
+#: correct the tables' savings (NetAdapt's measure-and-adjust loop), and not again once a check measured
+#: between S and S * (1 + REFINE_TOL); of the checked choices the least-error one measured at S or more is kept
 #: (else the fastest)
-REFINE_STEPS = 3
+REFINE_STEPS = 5
 REFINE_TOL = 0.05
+#: once bracketed, the refinement aims this far past S (a check's median still wavers by a few percent)
+REFINE_AIM = 0.02
+#: no further check is started once the refinement has taken this long (s; VGG-16 at 224: ~15 s a check)
+REFINE_TIME_S = 60.0
 #: the refinement's correction of the tables' savings is kept within these factors
 SAVING_LIMITS = (0.25, 2.0)
 
@@ -114,7 +118,9 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
     every option saves against its layer left alone by one factor, the measured saving / the predicted
     one (:func:`lrprune_caffe.lowrank.latency_budget.correct_savings`, on the structured options too),
     and the allocation is made again: NetAdapt's measure-and-adjust loop, at most :data:`REFINE_STEPS`
-    checks, stopping once one met S and is within :data:`REFINE_TOL` of its prediction. The choice kept
+    checks, stopping once one measured between S and S * (1 + :data:`REFINE_TOL`) (or after
+    :data:`REFINE_TIME_S`); once a check met S and one cutting less did not, the factor is interpolated
+    between them. The choice kept
     is the least-error checked one whose measured speed-up is at least S (no tolerance; else the fastest
     checked), never an unchecked re-allocation, and its measured speed-up is the section's
     ``predicted_speedup`` (the tables' own is ``tables_speedup``). One factor from whole-net totals, not
@@ -151,25 +157,27 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
     options, dropped, reasons = _allocate(tables, infos, energies, criterion, prune_tabs)
     alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
     correction, steps, tried = 1.0, [], []
-    rounds = REFINE_STEPS if refine is not None else 0
+    rounds, started = (REFINE_STEPS if refine is not None else 0), time.perf_counter()
     for step in range(rounds):
         choice, pruned = _split(alloc.choice)
         if not choice and not pruned:
             break
+        t0 = time.perf_counter()
         measured = refine(choice, pruned)
         if not measured:
             break
+        spent = time.perf_counter() - t0
         # the measured speed-up read as the net's ms on the tables' scale (the original's profiled total)
         observed = alloc.total_ms / float(measured)
         steps.append({"predicted_ms": alloc.predicted_ms, "observed_ms": float(observed),
                       "measured_speedup": float(measured), "saving_correction": correction})
         tried.append((float(observed), _total_error(options, alloc), alloc, options, dropped, reasons, tables.tables))
         saving = alloc.total_ms - alloc.predicted_ms  # what the tables say the choice saves
-        met = float(measured) >= speedup
-        if (not saving > 0 or (met and abs(float(observed) - alloc.predicted_ms) <= REFINE_TOL * alloc.predicted_ms)
-                or step == rounds - 1):  # no re-allocation that no measurement would check
+        close = speedup <= float(measured) <= speedup * (1 + REFINE_TOL)
+        if (not saving > 0 or close or step == rounds - 1  # no re-allocation that no measurement would check
+                or time.perf_counter() - started + spent > REFINE_TIME_S):
             break
-        correction = float(np.clip(correction * (alloc.total_ms - observed) / saving, *SAVING_LIMITS))
+        correction = _next_correction(steps, correction, saving, alloc.total_ms, speedup)
         tables.tables = {n: lb.correct_savings(t, correction, SAVING_LIMITS) for n, t in base.items()}
         options, dropped, reasons = _allocate(tables, infos, energies, criterion,
                                               _corrected_prune(prune_tabs, base, correction))
@@ -177,6 +185,8 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
             alloc = lb.allocate(options, tables.total_ms, speedup, dropped_slower=dropped)
         except lb.Unreachable as e:  # corrected, S is out of the tables' reach: measure the nearest they reach
             alloc = lb.allocate(options, tables.total_ms, 0.999 * e.best_speedup, dropped_slower=dropped)
+        if any(alloc.choice == t[2].choice for t in tried):
+            break  # measured already
     if tried:  # of the profiled choices, the least error among those that met the target, else the fastest
         met = [t for t in tried if t[0] <= tables.total_ms / speedup * (1 + 1e-9)]  # measured >= S, no tolerance
         best = min(met, key=lambda t: t[1]) if met else min(tried, key=lambda t: t[0])
@@ -213,6 +223,23 @@ def plan(net, infos: dict, energies: dict, *, speedup: float, scheme: str, crite
     return {"choice": {**choice, **{n: None for n in pruned}, **{n: None for n, r in alloc.choice.items()
                                                                if r is None}},
             "prune": pruned, "reasons": reasons, "section": section, "notes": list(tables.notes)}
+
+
+def _next_correction(steps: list, correction: float, saving: float, total_ms: float, speedup: float) -> float:
+    """The next savings factor: once one checked choice met S and one with a larger factor (less cut)
+    did not, the factor interpolated between them (linear in the measured ms) at S * (1 + REFINE_AIM);
+    else the last one times the measured saving / the predicted one."""
+    aim = total_ms / (speedup * (1 + REFINE_AIM))
+    g = [s["saving_correction"] for s in steps]
+    met = [i for i, s in enumerate(steps) if s["measured_speedup"] >= speedup]
+    lo = max(met, key=lambda i: g[i], default=None)
+    hi = None if lo is None else min((i for i, s in enumerate(steps) if s["measured_speedup"] < speedup
+                                      and g[i] > g[lo]), key=lambda i: g[i], default=None)
+    if hi is not None:
+        a, b = steps[lo]["observed_ms"], steps[hi]["observed_ms"]
+        t = 0.5 if not b > a else float(np.clip((aim - a) / (b - a), 0.1, 0.9))
+        return g[lo] + t * (g[hi] - g[lo])
+    return float(np.clip(correction * (total_ms - steps[-1]["observed_ms"]) / saving, *SAVING_LIMITS))
 
 
 def _corrected_prune(prune_tabs: dict, base: dict, factor: float) -> dict:
