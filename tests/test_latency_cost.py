@@ -337,3 +337,31 @@ def test_a_latency_budget_much_deeper_than_macs_says_so(files, fake, tmp_path, m
     assert err["lat"] > err["macs"], err
     mild, _ = compress(*files, tmp_path / "mild", speedup=1.3, verify=False)
     assert not any("cut much deeper" in n for n in mild["notes"]), mild["budget"].get("versus_macs")
+
+
+def test_refinement_interpolates_between_a_check_that_met_s_and_one_that_did_not():
+    steps = [{"saving_correction": 1.0, "observed_ms": 14.0, "measured_speedup": 16.8 / 14.0},
+             {"saving_correction": 0.5, "observed_ms": 7.0, "measured_speedup": 16.8 / 7.0}]
+    g = lc._next_correction(steps, 0.5, 5.0, 16.8, 1.5)
+    aim = 16.8 / (1.5 * (1 + lc.REFINE_AIM))
+    assert g == pytest.approx(0.5 + (aim - 7.0) / 7.0 * 0.5)
+    # nothing met yet: the measured saving / the predicted one (here 2.8 of 5.6 ms: half)
+    assert lc._next_correction(steps[:1], 1.0, 5.6, 16.8, 1.5) == pytest.approx(0.5)
+
+
+def test_a_first_choice_measured_short_of_s_is_not_kept():
+    """The tables predict S but the check measures less: the allocation cuts deeper until a check meets S."""
+    from lrprune_caffe.lowrank import latency_budget as lb
+    tabs = {n: lb.LayerTable(n, 1.0, "channel", (np.array([1, 8, 16]),), np.array([0.2, 0.5, 0.9])) for n in "ab"}
+    fake_tables = L.Tables(L.Target(), "channel", tables=dict(tabs), total_ms=2.5)
+    energies = {n: [np.linspace(2.0, 0.1, 16)] for n in "ab"}
+
+    def refine(choice, pruned):  # the chains save half what the tables say
+        saved = sum(1.0 - float(tabs[n].predict([r])[0]) for n, r in choice.items())
+        return 2.5 / (2.5 - 0.5 * saved)
+    import unittest.mock as um
+    with um.patch.object(L, "layer_tables", lambda *a, **k: fake_tables):
+        res = lc.plan(None, {n: None for n in "ab"}, energies, speedup=1.3, scheme="channel",
+                      criterion="log-energy", target=L.Target(), refine=refine)
+    steps = res["section"]["refined"]["steps"]
+    assert steps[0]["measured_speedup"] < 1.3 <= res["section"]["predicted_speedup"]
