@@ -341,3 +341,24 @@ def test_checked_speedup_warms_both_alike_and_takes_the_lower_median():
     assert 4 <= m["rounds"] <= 6 and min(calls.values()) >= 3 + m["rounds"]
     assert m["speedup_checked"] == min(m["paired_median"], m["cpu_paired_median"])
     assert 1.3 < m["speedup_checked"] < 2.6
+
+
+def test_net_runner_removes_its_weight_file_without_a_warning(recwarn):
+    """The runner's exported model lives in a temporary folder removed with the runner, explicitly:
+    an implicit clean-up printed 'ResourceWarning: Implicitly cleaning up' on compress's console."""
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    from conftest import lenet_files
+    from lrprune_caffe.engines.latency_net import net_runner
+    from lrprune_caffe.io.caffe import load_net
+    _, proto, model = lenet_files()
+    before = set(Path(tempfile.gettempdir()).glob("lrprune-net-*"))
+    run = net_runner(load_net(proto, model), L.Target())
+    run()
+    assert len(set(Path(tempfile.gettempdir()).glob("lrprune-net-*")) - before) == 1
+    del run
+    gc.collect()
+    assert set(Path(tempfile.gettempdir()).glob("lrprune-net-*")) - before == set()
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]

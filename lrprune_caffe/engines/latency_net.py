@@ -30,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+import weakref
 
 import numpy as np
 
@@ -119,8 +120,10 @@ def net_runner(net, target):
     sess = _session(path, target.threads)
     outs = [o.name for o in sess.get_outputs()]
 
-    def run(_keep=tmp):
+    def run():
         return sess.run(outs, feeds)
+    # the weight file goes with the callable, cleaned up explicitly (an implicit clean-up warns)
+    weakref.finalize(run, tmp.cleanup)
     return run
 
 
