@@ -135,17 +135,15 @@ def _fill(shape) -> np.ndarray:
 
 
 def _tensor(name: str, shape):
-    from onnx import TensorProto, numpy_helper
+    from onnx import numpy_helper
+
+    from lrprune_caffe.export.onnx import external_tensor
     shape = tuple(int(s) for s in shape)
     count = int(np.prod(shape))
     if count < _EXTERNAL_MIN:
         return numpy_helper.from_array(_fill(shape), name)
     _WEIGHTS.ensure(count)
-    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape, data_location=TensorProto.EXTERNAL)
-    for k, v in (("location", "weights.bin"), ("offset", "0"), ("length", str(4 * count))):
-        e = t.external_data.add()
-        e.key, e.value = k, v
-    return t
+    return external_tensor(name, np.float32, shape, "weights.bin", 0, 4 * count)
 
 
 def _conv(nodes, inits, x, y, c_in, c_out, group, kernel, stride, pad, dilation, bias, tag):

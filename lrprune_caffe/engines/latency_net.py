@@ -63,15 +63,11 @@ class _ExternalWeights:
         self.offset = 0
 
     def __call__(self, name, arr):
-        from onnx import TensorProto
+        from lrprune_caffe.export.onnx import external_tensor
         if arr.dtype != np.float32 or arr.nbytes < self.MIN_BYTES:
             return None
-        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[int(d) for d in arr.shape],
-                        data_location=TensorProto.EXTERNAL)
+        t = external_tensor(name, arr.dtype, arr.shape, self.FILE, self.offset, arr.nbytes)
         arr.tofile(self.fh)
-        for k, v in (("location", self.FILE), ("offset", str(self.offset)), ("length", str(arr.nbytes))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
         self.offset += arr.nbytes
         pad = -self.offset % 4096
         self.fh.write(b"\0" * pad)

@@ -71,14 +71,23 @@ EXTERNAL_MIN_SIZE = 1024
 EXTERNAL_LOCATION = "lrprune-caffe-in-memory"
 
 
+def external_tensor(name: str, dtype, dims, location: str, offset=None, length=None):
+    """A TensorProto of ``name``, numpy ``dtype`` and ``dims`` whose values are ONNX external data at
+    ``location`` (``offset`` / ``length`` in bytes when given); nothing of the values is stored in it.
+    (``onnx.external_data_helper.set_external_data`` needs the values in the tensor first.)"""
+    from onnx import TensorProto, helper
+    t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                    dims=[int(d) for d in dims], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        if value is not None:
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+    return t
+
+
 def _external_placeholder(name, arr):
     """A TensorProto of ``arr``'s name, type and dims whose data is external (nothing stored)."""
-    from onnx import TensorProto, helper
-    t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
-    t.data_location = TensorProto.EXTERNAL
-    entry = t.external_data.add()
-    entry.key, entry.value = "location", EXTERNAL_LOCATION
-    return t
+    return external_tensor(name, arr.dtype, arr.shape, EXTERNAL_LOCATION)
 
 
 class InMemoryWeights(dict):
