@@ -13,18 +13,14 @@ from lrprune_caffe.transforms.factorize import LayerPlan
 
 def prune_spec(net, pruned: dict):
     """The structured :class:`PruneSpec` keeping ``pruned[name]`` outputs of each layer."""
+    from lrprune_caffe.ir.layers import get_spec
     from lrprune_caffe.transforms.prune import PruneSpec
     per_layer = {}
     for name, k in pruned.items():
-        n = _outputs(net.layer(name))
+        layer = net.layer(name)
+        n = get_spec(layer.type).num_output(layer)
         per_layer[name] = (n - int(k)) / float(n)
     return PruneSpec(per_layer=per_layer, structured=True)
-
-
-def _outputs(layer) -> int:
-    if layer.type == "InnerProduct":
-        return int(layer.param_msg("inner_product_param").num_output)
-    return int(layer.param_msg("convolution_param").num_output)
 
 
 def factorized_net(net, infos, choice: dict, o, caches: dict, pruned=None):

@@ -33,7 +33,7 @@ Compression
     * channel shrinking (:mod:`lrprune_caffe.transforms.structured_prune`):
       ``removable_outputs(layer, in_shape)`` -> ``(number of outputs, axis of
       blob 0 indexed by output)`` for a layer whose outputs can be removed, with
-      ``set_num_output(layer, n)``; ``shrink_input(layer, shape, block, in_place)``
+      ``num_output(layer)`` / ``set_num_output(layer, n)``; ``shrink_input(layer, shape, block, in_place)``
       -> :class:`ChannelShrink`, how a reader follows the removal of channels
       of its bottom. Both raise :class:`CannotShrink` saying why not.
 
@@ -212,6 +212,10 @@ class LayerSpec:
         """
         raise CannotShrink(f"only {' and '.join(output_removable_types())} outputs can be removed, "
                            f"not {layer.type}")
+
+    def num_output(self, layer) -> int:
+        """The number of outputs the layer's parameters declare (``set_num_output``'s counterpart)."""
+        raise NotImplementedError(f"{layer.type} outputs cannot be removed")
 
     def set_num_output(self, layer, n: int) -> None:
         """Record in the layer's parameters that it now has ``n`` outputs."""

@@ -192,6 +192,9 @@ class ConvolutionSpec(LayerSpec):
             raise CannotShrink("its weights are not loaded")
         return g.num_output, 0
 
+    def num_output(self, layer):
+        return int(layer.param_msg("convolution_param").num_output)
+
     def set_num_output(self, layer, n):
         layer.param_msg("convolution_param").num_output = int(n)
 
@@ -239,4 +242,5 @@ class DeconvolutionSpec(ConvolutionSpec):
 
     #: its outputs are not removed (only its inputs shrink)
     removable_outputs = LayerSpec.removable_outputs
+    num_output = LayerSpec.num_output
     set_num_output = LayerSpec.set_num_output

@@ -88,6 +88,9 @@ class InnerProductSpec(LayerSpec):
             raise CannotShrink("its weights are not loaded")
         return n, 1 if ip.transpose else 0
 
+    def num_output(self, layer):
+        return int(layer.param_msg("inner_product_param").num_output)
+
     def set_num_output(self, layer, n):
         layer.param_msg("inner_product_param").num_output = int(n)
 
